@@ -1,0 +1,50 @@
+"""ExtractionConfig: which model, corpus and layers to record, and how to store them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from clt.config.base import ConfigBase, check
+from clt.nnsight.models import DEFAULT_MODEL
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclasses.dataclass
+class ExtractionConfig(ConfigBase):
+    """Settings of `clt extract`: model, corpus, layers, context windows and store format."""
+
+    model: str = DEFAULT_MODEL
+    """Model alias (smollm2-135m, tiny-llama, tiny-gpt2), local folder, .gguf file or cached hub id."""
+    corpus: str = "pydoc"
+    """'pydoc' (offline default), a .txt file, a folder of .txt files, or a .jsonl file."""
+    text_field: str = "text"
+    """Field holding the text in a .jsonl corpus."""
+    layers: list[int] | None = None
+    """Layers to record (default: all)."""
+    max_tokens: int = 20_000
+    """Number of tokens to record."""
+    context_length: int = 128
+    """Tokens per context window (long documents are split into several windows)."""
+    batch_size: int = 8
+    """Context windows per forward pass."""
+    prepend_bos: bool = True
+    """Prepend the BOS token to every window (the same convention is used in attribution)."""
+    exclude_bos: bool = True
+    """Leave BOS positions out of the store (their activations are outliers)."""
+    store_dtype: str = "float16"
+    """Precision of the stored activations: float16, bfloat16 or float32."""
+    shard_tokens: int = 8192
+    """Tokens per shard file."""
+    output_dir: str = "runs/store"
+    """Folder of the activation store (an existing one is resumed)."""
+    device: str = "cpu"
+    """Device to run the model on."""
+
+    def __post_init__(self) -> None:
+        check(self.max_tokens > 0, f"max_tokens must be positive, got {self.max_tokens}")
+        check(self.context_length >= 2, f"context_length must be at least 2, got {self.context_length}")
+        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        check(self.shard_tokens > 0, f"shard_tokens must be positive, got {self.shard_tokens}")
+        check(self.store_dtype in STORE_DTYPES, f"store_dtype '{self.store_dtype}' is not one of {STORE_DTYPES}")
+        check(self.layers is None or len(self.layers) > 0, "layers must be omitted (all) or a non-empty list")

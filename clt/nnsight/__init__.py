@@ -1,0 +1,6 @@
+"""nnsight-facing code: model loading and activation extraction."""
+
+from clt.nnsight.extractors import ActivationExtractor
+from clt.nnsight.models import DEFAULT_MODEL, ModelLayout, ModelNotFoundError, find_layout, load_model
+
+__all__ = ["ActivationExtractor", "DEFAULT_MODEL", "ModelLayout", "ModelNotFoundError", "find_layout", "load_model"]

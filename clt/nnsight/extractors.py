@@ -1,0 +1,202 @@
+"""ActivationExtractor: trace a model with nnsight and collect each layer's MLP input and output.
+
+One trace per batch of context windows records x_l (MLP input) and y_l (MLP output) for the
+chosen layers; padding positions (and, by default, BOS positions) are dropped, and rows stream
+into an `ActivationStore` so memory does not grow with the token count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from clt.data.corpus import DEFAULT_CORPUS, TokenWindow, load_texts, token_windows
+from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
+from clt.training.data import ActivationStore, StoreError, StoreWriter
+
+logger = logging.getLogger(__name__)
+
+
+def _envoy(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+class ActivationExtractor:
+    """Collects MLP inputs and outputs of a language model over a corpus, with nnsight."""
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        layers: Iterable[int] | None = None,
+        context_length: int = 128,
+        batch_size: int = 8,
+        prepend_bos: bool = True,
+        exclude_bos: bool = True,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from nnsight import LanguageModel
+
+        if model is None:
+            model, tokenizer = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model: ActivationExtractor(model=m, tokenizer=t)")
+        self.model_name = model_name
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.layout = find_layout(model)
+        self.layers = list(range(self.layout.num_layers)) if layers is None else sorted(set(layers))
+        bad = [layer for layer in self.layers if not 0 <= layer < self.layout.num_layers]
+        if bad or not self.layers:
+            raise ValueError(f"layers {bad or self.layers} are invalid: the model has layers 0..{self.layout.num_layers - 1}")
+        max_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if max_context is not None and context_length > max_context:
+            raise ValueError(f"context_length={context_length} exceeds the model's context {max_context}")
+        self.context_length, self.batch_size = context_length, batch_size
+        self.prepend_bos, self.exclude_bos = prepend_bos, exclude_bos
+        self.device = torch.device(device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.lm = LanguageModel(model, tokenizer=tokenizer)
+        self._mlps = [_envoy(self.lm, self.layout.mlp_paths[layer]) for layer in self.layers]
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        return self.layout.d_model
+
+    def windows(self, source: Any = DEFAULT_CORPUS, *, text_field: str = "text") -> Iterator[TokenWindow]:
+        """Context windows of the corpus, in a deterministic order."""
+        texts = load_texts(source, text_field=text_field)
+        return token_windows(texts, self.tokenizer, self.context_length, prepend_bos=self.prepend_bos)
+
+    @torch.no_grad()
+    def activations(self, windows: list[TokenWindow]) -> dict[str, torch.Tensor]:
+        """One nnsight trace over a batch of windows: inputs/outputs [n, L, d] of the kept positions."""
+        width = max(len(w.token_ids) for w in windows)
+        ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(windows), width), dtype=torch.long)
+        for row, window in enumerate(windows):
+            ids[row, : len(window.token_ids)] = torch.tensor(window.token_ids)
+            mask[row, : len(window.token_ids)] = 1
+        keep = mask.bool()
+        if self.prepend_bos and self.exclude_bos:
+            keep[:, 0] = False
+        saved = []
+        with self.lm.trace({"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}) as tracer:
+            for mlp in self._mlps:
+                saved.append((mlp.input.save(), mlp.output.save()))
+            tracer.stop()
+        keep_dev = keep.to(self.device)
+        inputs = torch.stack([x[keep_dev] for x, _ in saved], dim=1).float().cpu()
+        outputs = torch.stack([_first(y)[keep_dev] for _, y in saved], dim=1).float().cpu()
+        positions = torch.arange(width).expand(len(windows), width)[keep]
+        window_ids = torch.tensor([hash_window(w) for w in windows]).unsqueeze(1).expand(-1, width)[keep]
+        return {"inputs": inputs, "outputs": outputs, "token_ids": ids[keep], "positions": positions,
+                "window_ids": window_ids}
+
+    def _stream(self, windows: Iterator[TokenWindow], max_tokens: int, done: int, progress: bool) -> Iterator[tuple[dict, int]]:
+        bar = tqdm(total=max_tokens, initial=done, unit="tok", desc="extracting", disable=not progress)
+        consumed = 0
+        try:
+            while done < max_tokens:
+                chunk = list(itertools.islice(windows, self.batch_size))
+                if not chunk:
+                    logger.warning("the corpus ran out after %d tokens (max_tokens=%d)", done, max_tokens)
+                    break
+                batch = self.activations(chunk)
+                consumed += len(chunk)
+                take = min(max_tokens - done, batch["inputs"].shape[0])
+                batch = {k: v[:take] for k, v in batch.items()}
+                done += take
+                bar.update(take)
+                yield batch, consumed
+        finally:
+            bar.close()
+
+    def extract(
+        self,
+        source: Any = DEFAULT_CORPUS,
+        *,
+        max_tokens: int = 20_000,
+        output_dir: str | Path | None = None,
+        store_dtype: str = "float16",
+        shard_tokens: int = 8192,
+        batch_size: int = 64,
+        normalize: bool = True,
+        text_field: str = "text",
+        progress: bool = True,
+    ) -> ActivationStore:
+        """Extract up to `max_tokens` tokens into a store (on disk when `output_dir` is given).
+
+        A disk store that already holds part of the same extraction is resumed from its manifest.
+        """
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        windows = self.windows(source, text_field=text_field)
+        if output_dir is None:
+            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress)]
+            merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+            if not parts:
+                raise StoreError("the corpus produced no tokens")
+            merged["inputs"] = merged["inputs"].to(_dtype(store_dtype))
+            merged["outputs"] = merged["outputs"].to(_dtype(store_dtype))
+            return ActivationStore.from_nnsight_activations(
+                {**merged, "layers": self.layers, "model_name": self.model_name}, batch_size, normalize)
+        writer = StoreWriter(output_dir, layers=self.layers, d_model=self.d_model, model_name=self.model_name,
+                             dtype=store_dtype, shard_tokens=shard_tokens, extra=self._settings(source))
+        if writer.manifest["extra"] != self._settings(source):
+            raise StoreError(f"cannot resume {output_dir}: it was extracted with {writer.manifest['extra']}, "
+                             f"this run uses {self._settings(source)}; use a new output folder")
+        skipped = writer.state.get("windows_done", 0)
+        if writer.complete and writer.n_tokens >= max_tokens:
+            logger.info("%s already holds %d tokens", output_dir, writer.n_tokens)
+            return ActivationStore.open(output_dir, batch_size=batch_size, normalize=normalize)
+        writer.manifest["complete"] = False
+        consumed = 0
+        for batch, consumed in self._stream(itertools.islice(windows, skipped, None), max_tokens, writer.n_tokens, progress):
+            writer.add(**batch)
+            writer.flush_if_full({"windows_done": skipped + consumed})
+        return writer.finish(batch_size=batch_size, normalize=normalize, state={"windows_done": skipped + consumed})
+
+    def _settings(self, source: Any) -> dict[str, Any]:
+        corpus = source if isinstance(source, str) else str(source) if isinstance(source, Path) else type(source).__name__
+        return {"corpus": corpus, "context_length": self.context_length, "prepend_bos": self.prepend_bos,
+                "exclude_bos": self.exclude_bos}
+
+    def extract_from_dataset(self, dataset_path: Any = DEFAULT_CORPUS, max_tokens: int = 100_000, *,
+                             store_dtype: str = "float32", **kwargs: Any) -> dict[str, Any]:
+        """The seed's API: an activations dict for `ActivationStore.from_nnsight_activations`."""
+        store = self.extract(dataset_path, max_tokens=max_tokens, store_dtype=store_dtype, **kwargs)
+        data = store.shard(0)
+        return {**data, "layers": list(self.layers), "model_name": self.model_name}
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _dtype(name: str) -> torch.dtype:
+    from clt.training.data import DTYPES
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def hash_window(window: TokenWindow) -> int:
+    """A stable id of a window: document index and offset packed into one integer."""
+    return window.document * 1_000_000_007 + window.start

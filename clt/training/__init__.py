@@ -1,0 +1,1 @@
+"""Training: the activation store, losses, the trainer and metrics."""
