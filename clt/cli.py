@@ -1,0 +1,122 @@
+"""The `clt` command line: extract, train, evaluate, attribute, features, demo.
+
+Every subcommand's options are generated from its config dataclass; `--config FILE` reads a YAML
+or JSON file of those options and the command-line options override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clt.config.base import ConfigBase, ConfigError
+from clt.config.cli_args import add_config_arguments, config_from_args
+from clt.config.extraction import ExtractionConfig
+
+logger = logging.getLogger("clt")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _read_config_file(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file not found: {file}")
+    values = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file} must hold a mapping of option: value")
+    return values
+
+
+def _section(values: dict[str, Any], name: str, cls: type[ConfigBase]) -> dict[str, Any]:
+    """Options for `cls` from a config file: its own section if the file has sections, else all keys."""
+    if name in values and isinstance(values[name], dict):
+        return values[name]
+    return values
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Run `clt extract`."""
+    from clt.pipeline import run_extraction
+
+    cfg = config_from_args(ExtractionConfig, args, _section(_read_config_file(args.config), "extraction", ExtractionConfig))
+    store = run_extraction(cfg)
+    print(f"{store}\nsize on disk: {store.nbytes() / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run `clt demo`."""
+    from clt.pipeline import run_demo
+
+    result = run_demo(output_dir=args.output_dir, max_tokens=args.max_tokens, model=args.model)
+    print(result.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `clt` argument parser with all subcommands."""
+    parser = _Parser(prog="clt", description=(
+        "Circuit tracing with cross-layer transcoders. Typical flow: `clt extract` (record MLP activations "
+        "of a model into a store) -> `clt train` (fit a transcoder) -> `clt attribute` (graph for a prompt). "
+        "`clt demo` runs it all on the default model (SmolLM2-135M, offline)."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    extract = sub.add_parser("extract", help="record MLP inputs/outputs of a model over a corpus into a store",
+                             description="Trace the model with nnsight and stream each layer's MLP input and "
+                                         "output into an on-disk activation store (resumable).")
+    extract.add_argument("--config", help="YAML/JSON file of options (command-line options override it)")
+    add_config_arguments(extract, ExtractionConfig)
+    extract.set_defaults(func=cmd_extract)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the default model, offline",
+                          description="Extract activations of the default model, train a transcoder, build an "
+                                      "attribution graph and write it as HTML.")
+    demo.add_argument("--output-dir", default="runs/demo", help="folder for the store, transcoder and graph")
+    demo.add_argument("--max-tokens", type=int, default=20_000, help="tokens to extract (default: 20000)")
+    demo.add_argument("--model", default="smollm2-135m", help="model alias or path (default: smollm2-135m)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `clt` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except EXPECTED_ERRORS as err:
+        if args.verbose:
+            raise
+        sys.stderr.write(f"clt {args.command}: error: {err}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; a disk store or checkpoint written so far is kept and resumable\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
