@@ -1,0 +1,29 @@
+"""Transcoders: the cross-layer (or per-layer) transcoder and its activation functions."""
+
+from clt.models.activations import (
+    BatchTopK,
+    JumpReLUFunction,
+    StepFunction,
+    batchtopk,
+    jumprelu,
+    rectangle,
+    relu,
+    step,
+    topk,
+)
+from clt.models.transcoder import CheckpointError, CLTOutput, CrossLayerTranscoder
+
+__all__ = [
+    "BatchTopK",
+    "CLTOutput",
+    "CheckpointError",
+    "CrossLayerTranscoder",
+    "JumpReLUFunction",
+    "StepFunction",
+    "batchtopk",
+    "jumprelu",
+    "rectangle",
+    "relu",
+    "step",
+    "topk",
+]

@@ -1,0 +1,171 @@
+"""Feature nonlinearities: ReLU, JumpReLU and Heaviside step with STE, TopK and BatchTopK.
+
+Pseudo-gradients (Rajamanoharan et al. 2024, "Jumping Ahead", rectangle kernel
+K(u) = 1 for -1/2 < u < 1/2, else 0, bandwidth ε):
+
+- ``jumprelu(z, θ, ε) = z · H(z − θ)``:
+  ∂/∂z = H(z − θ) (the exact derivative away from the jump);
+  ð/ðθ = −(θ/ε) · K((z − θ)/ε).
+- ``step(z, θ, ε) = H(z − θ)`` (for an L0 penalty):
+  ∂/∂z = 0; ð/ðθ = −(1/ε) · K((z − θ)/ε).
+
+θ-gradients are summed over the dimensions along which θ was broadcast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def _zero(like: Tensor) -> Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def relu(z: Tensor) -> Tensor:
+    """max(z, 0)."""
+    return torch.relu(z)
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """Rectangle kernel K(u): 1 on the open interval (-1/2, 1/2), else 0."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """z·H(z−θ); backward: H(z−θ) for z, −(θ/ε)·K((z−θ)/ε) for θ."""
+
+    @staticmethod
+    def forward(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        return torch.where(z > threshold, z, _zero(z))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
+        z, threshold, bandwidth = inputs
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * (z > threshold).to(grad.dtype)
+        grad_theta = -(threshold / eps) * rectangle((z - threshold) / eps) * grad
+        return grad_z, grad_theta.sum_to_size(threshold.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z−θ); backward: 0 for z, −(1/ε)·K((z−θ)/ε) for θ."""
+
+    @staticmethod
+    def forward(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
+        z, threshold, bandwidth = inputs
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * rectangle((z - threshold) / eps) * grad
+        return torch.zeros_like(z), grad_theta.sum_to_size(threshold.shape), None
+
+
+def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """JumpReLU z·H(z−θ) with the straight-through pseudo-gradient for θ (module docstring)."""
+    return JumpReLUFunction.apply(z, threshold.to(z.dtype), float(bandwidth))
+
+
+def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Heaviside H(z−θ) with the straight-through pseudo-gradient for θ (module docstring)."""
+    return StepFunction.apply(z, threshold.to(z.dtype), float(bandwidth))
+
+
+def _keep_topk(values: Tensor, k: int) -> Tensor:
+    """Zero all but the k largest entries of the last dim (exactly k kept)."""
+    top = values.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(values).scatter(-1, top.indices, top.values)
+
+
+def topk(z: Tensor, k: int) -> Tensor:
+    """ReLU of the k largest pre-activations per token and layer (last dim); others zero."""
+    return _keep_topk(torch.relu(z), min(k, z.shape[-1]))
+
+
+def batchtopk(z: Tensor, k: int, scope: str = "layer") -> Tensor:
+    """Keep the k·batch largest ReLU'd entries per layer (scope 'layer') or k·L·batch over all.
+
+    ``z`` is [..., L, F]; all leading dims form the batch. Exactly that many entries stay nonzero
+    when at least that many are positive (ties broken arbitrarily).
+    """
+    num_layers, num_features = z.shape[-2:]
+    a = torch.relu(z).reshape(-1, num_layers, num_features)
+    n = a.shape[0]
+    if scope == "layer":
+        flat = a.transpose(0, 1).reshape(num_layers, n * num_features)
+        kept = _keep_topk(flat, min(k * n, flat.shape[-1]))
+        out = kept.reshape(num_layers, n, num_features).transpose(0, 1)
+    elif scope == "all":
+        flat = a.reshape(n * num_layers * num_features)
+        kept = _keep_topk(flat, min(k * n * num_layers, flat.numel()))
+        out = kept.reshape(n, num_layers, num_features)
+    else:
+        raise ValueError(f"batchtopk scope must be 'layer' or 'all', got {scope!r}")
+    return out.reshape(z.shape)
+
+
+def smallest_kept(features: Tensor) -> Tensor:
+    """Per layer, the smallest positive entry of features [..., L, F] (NaN where none is)."""
+    flat = features.detach().reshape(-1, *features.shape[-2:]).transpose(0, 1).flatten(1)
+    masked = torch.where(flat > 0, flat, torch.full_like(flat, float("inf")))
+    low = masked.min(dim=-1).values
+    return torch.where(torch.isinf(low), torch.full_like(low, float("nan")), low)
+
+
+class BatchTopK(nn.Module):
+    """BatchTopK (Bussmann et al. 2024) with an EMA threshold [L] used in eval mode.
+
+    Training: ``batchtopk(z, k, scope)``, then the buffer ``threshold`` moves towards the smallest
+    kept activation (per layer for scope 'layer', one value for all layers for scope 'all').
+    Eval: ``z · H(z − threshold)``, a per-token rule; before any training step the threshold is 0
+    (plain ReLU).
+    """
+
+    def __init__(self, num_layers: int, k: int, scope: str = "layer",
+                 momentum: float = 0.01) -> None:
+        super().__init__()
+        if scope not in ("layer", "all"):
+            raise ValueError(f"BatchTopK scope must be 'layer' or 'all', got {scope!r}")
+        self.k, self.scope, self.momentum = k, scope, momentum
+        self.register_buffer("threshold", torch.zeros(num_layers))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Features [..., L, F] from pre-activations z [..., L, F]."""
+        if not self.training:
+            return torch.where(z > self.threshold.to(z.dtype)[:, None], z, _zero(z))
+        a = batchtopk(z, self.k, self.scope)
+        self.update_threshold(a)
+        return a
+
+    @torch.no_grad()
+    def update_threshold(self, features: Tensor) -> None:
+        """Move the threshold towards the batch's smallest kept activation (EMA)."""
+        low = smallest_kept(features).float()
+        if self.scope == "all":
+            low = low.nan_to_num(float("inf")).min().expand_as(low)
+            low = torch.where(torch.isinf(low), torch.full_like(low, float("nan")), low)
+        seen = ~torch.isnan(low)
+        momentum = torch.where(self.num_updates == 0, 1.0, self.momentum)
+        updated = (1 - momentum) * self.threshold + momentum * low.nan_to_num(0.0)
+        self.threshold.copy_(torch.where(seen, updated, self.threshold))
+        self.num_updates += 1
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, scope={self.scope!r}, momentum={self.momentum}"

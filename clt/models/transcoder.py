@@ -1,0 +1,334 @@
+"""CrossLayerTranscoder: encoder per layer, decoders to the same and later layers, standardisation.
+
+Notation: L layers, F features per layer, d = d_model. A feature at layer l reads the MLP input
+x_l and writes to the MLP outputs of layers l..L-1 (a CLT) or of layer l only (a PLT,
+``cross_layer=False``). Inputs and outputs are standardised per layer with the float32 buffers
+``input_mean/input_std/output_mean/output_std``; the weights act in standardised space until
+``fold_normalization`` absorbs the statistics so that they act on raw activations.
+
+Initialisation (seeded by ``cfg.seed``): W_enc ~ U(±1/√d), so pre-activations of standardised
+inputs have std ≈ 0.58 and, with b_enc = 0, about half of the features start active;
+W_dec ~ U(±1/√(F·L)) (U(±1/√F) for a PLT), so initial reconstructions are small
+(variance ≈ 0.03 of the standardised targets); b_dec = 0, W_skip = 0, θ = jumprelu_threshold.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from clt.config.transcoder import CLTConfig
+from clt.models.activations import BatchTopK, jumprelu, relu, topk
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_META_KEY = "clt_config"
+_STATS = ("input_mean", "input_std", "output_mean", "output_std")
+
+
+class CheckpointError(ValueError):
+    """A transcoder file is corrupt, truncated or does not match its config."""
+
+
+class CLTOutput(NamedTuple):
+    """Result of a forward pass."""
+
+    features: Tensor
+    """Feature activations a, [..., L, F]."""
+    preactivations: Tensor
+    """Encoder pre-activations z = W_enc x_std + b_enc, [..., L, F]."""
+    reconstruction: Tensor
+    """Reconstructed MLP outputs ŷ, [..., L, d]: raw from `forward`, standardised from
+    `forward_normalized`."""
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A cross-layer (or per-layer) transcoder; see the module docstring for the notation."""
+
+    def __init__(self, cfg: CLTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        L, F, d = cfg.num_layers, cfg.num_features, cfg.d_model
+        dtype = getattr(torch, cfg.dtype)
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        def uniform(shape: tuple[int, ...], bound: float) -> Tensor:
+            return ((torch.rand(shape, generator=gen) * 2 - 1) * bound).to(dtype)
+
+        self.W_enc = nn.Parameter(uniform((L, F, d), 1 / math.sqrt(d)))
+        self.b_enc = nn.Parameter(torch.zeros(L, F, dtype=dtype))
+        dec_bound = 1 / math.sqrt(F * (L if cfg.cross_layer else 1))
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(uniform((F, self.num_targets(l), d), dec_bound)) for l in range(L)]
+        )
+        self.b_dec = nn.Parameter(torch.zeros(L, d, dtype=dtype))
+        if cfg.activation_fn == "jumprelu":
+            log_theta = math.log(cfg.jumprelu_threshold)
+            self.log_threshold = nn.Parameter(torch.full((L, F), log_theta, dtype=dtype))
+        if cfg.activation_fn == "batchtopk":
+            self.batchtopk = BatchTopK(L, cfg.topk, cfg.batchtopk_scope, cfg.batchtopk_momentum)
+        if cfg.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(L, d, d, dtype=dtype))
+        for name in _STATS:
+            self.register_buffer(name, torch.full((L, d), 1.0 if name.endswith("std") else 0.0))
+
+    # ----------------------------------------------------------------- structure
+
+    def num_targets(self, layer: int) -> int:
+        """Number of layers that source layer `layer` writes to: L - layer (CLT) or 1 (PLT)."""
+        return self.cfg.num_layers - layer if self.cfg.cross_layer else 1
+
+    @property
+    def threshold(self) -> Tensor | None:
+        """Inference threshold [L, F]: θ (JumpReLU), the BatchTopK EMA, 0 (ReLU); None (TopK)."""
+        act = self.cfg.activation_fn
+        if act == "jumprelu":
+            return self.log_threshold.exp()
+        if act == "batchtopk":
+            return self.batchtopk.threshold[:, None].expand(-1, self.cfg.num_features)
+        if act == "relu":
+            return torch.zeros_like(self.b_enc)
+        return None
+
+    def decoder_norms(self) -> Tensor:
+        """‖W_dec,i^l‖ over all of feature i's target layers, [L, F]."""
+        return torch.stack([w.square().sum(dim=(1, 2)).sqrt() for w in self.W_dec])
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        kind = "CLT" if c.cross_layer else "PLT"
+        return f"{kind}: L={c.num_layers}, F={c.num_features}, d={c.d_model}, {c.activation_fn}"
+
+    # ----------------------------------------------------------------- standardisation
+
+    def set_normalization(self, input_mean: Tensor, input_std: Tensor, output_mean: Tensor,
+                          output_std: Tensor) -> None:
+        """Set the standardisation statistics (each [L, d]; a [L, 1] scale is broadcast)."""
+        shape = (self.cfg.num_layers, self.cfg.d_model)
+        for name, value in zip(_STATS, (input_mean, input_std, output_mean, output_std)):
+            value = torch.as_tensor(value, dtype=torch.float32)
+            try:
+                value = value.expand(shape)
+            except RuntimeError as err:
+                raise ValueError(f"{name} has shape {list(value.shape)}; "
+                                 f"expected [L={shape[0]}, d={shape[1]}]") from err
+            if name.endswith("std") and not bool((value > 0).all()):
+                raise ValueError(f"{name} must be positive everywhere; clamp it (clamp_min(1e-6))")
+            getattr(self, name).copy_(value)
+
+    def normalize_inputs(self, x: Tensor) -> Tensor:
+        """Standardise raw MLP inputs [..., L, d] (in float32 or wider, then parameter dtype)."""
+        self._check_shape(x, self.cfg.d_model, "d_model", "inputs x")
+        return self._standardise(x, self.input_mean, self.input_std)
+
+    def normalize_outputs(self, y: Tensor) -> Tensor:
+        """Standardise raw MLP outputs [..., L, d] (the training targets)."""
+        self._check_shape(y, self.cfg.d_model, "d_model", "outputs y")
+        return self._standardise(y, self.output_mean, self.output_std)
+
+    def denormalize_outputs(self, y_std: Tensor) -> Tensor:
+        """Map standardised outputs [..., L, d] back to raw space."""
+        wide = y_std.to(torch.promote_types(y_std.dtype, torch.float32))
+        return (wide * self.output_std + self.output_mean).to(y_std.dtype)
+
+    def _standardise(self, t: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        wide = t.to(torch.promote_types(t.dtype, torch.float32))
+        return ((wide - mean) / std).to(self.W_enc.dtype)
+
+    # ----------------------------------------------------------------- forward
+
+    def preactivations(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations [..., L, F] of raw inputs x [..., L, d]."""
+        return self._preactivations_normalized(self.normalize_inputs(x))
+
+    def activate(self, z: Tensor) -> Tensor:
+        """Apply the configured nonlinearity to pre-activations [..., L, F]."""
+        act = self.cfg.activation_fn
+        if act == "relu":
+            return relu(z)
+        if act == "jumprelu":
+            return jumprelu(z, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+        if act == "topk":
+            return topk(z, self.cfg.topk)
+        return self.batchtopk(z)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations [..., L, F] of raw inputs x [..., L, d]."""
+        return self.activate(self.preactivations(x))
+
+    def decode_normalized(self, features: Tensor, x_std: Tensor | None = None, *,
+                          bias: bool = True) -> Tensor:
+        """Standardised reconstruction [..., L, d]; adds the skip term when x_std is given."""
+        self._check_shape(features, self.cfg.num_features, "num_features", "features")
+        features = features.to(self.W_enc.dtype)
+        out = features.new_zeros(*features.shape[:-2], self.cfg.num_layers, self.cfg.d_model)
+        if bias:
+            out = out + self.b_dec
+        for l, w in enumerate(self.W_dec):
+            contribution = torch.einsum("...f,fjd->...jd", features[..., l, :], w)
+            out[..., l : l + w.shape[1], :] += contribution
+        if x_std is not None and self.cfg.skip_connection:
+            out = out + torch.einsum("...li,loi->...lo", x_std.to(out.dtype), self.W_skip)
+        return out
+
+    def decode(self, features: Tensor, x: Tensor | None = None) -> Tensor:
+        """Raw reconstruction [..., L, d] of features [..., L, F] (x: raw inputs, for the skip)."""
+        if self.cfg.skip_connection and x is None:
+            raise ValueError("this transcoder has a skip connection: call decode(features, x=x) "
+                             "with the raw inputs")
+        x_std = None if x is None else self.normalize_inputs(x)
+        return self.denormalize_outputs(self.decode_normalized(features, x_std))
+
+    def forward_normalized(self, x_std: Tensor) -> CLTOutput:
+        """Forward pass on standardised inputs; the reconstruction is standardised (training)."""
+        self._check_shape(x_std, self.cfg.d_model, "d_model", "inputs x")
+        x_std = x_std.to(self.W_enc.dtype)
+        z = self._preactivations_normalized(x_std)
+        a = self.activate(z)
+        return CLTOutput(a, z, self.decode_normalized(a, x_std))
+
+    def forward(self, x: Tensor) -> CLTOutput:
+        """Forward pass on raw inputs x [..., L, d]; the reconstruction is in raw space."""
+        out = self.forward_normalized(self.normalize_inputs(x))
+        return out._replace(reconstruction=self.denormalize_outputs(out.reconstruction))
+
+    def _preactivations_normalized(self, x_std: Tensor) -> Tensor:
+        return torch.einsum("...ld,lfd->...lf", x_std, self.W_enc) + self.b_enc
+
+    def _check_shape(self, t: Tensor, width: int, width_name: str, what: str) -> None:
+        L = self.cfg.num_layers
+        if not isinstance(t, Tensor) or t.ndim < 2 or tuple(t.shape[-2:]) != (L, width):
+            shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{what} must have shape [..., L={L}, {width_name}={width}], got "
+                             f"{shape}; stack the layers on dim -2 (e.g. [batch, layers, d_model])")
+
+    # ----------------------------------------------------------------- folding
+
+    @torch.no_grad()
+    def fold_normalization(self) -> CrossLayerTranscoder:
+        """A copy with identity standardisation whose weights give the same raw-space outputs."""
+        new = copy.deepcopy(self)
+        mu_in, sd_in = self.input_mean.double(), self.input_std.double()
+        mu_out, sd_out = self.output_mean.double(), self.output_std.double()
+        W_enc = self.W_enc.double()
+        new.W_enc.copy_(W_enc / sd_in[:, None, :])
+        new.b_enc.copy_(self.b_enc.double() - torch.einsum("lfd,ld->lf", W_enc, mu_in / sd_in))
+        b_dec = self.b_dec.double()
+        if self.cfg.skip_connection:
+            W_skip = self.W_skip.double()
+            b_dec = b_dec - torch.einsum("loi,li->lo", W_skip, mu_in / sd_in)
+            new.W_skip.copy_(sd_out[:, :, None] * W_skip / sd_in[:, None, :])
+        new.b_dec.copy_(sd_out * b_dec + mu_out)
+        for l, w in enumerate(new.W_dec):
+            w.copy_(w.double() * sd_out[l : l + w.shape[1]][None])
+        for name in _STATS:
+            getattr(new, name).fill_(1.0 if name.endswith("std") else 0.0)
+        return new
+
+    # ----------------------------------------------------------------- saving and loading
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` (unfolded: statistics saved as buffers)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(directory / CONFIG_NAME)
+        _atomic_save_file(self._tensors(), directory / WEIGHTS_NAME, {"format": "pt"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path,
+                        device: str | torch.device | None = None) -> CrossLayerTranscoder:
+        """Load a transcoder written by `save_pretrained` (or a single file written by `save`)."""
+        directory = Path(directory)
+        if directory.is_file():
+            return cls.load(directory, device=device)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no transcoder at {directory}: expected a folder with "
+                                    f"{CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained)")
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} is missing; save the transcoder with "
+                                    "save_pretrained")
+        cfg = CLTConfig.load(config_path)
+        weights = directory / WEIGHTS_NAME
+        return cls._from_tensors(cfg, _read_safetensors(weights), device, weights)
+
+    def save(self, path: str | Path) -> Path:
+        """Save to one safetensors file with the config in its metadata (any suffix: .pt,
+        .safetensors, ...; never pickle), or to a `save_pretrained` folder if `path` has none."""
+        path = Path(path)
+        if path.is_dir() or path.suffix == "":
+            return self.save_pretrained(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "pt", _META_KEY: json.dumps(self.cfg.to_dict())}
+        _atomic_save_file(self._tensors(), path, metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path,
+             device: str | torch.device | None = None) -> CrossLayerTranscoder:
+        """Load a transcoder written by `save` (a single file or a `save_pretrained` folder)."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_pretrained(path, device=device)
+        tensors = _read_safetensors(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if _META_KEY not in meta:
+            raise CheckpointError(f"{path} has no '{_META_KEY}' metadata: it was not written by "
+                                  "CrossLayerTranscoder.save (use from_pretrained for a folder)")
+        try:
+            values = json.loads(meta[_META_KEY])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: the config in its metadata is not valid JSON "
+                                  f"({err}); save the transcoder again") from err
+        return cls._from_tensors(CLTConfig.from_dict(values), tensors, device, path)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def _from_tensors(cls, cfg: CLTConfig, tensors: dict[str, Tensor],
+                      device: str | torch.device | None, source: Path) -> CrossLayerTranscoder:
+        model = cls(cfg)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{source} does not match its config (missing {missing}, "
+                                  f"unexpected {unexpected}); config and weights come from "
+                                  "different transcoders")
+        for name, value in expected.items():
+            if tuple(tensors[name].shape) != tuple(value.shape):
+                raise CheckpointError(f"{source}: '{name}' has shape {list(tensors[name].shape)}"
+                                      f" but the config implies {list(value.shape)}; config and "
+                                      "weights come from different transcoders")
+        model.load_state_dict(tensors)
+        return model if device is None else model.to(device)
+
+
+def _atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; save the transcoder again")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own (non-public) error types
+        raise CheckpointError(f"{path} is corrupt or truncated ({err}); re-save the transcoder "
+                              "or copy the file again") from err
+
+
+__all__ = ["CLTOutput", "CheckpointError", "CrossLayerTranscoder"]

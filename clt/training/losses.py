@@ -1,0 +1,153 @@
+"""Training losses of a transcoder, as pure functions of tensors (standardised activations).
+
+Shapes: features, preactivations [..., L, F]; reconstructions, targets [..., L, d];
+decoder norms and thresholds [L, F]. Each loss is a mean over tokens (the leading dims) of a
+sum over layers and features (or dimensions). `compute_losses` composes them for a model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from clt.models.activations import step as heaviside_step
+from clt.models.transcoder import CLTOutput, CrossLayerTranscoder
+
+SPARSITY_KINDS = ("tanh", "l1")
+
+
+class LossTerms(NamedTuple):
+    """The scalar loss terms of one step, each already multiplied by its coefficient."""
+
+    reconstruction: Tensor
+    """Σ_l ‖ŷ_l − y_l‖², mean over tokens."""
+    sparsity: Tensor
+    """λ · Σ_l Σ_i tanh(c · a_l,i · ‖W_dec,i^l‖) (or the L1 form), mean over tokens."""
+    preactivation: Tensor
+    """Pre-activation penalty against dead JumpReLU features (0 when unused)."""
+    auxiliary: Tensor
+    """Auxiliary top-k loss for TopK/BatchTopK (0 when unused)."""
+
+    @property
+    def total(self) -> Tensor:
+        """Sum of all terms: the quantity to minimise."""
+        return self.reconstruction + self.sparsity + self.preactivation + self.auxiliary
+
+    def as_dict(self) -> dict[str, float]:
+        """Terms and total as Python floats, for logging."""
+        values = {k: float(v.detach()) for k, v in self._asdict().items()}
+        return {**values, "total": float(self.total.detach())}
+
+
+def _tokens_mean(per_token: Tensor) -> Tensor:
+    return per_token.mean() if per_token.ndim else per_token
+
+
+def reconstruction_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """Squared error summed over layers and dimensions, mean over tokens."""
+    if reconstruction.shape != target.shape:
+        raise ValueError(f"reconstruction {list(reconstruction.shape)} and target "
+                         f"{list(target.shape)} differ in shape")
+    return _tokens_mean((reconstruction - target).square().sum(dim=(-2, -1)))
+
+
+def fvu(reconstruction: Tensor, target: Tensor, *, per_layer: bool = True) -> Tensor:
+    """Fraction of variance unexplained: [L] per layer, or one scalar over all layers."""
+    num_layers, d = target.shape[-2:]
+    err = (reconstruction - target).detach().reshape(-1, num_layers, d).double()
+    t = target.detach().reshape(-1, num_layers, d).double()
+    resid = err.square().sum(dim=(0, 2))
+    total = (t - t.mean(0)).square().sum(dim=(0, 2))
+    if not per_layer:
+        resid, total = resid.sum(), total.sum()
+    return (resid / total.clamp_min(torch.finfo(torch.float64).tiny)).to(target.dtype)
+
+
+def sparsity_loss(features: Tensor, decoder_norms: Tensor, *, coefficient: float = 1.0,
+                  c: float = 1.0, kind: str = "tanh") -> Tensor:
+    """coefficient · Σ tanh(c · a · ‖W_dec‖) ('tanh') or Σ a · ‖W_dec‖ ('l1'), mean over tokens."""
+    weighted = features * decoder_norms.to(features.dtype)
+    if kind == "tanh":
+        per_token = torch.tanh(c * weighted)
+    elif kind == "l1":
+        per_token = weighted
+    else:
+        raise ValueError(f"sparsity kind '{kind}' is not one of {SPARSITY_KINDS}")
+    return coefficient * _tokens_mean(per_token.sum(dim=(-2, -1)))
+
+
+def l0_loss(preactivations: Tensor, threshold: Tensor, *, bandwidth: float,
+            coefficient: float = 1.0) -> Tensor:
+    """coefficient · Σ H(z − θ), mean over tokens; θ gets the rectangle-kernel pseudo-gradient."""
+    active = heaviside_step(preactivations, threshold, bandwidth)
+    return coefficient * _tokens_mean(active.sum(dim=(-2, -1)))
+
+
+def sparsity_lambda_at(step: int, final: float, warmup_steps: int) -> float:
+    """Sparsity coefficient at `step`: a linear ramp from 0 to `final` over `warmup_steps`."""
+    if warmup_steps <= 0:
+        return float(final)
+    return float(final) * min(1.0, max(step, 0) / warmup_steps)
+
+
+def preactivation_loss(preactivations: Tensor, threshold: Tensor, decoder_norms: Tensor, *,
+                       coefficient: float = 3e-6) -> Tensor:
+    """coefficient · Σ ReLU(θ − z) · ‖W_dec‖ (lifts dead JumpReLU features), mean over tokens."""
+    gap = torch.relu(threshold.to(preactivations.dtype) - preactivations)
+    return coefficient * _tokens_mean((gap * decoder_norms.to(gap.dtype)).sum(dim=(-2, -1)))
+
+
+def auxiliary_topk_loss(preactivations: Tensor, residual: Tensor, dead_mask: Tensor,
+                        decode: Callable[[Tensor], Tensor], *, k_aux: int,
+                        coefficient: float = 1 / 32) -> Tensor:
+    """Gao et al. 2024: reconstruct the residual e = y − ŷ from the top-k_aux dead features.
+
+    `decode` maps features [..., L, F] to outputs [..., L, d] without the decoder bias, e.g.
+    ``lambda a: clt.decode_normalized(a, bias=False)``; dead_mask is [L, F]. Returns
+    coefficient · mean‖e − ê‖² / mean‖e‖² (e detached); 0 when no feature is dead.
+    """
+    dead = dead_mask.to(device=preactivations.device, dtype=torch.bool)
+    if dead.shape != preactivations.shape[-2:]:
+        raise ValueError(f"dead_mask {list(dead.shape)} must be [L, F] = "
+                         f"{list(preactivations.shape[-2:])}")
+    if not bool(dead.any()):
+        return preactivations.new_zeros(())
+    k = min(k_aux, int(dead.sum(-1).max()))
+    top = preactivations.masked_fill(~dead, float("-inf")).topk(k, dim=-1)
+    aux = torch.zeros_like(preactivations).scatter(-1, top.indices, torch.relu(top.values))
+    e = residual.detach()
+    err = (decode(aux) - e).square().sum(dim=(-2, -1)).mean()
+    return coefficient * err / e.square().sum(dim=(-2, -1)).mean().clamp_min(1e-12)
+
+
+def compute_losses(model: CrossLayerTranscoder, inputs: Tensor, targets: Tensor, *,
+                   sparsity_coef: float = 0.0, sparsity_c: float = 1.0,
+                   sparsity_kind: str = "tanh", preactivation_coef: float = 0.0,
+                   dead_mask: Tensor | None = None, k_aux: int = 0,
+                   aux_coef: float = 1 / 32) -> tuple[LossTerms, CLTOutput]:
+    """All loss terms on standardised inputs and targets [..., L, d]; returns (terms, output).
+
+    The pre-activation term applies to JumpReLU models; the auxiliary term to TopK/BatchTopK
+    models when `dead_mask` is given and `k_aux` > 0.
+    """
+    out = model.forward_normalized(inputs)
+    norms = model.decoder_norms()
+    zero = out.reconstruction.new_zeros(())
+    recon = reconstruction_loss(out.reconstruction, targets)
+    sparse = zero
+    if sparsity_coef:
+        sparse = sparsity_loss(out.features, norms, coefficient=sparsity_coef, c=sparsity_c,
+                               kind=sparsity_kind)
+    act = model.cfg.activation_fn
+    pre = zero
+    if preactivation_coef and act == "jumprelu":
+        pre = preactivation_loss(out.preactivations, model.threshold, norms,
+                                 coefficient=preactivation_coef)
+    aux = zero
+    if act in ("topk", "batchtopk") and dead_mask is not None and k_aux > 0:
+        aux = auxiliary_topk_loss(out.preactivations, targets - out.reconstruction, dead_mask,
+                                  lambda a: model.decode_normalized(a, bias=False),
+                                  k_aux=k_aux, coefficient=aux_coef)
+    return LossTerms(recon, sparse, pre, aux), out

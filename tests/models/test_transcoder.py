@@ -1,0 +1,301 @@
+"""CrossLayerTranscoder: planted dictionaries, decode oracle, folding, I/O, config and shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clt.config.base import ConfigError
+from clt.config.transcoder import CLTConfig
+from clt.models import CheckpointError, CLTOutput, CrossLayerTranscoder
+from clt.training.losses import compute_losses, fvu, sparsity_lambda_at
+
+L, D = 3, 16
+ACTS = ("relu", "jumprelu", "topk", "batchtopk")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops run much faster on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(**kw) -> CLTConfig:
+    return CLTConfig(**{"num_features": 8, "num_layers": L, "d_model": D, **kw})
+
+
+def _model(seed: int = 0, stats: bool = True, **kw) -> CrossLayerTranscoder:
+    """A random transcoder with non-trivial weights, biases and standardisation statistics."""
+    model = CrossLayerTranscoder(_cfg(seed=seed, **kw))
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.3, generator=g)
+        model.b_dec.normal_(0, 0.3, generator=g)
+        if model.cfg.skip_connection:
+            model.W_skip.normal_(0, 0.2, generator=g)
+    if stats:
+        model.set_normalization(torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5,
+                                torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5)
+    return model
+
+
+# ---------------------------------------------------------------- planted dictionary
+
+
+def _planted(cross: bool, seed: int = 0, ft: int = 24, p: float = 0.03):
+    """True decoders D[l] [ft, L_out, D] (unit norm per feature) and a sampler of (x, y)."""
+    g = torch.Generator().manual_seed(seed)
+    enc = torch.randn(L, D, ft, generator=g)
+    enc /= enc.norm(dim=1, keepdim=True)
+    dec = [torch.randn(ft, L - l if cross else 1, D, generator=g) for l in range(L)]
+    dec = [w / w.flatten(1).norm(dim=1)[:, None, None] for w in dec]
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = (torch.rand(n, L, ft, generator=g) < p) * (0.5 + torch.rand(n, L, ft, generator=g))
+        x = torch.einsum("nlf,ldf->nld", a, enc)
+        y = torch.zeros(n, L, D)
+        for l, w in enumerate(dec):
+            y[:, l : l + w.shape[1]] += torch.einsum("nf,fjd->njd", a[:, l], w)
+        return x, y
+
+    return dec, sample
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
+@pytest.mark.parametrize("act", ACTS)
+def test_planted_dictionary_is_recovered(act, cross, one_thread):
+    steps, batch = 1000, 256
+    true_dec, sample = _planted(cross)
+    x, y = sample(64_000)
+    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn=act, cross_layer=cross,
+                    topk=1 if act == "batchtopk" else 3)
+    model = CrossLayerTranscoder(cfg)
+    model.set_normalization(x.mean(0), x.std(0), y.mean(0), y.std(0))
+    xs, ys = model.normalize_inputs(x), model.normalize_outputs(y)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 2 * (1 - s / steps)))
+    g = torch.Generator().manual_seed(1)
+    for s in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        lam = sparsity_lambda_at(s, 1.0, steps // 10) if act in ("relu", "jumprelu") else 0.0
+        terms, _ = compute_losses(model, xs[idx], ys[idx], sparsity_coef=lam)
+        opt.zero_grad()
+        terms.total.backward()
+        opt.step()
+        sched.step()
+
+    model.eval()
+    x_test, y_test = sample(4096)
+    with torch.no_grad():
+        per_layer_fvu = fvu(model(x_test).reconstruction, y_test)
+        folded = model.fold_normalization()
+        cos = []
+        for true, learned in zip(true_dec, folded.W_dec):
+            t = torch.nn.functional.normalize(true.flatten(1), dim=1)
+            w = torch.nn.functional.normalize(learned.flatten(1), dim=1)
+            cos.append((t @ w.T).max(dim=1).values)
+    mean_max_cos = torch.cat(cos).mean().item()
+    kind = "clt" if cross else "plt"
+    assert mean_max_cos >= 0.9, f"{act}/{kind}: mean max cosine {mean_max_cos:.3f}"
+    assert per_layer_fvu.max().item() <= 0.05, f"FVU per layer {per_layer_fvu.tolist()}"
+
+
+# ---------------------------------------------------------------- structure and decode oracle
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_parameter_shapes(cross):
+    model = CrossLayerTranscoder(_cfg(cross_layer=cross, skip_connection=True))
+    assert model.W_enc.shape == (L, 8, D) and model.b_enc.shape == (L, 8)
+    expected = [(8, L - l if cross else 1, D) for l in range(L)]
+    assert [tuple(w.shape) for w in model.W_dec] == expected
+    assert model.b_dec.shape == (L, D) and model.log_threshold.shape == (L, 8)
+    assert model.W_skip.shape == (L, D, D)
+    for name in ("input_mean", "input_std", "output_mean", "output_std"):
+        assert getattr(model, name).shape == (L, D) and getattr(model, name).dtype == torch.float32
+    assert torch.allclose(model.threshold, torch.full((L, 8), 0.03))
+    assert not hasattr(CrossLayerTranscoder(_cfg(activation_fn="relu")), "log_threshold")
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_decode_matches_explicit_sum_over_source_layers(cross):
+    model = _model(cross_layer=cross, skip_connection=True)
+    g = torch.Generator().manual_seed(3)
+    a, x_std = torch.rand(5, L, 8, generator=g), torch.randn(5, L, D, generator=g)
+    expected = model.b_dec.detach().expand(5, L, D).clone()
+    for target in range(L):
+        for source in range(target + 1) if cross else [target]:
+            expected[:, target] += a[:, source] @ model.W_dec[source][:, target - source].detach()
+        expected[:, target] += x_std[:, target] @ model.W_skip[target].detach().T
+    assert torch.allclose(model.decode_normalized(a, x_std), expected, atol=1e-5)
+    norms = torch.stack([w.detach().flatten(1).norm(dim=1) for w in model.W_dec])
+    assert torch.allclose(model.decoder_norms(), norms)
+
+
+def test_forward_is_standardised_forward_mapped_to_raw_space():
+    model = _model(skip_connection=True)
+    x = torch.randn(2, 4, L, D)
+    out = model(x)
+    assert isinstance(out, CLTOutput)
+    assert out.features.shape == out.preactivations.shape == (2, 4, L, 8)
+    assert out.reconstruction.shape == (2, 4, L, D)
+    x_std = (x - model.input_mean) / model.input_std
+    norm_out = model.forward_normalized(x_std)
+    raw = norm_out.reconstruction * model.output_std + model.output_mean
+    assert torch.allclose(out.reconstruction, raw, atol=1e-5)
+    assert torch.allclose(model.decode(out.features, x), out.reconstruction, atol=1e-5)
+    assert torch.allclose(model.encode(x), out.features)
+
+
+def test_initialisation_is_trainable():
+    model = CrossLayerTranscoder(_cfg(num_features=64, activation_fn="jumprelu"))
+    x = torch.randn(2048, L, D)
+    out = model(x)
+    active = (out.features > 0).float().mean().item()
+    assert 0.2 < active < 0.8, f"initially active fraction {active}"
+    assert out.reconstruction.var().item() < 0.1, "initial reconstructions should be small"
+    other = CrossLayerTranscoder(_cfg(num_features=64, seed=1))
+    assert not torch.equal(model.W_enc, other.W_enc)
+    assert torch.equal(model.W_enc, CrossLayerTranscoder(_cfg(num_features=64)).W_enc)
+
+
+def test_dtype_from_config():
+    model = CrossLayerTranscoder(_cfg(dtype="bfloat16"))
+    assert model.W_enc.dtype == torch.bfloat16 and model.input_mean.dtype == torch.float32
+    assert model(torch.randn(3, L, D)).reconstruction.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("cross", [True, False])
+@pytest.mark.parametrize("act", ACTS)
+def test_fold_normalization_keeps_raw_outputs(act, cross, skip):
+    model = _model(activation_fn=act, cross_layer=cross, skip_connection=skip, topk=3).eval()
+    folded = model.fold_normalization()
+    for name in ("input_mean", "output_mean"):
+        assert torch.equal(getattr(folded, name), torch.zeros(L, D))
+    for name in ("input_std", "output_std"):
+        assert torch.equal(getattr(folded, name), torch.ones(L, D))
+    x = torch.randn(64, L, D) * 2 + 1
+    before, after = model(x), folded(x)
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    if act == "jumprelu":
+        assert torch.equal(folded.threshold, model.threshold)
+    assert not torch.equal(folded.W_enc, model.W_enc), "the copy must carry the folded weights"
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def _assert_same(a: CrossLayerTranscoder, b: CrossLayerTranscoder) -> None:
+    assert a.cfg == b.cfg
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    x = torch.randn(16, L, D)
+    a.eval()
+    b.eval()
+    for u, v in zip(a(x), b(x)):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_save_pretrained_round_trip(tmp_path, act):
+    model = _model(activation_fn=act, topk=3, skip_connection=True, model_name="tiny",
+                   layers=[1, 3, 4])
+    if act == "batchtopk":
+        model.train()(torch.randn(32, L, D))
+        assert model.batchtopk.threshold.abs().sum() > 0
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["activation_fn"] == act
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    _assert_same(model, CrossLayerTranscoder.from_pretrained(tmp_path / "ckpt", device="cpu"))
+
+
+@pytest.mark.parametrize("name", ["trained_clt.pt", "clt.safetensors"])
+def test_save_load_single_file(tmp_path, name):
+    model = _model(cross_layer=False)
+    path = model.save(tmp_path / name)
+    assert path.is_file() and path.read_bytes()[:1] != b"\x80", "must not be a pickle"
+    _assert_same(model, CrossLayerTranscoder.load(path))
+    _assert_same(model, CrossLayerTranscoder.from_pretrained(path))
+    model.save(tmp_path / "folder")
+    _assert_same(model, CrossLayerTranscoder.load(tmp_path / "folder"))
+
+
+def test_corrupt_truncated_and_missing_files(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path / "ok")
+    weights = tmp_path / "ok" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "ok")
+    weights.write_bytes(b"this is not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "ok")
+    single = tmp_path / "model.pt"
+    single.write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        CrossLayerTranscoder.load(single)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="no transcoder"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "nowhere")
+
+
+def test_config_and_weights_mismatch(tmp_path):
+    _model().save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "num_features": 9}))
+    with pytest.raises(CheckpointError, match="W_enc.*shape"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "skip_connection": True}))
+    with pytest.raises(CheckpointError, match="missing \\['W_skip'\\]"):
+        CrossLayerTranscoder.from_pretrained(tmp_path / "a")
+
+
+# ---------------------------------------------------------------- config and shapes
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="Did you mean 'num_features'"):
+        CLTConfig.from_dict({"num_feature": 3, "num_layers": 2, "d_model": 4})
+    with pytest.raises(ConfigError, match="activation_fn 'gelu'"):
+        _cfg(activation_fn="gelu")
+    with pytest.raises(ConfigError, match="layers has 2 entries but num_layers is 3"):
+        _cfg(layers=[0, 1])
+    with pytest.raises(ConfigError, match="increasing"):
+        _cfg(layers=[2, 1, 0])
+    with pytest.raises(ConfigError, match="topk"):
+        _cfg(topk=9, activation_fn="topk")
+    with pytest.raises(ConfigError, match="batchtopk_scope"):
+        _cfg(batchtopk_scope="token")
+    cfg = _cfg()
+    assert cfg.layers == [0, 1, 2]
+    assert CLTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_wrong_input_shapes_raise():
+    model = _model(skip_connection=True)
+    with pytest.raises(ValueError, match=r"\[\.\.\., L=3, d_model=16\].*\[4, 16\]"):
+        model(torch.randn(4, D))
+    with pytest.raises(ValueError, match=r"\[\.\.\., L=3, d_model=16\]"):
+        model(torch.randn(4, L + 1, D))
+    with pytest.raises(ValueError, match=r"\[\.\.\., L=3, num_features=8\]"):
+        model.decode(torch.randn(4, L, 7), torch.randn(4, L, D))
+    with pytest.raises(ValueError, match="skip connection"):
+        model.decode(torch.rand(4, L, 8))
+    with pytest.raises(ValueError, match="input_std"):
+        zeros = torch.zeros(L, D)
+        model.set_normalization(zeros, zeros, zeros, torch.ones(L, D))
