@@ -18,6 +18,14 @@ import yaml
 from clt.config.base import ConfigBase, ConfigError
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.config.extraction import ExtractionConfig
+from clt.config.training import TrainingConfig
+from clt.config.transcoder import CLTConfig
+
+# CLTConfig fields that `clt train` derives from the store instead of taking as options.
+_DERIVED_CLT_FIELDS = ("num_layers", "d_model", "layers", "model_name", "dtype", "seed")
+# Defaults of the original train_clt.py that differ from the configs' own.
+TRAIN_DEFAULTS = {"transcoder": {"num_features": 300}, "extraction": {"max_tokens": 100_000},
+                  "training": {"output_dir": "runs/train"}}
 
 logger = logging.getLogger("clt")
 
@@ -59,6 +67,27 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run `clt train`."""
+    from clt.pipeline import run_training
+
+    values = _read_config_file(args.config)
+    unknown = set(values) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown sections {sorted(unknown)}; use extraction:, transcoder:, training:")
+    section = {name: {**TRAIN_DEFAULTS[name], **(values.get(name) or {})} for name in TRAIN_DEFAULTS}
+    training = config_from_args(TrainingConfig, args, section["training"])
+    extraction = config_from_args(ExtractionConfig, argparse.Namespace(
+        model=args.model, corpus=args.dataset, max_tokens=args.max_tokens, layers=args.layers,
+        context_length=args.context_length, device=training.device,
+        output_dir=str(Path(training.output_dir) / "store")), section["extraction"])
+    transcoder = config_from_args(CLTConfig, args, {"num_layers": 1, "d_model": 1, "seed": training.seed,
+                                                    **section["transcoder"]})
+    result = run_training(extraction, transcoder, training, store_path=args.store)
+    print(result.summary())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run `clt demo`."""
     from clt.pipeline import run_demo
@@ -83,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--config", help="YAML/JSON file of options (command-line options override it)")
     add_config_arguments(extract, ExtractionConfig)
     extract.set_defaults(func=cmd_extract)
+
+    train = sub.add_parser(
+        "train", help="train a cross-layer (or per-layer) transcoder",
+        description="Train a transcoder on an activation store (--store), or extract one first from --model over "
+                    "--dataset. Accepts the flags of the original train_clt.py; --config reads a YAML file with "
+                    "sections extraction:, transcoder:, training: (see experiments/).")
+    train.add_argument("--config", help="YAML/JSON file with extraction/transcoder/training sections")
+    train.add_argument("--store", help="existing activation store folder (skips extraction)")
+    train.add_argument("--model", help="model to extract from (default: smollm2-135m)")
+    train.add_argument("--dataset", help="corpus: 'pydoc' (default), a .txt/.jsonl file or a folder")
+    train.add_argument("--max-tokens", type=int, help="tokens to extract when no --store is given (default: 100000)")
+    train.add_argument("--layers", type=lambda v: [int(i) for i in v.replace(",", " ").split()],
+                       help="model layers to cover, e.g. 0,1,2 (default: all)")
+    train.add_argument("--context-length", type=int, help="tokens per context window (default: 128)")
+    add_config_arguments(train, CLTConfig, skip=_DERIVED_CLT_FIELDS, defaults=TRAIN_DEFAULTS["transcoder"])
+    add_config_arguments(train, TrainingConfig, defaults=TRAIN_DEFAULTS["training"])
+    train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the default model, offline",
                           description="Extract activations of the default model, train a transcoder, build an "

@@ -64,3 +64,60 @@ def run_demo(output_dir: str | Path = "runs/demo", *, max_tokens: int = 20_000, 
     (output_dir / "demo_summary.json").write_text(json.dumps(
         {"store": str(store.path), "n_tokens": store.n_tokens, "bytes": store.nbytes(), "timings": timings}, indent=1))
     return result
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    """What `run_training` produced: the transcoder, where it is, and its metrics."""
+
+    transcoder: Any
+    store: ActivationStore
+    output_dir: Path | None
+    history: list[dict[str, float]]
+    reconstruction: Any
+    replacement: Any = None
+
+    def summary(self) -> str:
+        """A human-readable report."""
+        r = self.reconstruction
+        lines = [f"transcoder: {self.transcoder.extra_repr()}",
+                 f"trained on: {self.store}",
+                 f"FVU {r.fvu:.4f} (per layer {' '.join(f'{v:.3f}' for v in r.fvu_per_layer)})",
+                 f"L0 {r.l0:.1f} active features per token over {len(r.l0_per_layer)} layers; "
+                 f"dead fraction {r.dead_fraction:.3f}"]
+        if self.replacement is not None:
+            m = self.replacement
+            lines.append(f"replacement model: KL {m.kl:.4f} nats/token, top-1 agreement {m.top1_agreement:.3f}, "
+                         f"CE recovered {m.ce_recovered:.3f} (CE {m.ce_original:.3f} -> {m.ce_replaced:.3f}; "
+                         f"zero-ablated {m.ce_zero_ablated:.3f})")
+        if self.output_dir is not None:
+            lines.append(f"saved to {self.output_dir / 'transcoder'} (metrics log: {self.output_dir / 'metrics.jsonl'})")
+        return "\n".join(lines)
+
+
+def run_training(extraction: ExtractionConfig, transcoder: Any, training: Any, *, store_path: str | Path | None = None,
+                 store: ActivationStore | None = None, replacement: bool = True, progress: bool = True) -> TrainingResult:
+    """Train a transcoder on a store (opened from `store_path`, given, or extracted first), then evaluate it."""
+    from clt.training.metrics import reconstruction_metrics, replacement_metrics
+    from clt.training.trainer import CLTTrainer
+
+    if store is None:
+        store = (ActivationStore.open(store_path, batch_size=training.batch_size) if store_path
+                 else run_extraction(extraction, progress=progress))
+    transcoder = transcoder.replace(num_layers=store.num_layers, d_model=store.d_model, layers=store.layers,
+                                    model_name=store.model_name)
+    trainer = CLTTrainer(transcoder, training, store)
+    model = trainer.train(progress=progress)
+    result = TrainingResult(model, store, trainer.output_dir, trainer.history,
+                            reconstruction_metrics(model, store, max_tokens=4096))
+    if replacement and store.model_name:
+        from clt.nnsight.models import load_model
+
+        lm, tokenizer = load_model(store.model_name, device=training.device)
+        result.replacement = replacement_metrics(lm, tokenizer, model.to(training.device),
+                                                 context_length=extraction.context_length)
+    if trainer.output_dir is not None:
+        metrics = {"reconstruction": result.reconstruction.as_dict(),
+                   "replacement": result.replacement.as_dict() if result.replacement else None}
+        (trainer.output_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return result

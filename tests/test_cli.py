@@ -60,3 +60,37 @@ def test_help_explains_every_option():
     result = run_cli("extract", "--help")
     assert result.returncode == 0
     assert "--context-length" in result.stdout and "Tokens per context window" in result.stdout
+
+
+def test_train_with_seed_flags_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "tiny-llama", "--max-tokens", "600", "--num-features", "16",
+                 "--batch-size", "32", "--learning-rate", "1e-3", "--training-steps", "12", "--sparsity-lambda", "1e-3",
+                 "--jumprelu-threshold", "0.03", "--device", "cpu", "--dataset", "pydoc",
+                 "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "FVU" in text and "replacement model: KL" in text
+    from clt.models import CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder.from_pretrained(out / "transcoder")
+    assert clt.cfg.num_features == 16 and clt.cfg.num_layers == 3 and clt.cfg.model_name == "tiny-llama"
+    assert (out / "metrics.jsonl").is_file() and (out / "eval.json").is_file()
+    # a second run trains on the existing store
+    assert main(["train", "--store", str(out / "store"), "--num-features", "8", "--activation-fn", "topk",
+                 "--topk", "2", "--training-steps", "5", "--batch-size", "16", "--output-dir", str(tmp_path / "b")]) == 0
+
+
+def test_train_config_file_with_sections(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "extraction:\n  model: tiny-gpt2\n  max_tokens: 400\n"
+        "transcoder:\n  num_features: 8\n  cross_layer: false\n"
+        f"training:\n  training_steps: 4\n  batch_size: 16\n  output_dir: {tmp_path / 'r'}\n")
+    assert main(["train", "--config", str(config), "--training-steps", "6"]) == 0
+    import json
+
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
+    config.write_text("trainig:\n  training_steps: 4\n")
+    result = run_cli("train", "--config", str(config))
+    assert result.returncode == 1 and "unknown sections" in result.stderr

@@ -2,5 +2,7 @@
 
 from clt.config.base import ConfigBase, ConfigError
 from clt.config.extraction import ExtractionConfig
+from clt.config.training import TrainingConfig
+from clt.config.transcoder import CLTConfig
 
-__all__ = ["ConfigBase", "ConfigError", "ExtractionConfig"]
+__all__ = ["CLTConfig", "ConfigBase", "ConfigError", "ExtractionConfig", "TrainingConfig"]

@@ -18,6 +18,8 @@ def _parser_for(annotation: Any):
     text = str(annotation)
     if "list[int]" in text:
         return lambda value: [int(v) for v in value.replace(",", " ").split()]
+    if "list[float]" in text:
+        return lambda value: [float(v) for v in value.replace(",", " ").split()]
     if "bool" in text:
         return _parse_bool
     if "int" in text and "float" not in text:
@@ -36,7 +38,8 @@ def _parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got '{value}'")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], *, skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], *, skip: tuple[str, ...] = (),
+                         defaults: dict[str, Any] | None = None) -> None:
     """Add one option per config field (default None = keep the config's value), help from its docstring."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -45,6 +48,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase],
         if field.name in skip:
             continue
         default = field.default if field.default is not dataclasses.MISSING else None
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        default = (defaults or {}).get(field.name, default)
         group.add_argument(_flag(field.name), dest=field.name, type=_parser_for(hints[field.name]), default=None,
                            metavar=field.name.upper(), help=f"{docs.get(field.name, '')} (default: {default})")
 

@@ -1,0 +1,259 @@
+"""CLTTrainer: AdamW on standardised activations from an ActivationStore, resumable exactly.
+
+Per optimiser step: learning rate (linear warm-up, constant, linear decay) and sparsity λ (linear
+ramp) are set from the step number; `grad_accumulation_steps` micro-batches are drawn from the
+store's deterministic stream at position ``step · accumulation``; losses from
+`clt.training.losses.compute_losses`; gradients clipped; AdamW steps. Everything a resumed run
+needs (weights, optimiser moments, feature-activity counters, RNG) is in the checkpoint, so a run
+resumed at step N reproduces the uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from clt.config.training import TrainingConfig
+from clt.config.transcoder import CLTConfig
+from clt.models.transcoder import CrossLayerTranscoder
+from clt.training.activity import FeatureActivity
+from clt.training.checkpoint import (
+    CheckpointMismatchError,
+    list_checkpoints,
+    load_checkpoint,
+    load_optimizer_tensors,
+    save_checkpoint,
+)
+from clt.training.data import ActivationStore
+from clt.training.losses import compute_losses, fvu, sparsity_lambda_at
+
+logger = logging.getLogger(__name__)
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class CLTTrainer:
+    """Trains a CrossLayerTranscoder on an ActivationStore (see the module docstring)."""
+
+    def __init__(
+        self,
+        clt_config: CLTConfig,
+        training_config: TrainingConfig,
+        activation_store: ActivationStore,
+        *,
+        model: CrossLayerTranscoder | None = None,
+        callbacks: list[StepCallback] | None = None,
+    ) -> None:
+        store = activation_store
+        if clt_config.num_layers != store.num_layers or clt_config.d_model != store.d_model:
+            raise ValueError(
+                f"the transcoder expects {clt_config.num_layers} layers of width {clt_config.d_model} but the store "
+                f"holds {store.num_layers} layers of width {store.d_model}; set num_layers={store.num_layers}, "
+                f"d_model={store.d_model}")
+        if clt_config.layers != list(range(clt_config.num_layers)) and clt_config.layers != store.layers:
+            raise ValueError(f"CLTConfig.layers {clt_config.layers} differ from the store's layers {store.layers}")
+        if training_config.mixed_precision == "fp16" and not training_config.device.startswith("cuda"):
+            raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+        self.clt_config = clt_config.replace(layers=store.layers, model_name=clt_config.model_name or store.model_name)
+        self.cfg, self.store, self.callbacks = training_config, store, callbacks or []
+        self.device = torch.device(training_config.device)
+        self.output_dir = Path(training_config.output_dir) if training_config.output_dir else None
+        self.model = (model or CrossLayerTranscoder(self.clt_config)).to(self.device)
+        stats = store.norm_stats()
+        self.model.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
+        c = training_config
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.learning_rate, betas=tuple(c.adam_betas),
+                                           weight_decay=c.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if c.mixed_precision == "fp16" else None
+        self.activity = FeatureActivity(self.clt_config.num_layers, self.clt_config.num_features, self.device)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        if self.output_dir is not None and c.resume:
+            checkpoints = list_checkpoints(self.output_dir / "checkpoints")
+            if checkpoints:
+                self.load_checkpoint(checkpoints[-1])
+
+    # schedules -----------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at `step`: linear warm-up, constant, then linear decay to 0."""
+        c = self.cfg
+        scale = min(1.0, (step + 1) / c.lr_warmup_steps) if c.lr_warmup_steps else 1.0
+        decay_start = int(c.lr_decay_start * c.training_steps)
+        if step >= decay_start and c.training_steps > decay_start:
+            scale *= max(0.0, (c.training_steps - step) / (c.training_steps - decay_start))
+        return c.learning_rate * scale
+
+    def sparsity_lambda_at(self, step: int) -> float:
+        """Sparsity coefficient at `step`."""
+        warmup = self.cfg.sparsity_warmup_steps if self.cfg.sparsity_warmup_steps is not None else self.cfg.training_steps
+        return sparsity_lambda_at(step, self.cfg.sparsity_lambda, warmup)
+
+    # training ------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _profiler(self) -> contextlib.AbstractContextManager:
+        if not self.cfg.profile_steps:
+            return contextlib.nullcontext()
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        return profile(activities=activities, record_shapes=True)
+
+    def train_step(self, batches: Any) -> dict[str, float]:
+        """One optimiser step over `grad_accumulation_steps` micro-batches; returns its metrics."""
+        c, model = self.cfg, self.model
+        lr, lam = self.lr_at(self.step), self.sparsity_lambda_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        k_aux = min(c.aux_k, self.clt_config.num_features)
+        for _ in range(c.grad_accumulation_steps):
+            batch = next(batches)
+            x, y = model.normalize_inputs(batch.inputs), model.normalize_outputs(batch.outputs)
+            dead = self.activity.dead_mask(c.dead_after_tokens)
+            with self._autocast():
+                terms, out = compute_losses(model, x, y, sparsity_coef=lam, sparsity_c=c.sparsity_c,
+                                            sparsity_kind=c.sparsity_kind, preactivation_coef=c.preactivation_coef,
+                                            dead_mask=dead, k_aux=k_aux, aux_coef=c.aux_coef)
+            loss = terms.total / c.grad_accumulation_steps
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {float(loss)} at step {self.step}; lower learning_rate, enable grad_clip_norm, "
+                    "or check the store for outliers (the last checkpoint is intact)")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.activity.update(out.features)
+            for name, value in terms.as_dict().items():
+                sums[name] = sums.get(name, 0.0) + value / c.grad_accumulation_steps
+            sums["fvu"] = sums.get("fvu", 0.0) + float(fvu(out.reconstruction.float(), y, per_layer=False)) / c.grad_accumulation_steps
+            sums["l0"] = sums.get("l0", 0.0) + float((out.features != 0).sum(-1).float().mean(0).sum()) / c.grad_accumulation_steps
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if c.grad_clip_norm:
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        sums.update(step=self.step, lr=lr, sparsity_lambda=lam,
+                    dead_fraction=float(self.activity.dead_mask(c.dead_after_tokens).float().mean()))
+        return sums
+
+    def train(self, *, progress: bool = True) -> CrossLayerTranscoder:
+        """Train to `training_steps` (resuming if a checkpoint was loaded); returns the transcoder."""
+        c = self.cfg
+        micro = c.batch_size // c.grad_accumulation_steps
+        batches = self.store.batches(micro, seed=c.seed, start=self.step * c.grad_accumulation_steps, device=self.device)
+        self._log = self._open_log()
+        self._wandb_run = self._wandb()
+        self._clock = (time.perf_counter(), self.step)
+        bar = tqdm(total=c.training_steps, initial=self.step, desc="training", unit="step", disable=not progress)
+        try:
+            if c.profile_steps:
+                with self._profiler() as profiler:
+                    self._run(batches, min(self.step + c.profile_steps, c.training_steps), bar)
+                self._write_profile(profiler)
+            self._run(batches, c.training_steps, bar)
+        finally:
+            bar.close()
+            if self._log is not None:
+                self._log.close()
+        if self.output_dir is not None:
+            self.save_checkpoint()
+            self.model.save_pretrained(self.output_dir / "transcoder")
+            self.clt_config.save(self.output_dir / "clt_config.yaml")
+            self.cfg.save(self.output_dir / "training_config.yaml")
+        return self.model
+
+    def _run(self, batches: Any, until: int, bar: Any) -> None:
+        c = self.cfg
+        while self.step < until:
+            metrics = self.train_step(batches)
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == c.training_steps:
+                self._record(metrics)
+                bar.set_postfix(loss=f"{metrics['total']:.4g}", fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
+            for callback in self.callbacks:
+                callback(self.step, metrics)
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.training_steps:
+                self.save_checkpoint()
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        started, first_step = self._clock
+        metrics["tokens_per_s"] = (self.step - first_step) * self.cfg.batch_size / (time.perf_counter() - started)
+        self.history.append(metrics)
+        if self._log is not None:
+            self._log.write(json.dumps(metrics) + "\n")
+            self._log.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(metrics, step=self.step)
+
+    # checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint of the current step into output_dir/checkpoints."""
+        if self.output_dir is None:
+            raise ValueError("set TrainingConfig.output_dir to save checkpoints")
+        tensors = {**{f"activity.{k}": v for k, v in self.activity.state().items()}, "rng": torch.get_rng_state()}
+        state = {"history": self.history, "training_config": self.cfg.to_dict(), "store_tokens": self.store.n_tokens}
+        return save_checkpoint(self.output_dir / "checkpoints", self.step, self.model, self.optimizer, tensors, state)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from a checkpoint folder written by `save_checkpoint`."""
+        model, opt_tensors, tensors, state = load_checkpoint(Path(path))
+        if model.cfg.to_dict() != self.clt_config.to_dict():
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds a transcoder with config {model.cfg.to_dict()}, this run asks for "
+                f"{self.clt_config.to_dict()}; use a new output_dir or the checkpoint's config")
+        if state.get("store_tokens") != self.store.n_tokens:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was trained on a store of {state.get('store_tokens')} tokens, this store has "
+                f"{self.store.n_tokens}; resume with the same store or start in a new output_dir")
+        self.model.load_state_dict(model.state_dict())
+        load_optimizer_tensors(self.optimizer, opt_tensors, state["param_groups"])
+        self.activity.load_state({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("activity.")})
+        torch.set_rng_state(tensors["rng"])
+        self.step, self.history = state["step"], state.get("history", [])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # logging -------------------------------------------------------------------------------
+
+    def _open_log(self):
+        if self.output_dir is None:
+            return None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step] if path.exists() else []
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
+    def _wandb(self):
+        if not self.cfg.wandb_project:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            logger.warning("wandb_project is set but wandb is not installed; logging to metrics.jsonl only")
+            return None
+        return wandb.init(project=self.cfg.wandb_project, config={**self.clt_config.to_dict(), **self.cfg.to_dict()})
+
+    def _write_profile(self, profiler: Any) -> None:
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        if self.output_dir is not None:
+            (self.output_dir / "profile.txt").write_text(table)
+            profiler.export_chrome_trace(str(self.output_dir / "profile_trace.json"))
+        logger.info("profile of %d steps:\n%s", self.cfg.profile_steps, table)
