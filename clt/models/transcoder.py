@@ -169,12 +169,12 @@ class CrossLayerTranscoder(nn.Module):
         """Standardised reconstruction [..., L, d]; adds the skip term when x_std is given."""
         self._check_shape(features, self.cfg.num_features, "num_features", "features")
         features = features.to(self.W_enc.dtype)
-        out = features.new_zeros(*features.shape[:-2], self.cfg.num_layers, self.cfg.d_model)
+        L, d = self.cfg.num_layers, self.cfg.d_model
+        batch_shape = features.shape[:-2]
+        flat = features.reshape(-1, L, features.shape[-1])
+        out = _TriangularDecode.apply(d, flat, *self.W_dec).reshape(*batch_shape, L, d)
         if bias:
             out = out + self.b_dec
-        for l, w in enumerate(self.W_dec):
-            contribution = torch.einsum("...f,fjd->...jd", features[..., l, :], w)
-            out[..., l : l + w.shape[1], :] += contribution
         if x_std is not None and self.cfg.skip_connection:
             out = out + torch.einsum("...li,loi->...lo", x_std.to(out.dtype), self.W_skip)
         return out
@@ -313,6 +313,34 @@ class CrossLayerTranscoder(nn.Module):
                                       "weights come from different transcoders")
         model.load_state_dict(tensors)
         return model if device is None else model.to(device)
+
+
+class _TriangularDecode(torch.autograd.Function):
+    """Σ_{l ≤ l'} a_l W_dec[l→l'] accumulated in place: no per-source copies in either pass."""
+
+    @staticmethod
+    def forward(ctx, d: int, flat: Tensor, *weights: Tensor) -> Tensor:
+        out = flat.new_zeros(flat.shape[0], flat.shape[1] * d)
+        for l, w in enumerate(weights):
+            cols = out[:, l * d : (l + w.shape[1]) * d]
+            cols.addmm_(flat[:, l], w.reshape(w.shape[0], -1))
+        ctx.d = d
+        ctx.save_for_backward(flat, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        flat, *weights = ctx.saved_tensors
+        d = ctx.d
+        grad_flat = torch.empty_like(flat) if ctx.needs_input_grad[1] else None
+        grad_weights = []
+        for l, w in enumerate(weights):
+            g = grad[:, l * d : (l + w.shape[1]) * d]
+            w2 = w.reshape(w.shape[0], -1)
+            if grad_flat is not None:
+                torch.mm(g, w2.T, out=grad_flat[:, l])
+            grad_weights.append((flat[:, l].T @ g).view_as(w) if ctx.needs_input_grad[2 + l] else None)
+        return None, grad_flat, *grad_weights
 
 
 def _atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:

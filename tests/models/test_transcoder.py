@@ -137,6 +137,26 @@ def test_decode_matches_explicit_sum_over_source_layers(cross):
     assert torch.allclose(model.decoder_norms(), norms)
 
 
+@pytest.mark.parametrize("cross", [True, False])
+def test_decode_gradients_match_autograd_of_explicit_sum(cross):
+    model = _model(cross_layer=cross)
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(2, 3, L, 8, generator=g, requires_grad=True)
+    upstream = torch.randn(2, 3, L, D, generator=g)
+    (model.decode_normalized(a) * upstream).sum().backward()
+    fast = [a.grad.clone()] + [w.grad.clone() for w in model.W_dec]
+    a.grad = None
+    model.zero_grad()
+    expected = torch.zeros(2, 3, L, D)
+    for source, w in enumerate(model.W_dec):
+        for j in range(w.shape[1]):
+            expected[..., source + j, :] += a[..., source, :] @ w[:, j]
+    (expected * upstream).sum().backward()
+    slow = [a.grad] + [w.grad for w in model.W_dec]
+    for got, want in zip(fast, slow, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_forward_is_standardised_forward_mapped_to_raw_space():
     model = _model(skip_connection=True)
     x = torch.randn(2, 4, L, D)
