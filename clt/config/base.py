@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from clt.files import atomic_write_text
+
 C = TypeVar("C", bound="ConfigBase")
 
 
@@ -55,9 +57,7 @@ class ConfigBase:
             if path.suffix in (".yaml", ".yml")
             else json.dumps(self.to_dict(), indent=2)
         )
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(text, path)
         return path
 
     @classmethod

@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from clt.config.transcoder import CLTConfig
+from clt.files import atomic_save_tensors, read_tensors
 from clt.models.activations import BatchTopK, jumprelu, relu, topk
 
 CONFIG_NAME = "config.json"
@@ -240,7 +240,7 @@ class CrossLayerTranscoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.cfg.save(directory / CONFIG_NAME)
-        _atomic_save_file(self._tensors(), directory / WEIGHTS_NAME, {"format": "pt"})
+        atomic_save_tensors(self._tensors(), directory / WEIGHTS_NAME, {"format": "pt"})
         return directory
 
     @classmethod
@@ -269,7 +269,7 @@ class CrossLayerTranscoder(nn.Module):
             return self.save_pretrained(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"format": "pt", _META_KEY: json.dumps(self.cfg.to_dict())}
-        _atomic_save_file(self._tensors(), path, metadata)
+        atomic_save_tensors(self._tensors(), path, metadata)
         return path
 
     @classmethod
@@ -343,20 +343,9 @@ class _TriangularDecode(torch.autograd.Function):
         return None, grad_flat, *grad_weights
 
 
-def _atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-
-
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; save the transcoder again")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own (non-public) error types
-        raise CheckpointError(f"{path} is corrupt or truncated ({err}); re-save the transcoder "
-                              "or copy the file again") from err
+    return read_tensors(path, CheckpointError, missing="save the transcoder again",
+                        corrupt="re-save the transcoder or copy the file again", missing_error=FileNotFoundError)
 
 
 __all__ = ["CLTOutput", "CheckpointError", "CrossLayerTranscoder"]

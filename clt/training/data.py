@@ -20,14 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+
+from clt.files import atomic_save_tensors, atomic_write_text, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -98,28 +97,9 @@ class RunningStats:
         return NormStats(*out)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise StoreError(f"{path} is missing: the store is incomplete; re-run the extraction to resume it")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise StoreError(
-            f"{path} is corrupt or truncated ({err}); delete it and its entry will be re-extracted "
-            "when you resume the extraction"
-        ) from err
+    return read_tensors(path, StoreError, missing="the store is incomplete; re-run the extraction to resume it",
+                        corrupt="delete it and its entry will be re-extracted when you resume the extraction")
 
 
 class ActivationStore:
@@ -456,15 +436,15 @@ class StoreWriter:
 
     def _write_shard(self, shard: dict[str, torch.Tensor]) -> None:
         name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
-        _atomic_save(shard, self.path / name)
+        atomic_save_tensors(shard, self.path / name)
         self.stats.update(shard["inputs"], shard["outputs"])
-        _atomic_save(self.stats.sums, self.path / STATS_FILE)
+        atomic_save_tensors(self.stats.sums, self.path / STATS_FILE)
         self.manifest["shards"].append({"file": name, "n_tokens": int(shard["inputs"].shape[0])})
         self.manifest["n_tokens"] += int(shard["inputs"].shape[0])
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write_text(json.dumps(self.manifest, indent=1), self.path / MANIFEST)
+        atomic_write_text(json.dumps(self.manifest, indent=1), self.path / MANIFEST)
 
     def finish(self, *, batch_size: int = 64, normalize: bool = True, state: dict[str, Any] | None = None) -> ActivationStore:
         """Write what is buffered, mark the store complete and open it."""
