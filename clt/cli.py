@@ -92,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run `clt demo`."""
     from clt.pipeline import run_demo
 
-    result = run_demo(output_dir=args.output_dir, max_tokens=args.max_tokens, model=args.model)
+    result = run_demo(output_dir=args.output_dir, model=args.model, max_tokens=args.max_tokens,
+                      num_features=args.num_features, training_steps=args.training_steps, batch_size=args.batch_size)
     print(result.summary())
     return 0
 
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="folder for the store, transcoder and graph")
     demo.add_argument("--max-tokens", type=int, default=20_000, help="tokens to extract (default: 20000)")
     demo.add_argument("--model", default="smollm2-135m", help="model alias or path (default: smollm2-135m)")
+    demo.add_argument("--num-features", type=int, default=64, help="CLT features per layer (default: 64)")
+    demo.add_argument("--training-steps", type=int, default=600, help="training steps (default: 600)")
+    demo.add_argument("--batch-size", type=int, default=128, help="tokens per training step (default: 128)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

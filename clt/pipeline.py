@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from clt.config.extraction import ExtractionConfig
+from clt.files import atomic_write_text
 from clt.training.data import ActivationStore
 
 logger = logging.getLogger(__name__)
 
-
+DEMO_TRANSCODER: dict[str, Any] = {"activation_fn": "batchtopk", "topk": 8, "cross_layer": True}
+"""The demo's transcoder: a CLT whose BatchTopK keeps 8 features per token and layer on average."""
+DEMO_TRAINING: dict[str, Any] = {"learning_rate": 5e-4, "checkpoint_every": 0}
+"""The demo's training options beyond size: a high learning rate for a short run."""
 
 def run_extraction(cfg: ExtractionConfig, *, progress: bool = True) -> ActivationStore:
     """Extract activations as `cfg` says into `cfg.output_dir`; writes the resolved config beside them."""
@@ -28,42 +32,6 @@ def run_extraction(cfg: ExtractionConfig, *, progress: bool = True) -> Activatio
                               text_field=cfg.text_field, progress=progress)
     cfg.save(Path(cfg.output_dir) / "extraction.yaml")
     return store
-
-
-@dataclasses.dataclass
-class DemoResult:
-    """What `clt demo` produced: paths, sizes, timings and metrics."""
-
-    output_dir: Path
-    store: ActivationStore
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def summary(self) -> str:
-        """A human-readable report."""
-        lines = [
-            f"demo outputs in {self.output_dir}",
-            f"store: {self.store}",
-            f"store size on disk: {self.store.nbytes() / 2**20:.1f} MiB "
-            f"({self.store.nbytes() / self.store.n_tokens / 1024:.1f} KiB/token)",
-        ]
-        lines += [f"{k}: {v}" for k, v in self.extra.items()]
-        lines += [f"time {k}: {v:.1f} s" for k, v in self.timings.items()]
-        return "\n".join(lines)
-
-
-def run_demo(output_dir: str | Path = "runs/demo", *, max_tokens: int = 20_000, model: str = "smollm2-135m") -> DemoResult:
-    """The end-to-end demo on the default model: extract a store of all layers."""
-    output_dir = Path(output_dir)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    cfg = ExtractionConfig(model=model, max_tokens=max_tokens, output_dir=str(output_dir / "store"))
-    store = run_extraction(cfg)
-    timings["extract"] = time.perf_counter() - start
-    result = DemoResult(output_dir, store, timings)
-    (output_dir / "demo_summary.json").write_text(json.dumps(
-        {"store": str(store.path), "n_tokens": store.n_tokens, "bytes": store.nbytes(), "timings": timings}, indent=1))
-    return result
 
 
 @dataclasses.dataclass
@@ -120,4 +88,60 @@ def run_training(extraction: ExtractionConfig, transcoder: Any, training: Any, *
         metrics = {"reconstruction": result.reconstruction.as_dict(),
                    "replacement": result.replacement.as_dict() if result.replacement else None}
         (trainer.output_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return result
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What `clt demo` produced: paths, timings and the result of each stage."""
+
+    output_dir: Path
+    store: ActivationStore
+    training: TrainingResult | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A human-readable report."""
+        nbytes = self.store.nbytes()
+        lines = [f"demo outputs in {self.output_dir}", f"store: {self.store}",
+                 f"store size on disk: {nbytes / 2**20:.1f} MiB ({nbytes / self.store.n_tokens / 1024:.1f} KiB/token)"]
+        if self.training is not None:
+            lines.append(self.training.summary())
+        lines += [f"{k}: {v}" for k, v in self.extra.items()]
+        lines += [f"time {k}: {v:.1f} s" for k, v in self.timings.items()]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (written to `demo_summary.json`)."""
+        out: dict[str, Any] = {"store": str(self.store.path), "n_tokens": self.store.n_tokens,
+                               "bytes": self.store.nbytes(), "timings": self.timings, **self.extra}
+        if self.training is not None:
+            out["reconstruction"] = self.training.reconstruction.as_dict()
+            out["replacement"] = self.training.replacement.as_dict() if self.training.replacement else None
+        return out
+
+
+def run_demo(output_dir: str | Path = "runs/demo", *, model: str = "smollm2-135m", max_tokens: int = 20_000,
+             num_features: int = 64, training_steps: int = 600, batch_size: int = 128,
+             progress: bool = True) -> DemoResult:
+    """The end-to-end demo: extract a store of all layers, train a CLT on it and evaluate it."""
+    from clt.config.training import TrainingConfig
+    from clt.config.transcoder import CLTConfig
+
+    output_dir = Path(output_dir)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    extraction = ExtractionConfig(model=model, max_tokens=max_tokens, output_dir=str(output_dir / "store"))
+    store = run_extraction(extraction, progress=progress)
+    timings["extract"] = time.perf_counter() - start
+    start = time.perf_counter()
+    transcoder = CLTConfig(num_features=num_features, num_layers=store.num_layers, d_model=store.d_model,
+                           **DEMO_TRANSCODER)
+    training = TrainingConfig(batch_size=batch_size, training_steps=training_steps,
+                              output_dir=str(output_dir / "train"), **DEMO_TRAINING)
+    trained = run_training(extraction, transcoder, training, store=store, progress=progress)
+    timings["train+evaluate"] = time.perf_counter() - start
+    result = DemoResult(output_dir, store, trained, timings)
+    atomic_write_text(json.dumps(result.as_dict(), indent=1), output_dir / "demo_summary.json")
     return result

@@ -94,3 +94,16 @@ def test_train_config_file_with_sections(tmp_path):
     config.write_text("trainig:\n  training_steps: 4\n")
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 1 and "unknown sections" in result.stderr
+
+
+def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "tiny-gpt2", "--max-tokens", "1500", "--num-features", "16",
+                 "--training-steps", "30", "--batch-size", "64", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "FVU" in text and "replacement model: KL" in text and "KiB/token" in text
+    import json
+
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["n_tokens"] == 1500 and 0 <= summary["reconstruction"]["fvu"] < 2
+    assert (out / "train" / "transcoder" / "model.safetensors").is_file()
