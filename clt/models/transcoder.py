@@ -168,11 +168,14 @@ class CrossLayerTranscoder(nn.Module):
                           bias: bool = True) -> Tensor:
         """Standardised reconstruction [..., L, d]; adds the skip term when x_std is given."""
         self._check_shape(features, self.cfg.num_features, "num_features", "features")
-        features = features.to(self.W_enc.dtype)
+        dtype = self.W_enc.dtype
+        if torch.is_autocast_enabled(features.device.type):
+            dtype = torch.get_autocast_dtype(features.device.type)
         L, d = self.cfg.num_layers, self.cfg.d_model
         batch_shape = features.shape[:-2]
-        flat = features.reshape(-1, L, features.shape[-1])
-        out = _TriangularDecode.apply(d, flat, *self.W_dec).reshape(*batch_shape, L, d)
+        flat = features.to(dtype).reshape(-1, L, features.shape[-1])
+        weights = [w.to(dtype) for w in self.W_dec]
+        out = _TriangularDecode.apply(d, flat, *weights).reshape(*batch_shape, L, d)
         if bias:
             out = out + self.b_dec
         if x_std is not None and self.cfg.skip_connection:
