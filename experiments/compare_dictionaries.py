@@ -26,14 +26,15 @@ DICTIONARIES: dict[str, dict] = {
 
 
 def compare(store: ActivationStore, names: list[str], *, num_features: int, k: int, steps: int, batch_size: int,
-            learning_rate: float, output_dir: Path) -> pd.DataFrame:
+            learning_rate: float, output_dir: Path, mixed_precision: str = "no") -> pd.DataFrame:
     """Train each named dictionary (BatchTopK with the same k, so L0 is matched) and collect metrics."""
     rows = []
     for name in names:
         transcoder = CLTConfig(num_features=num_features, num_layers=store.num_layers, d_model=store.d_model,
                                activation_fn="batchtopk", topk=k, **DICTIONARIES[name])
         training = TrainingConfig(learning_rate=learning_rate, batch_size=batch_size, training_steps=steps,
-                                  output_dir=str(output_dir / name), checkpoint_every=0)
+                                  output_dir=str(output_dir / name), checkpoint_every=0,
+                                  mixed_precision=mixed_precision)
         result = run_training(ExtractionConfig(model=store.model_name), transcoder, training, store=store)
         rec, rep = result.reconstruction, result.replacement
         rows.append({"dictionary": name, "features": num_features * store.num_layers, "FVU": rec.fvu,
@@ -54,11 +55,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--output-dir", default="runs/compare")
+    parser.add_argument("--mixed-precision", default="no", help="no, bf16 (CPU/GPU) or fp16 (GPU)")
     args = parser.parse_args()
     store = ActivationStore.open(args.store, batch_size=args.batch_size)
     table = compare(store, args.dictionaries.split(","), num_features=args.num_features, k=args.k,
                     steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                    output_dir=Path(args.output_dir))
+                    output_dir=Path(args.output_dir), mixed_precision=args.mixed_precision)
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
 
 

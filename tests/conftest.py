@@ -38,3 +38,41 @@ def smollm2():
     from clt.nnsight.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def relu_gpt2():
+    """A GPT-2 whose MLPs are y = W2 relu(W1 x + b1) + b2: a per-layer transcoder can equal it exactly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clt.nnsight.models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                        activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def exact_plt():
+    """Builder of the per-layer ReLU transcoder that equals a ReLU GPT-2's MLPs exactly."""
+    from clt.config.transcoder import CLTConfig
+    from clt.models.transcoder import CrossLayerTranscoder
+
+    def build(model):
+        blocks = model.transformer.h
+        d, F = model.config.n_embd, blocks[0].mlp.c_fc.weight.shape[1]
+        plt = CrossLayerTranscoder(CLTConfig(num_features=F, num_layers=len(blocks), d_model=d,
+                                             activation_fn="relu", cross_layer=False))
+        with torch.no_grad():
+            for l, block in enumerate(blocks):
+                plt.W_enc[l] = block.mlp.c_fc.weight.T  # Conv1D stores [in, out]
+                plt.b_enc[l] = block.mlp.c_fc.bias
+                plt.W_dec[l][:, 0] = block.mlp.c_proj.weight  # [F, d]
+                plt.b_dec[l] = block.mlp.c_proj.bias
+        return plt
+
+    return build

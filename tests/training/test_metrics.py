@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.nnsight.models import tiny_tokenizer
 from clt.training.data import ActivationStore
 from clt.training.metrics import reconstruction_metrics, replacement_metrics
 
@@ -16,33 +14,9 @@ TEXTS = ["Lists are mutable sequences.", "The for statement iterates over the it
          "A class definition defines a class object."]
 
 
-@pytest.fixture(scope="module")
-def relu_gpt2():
-    """A GPT-2 whose MLPs are y = W2 relu(W1 x + b1) + b2: a per-layer transcoder can equal it exactly."""
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(1)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                        activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval(), tokenizer
-
-
-def exact_transcoder(model) -> CrossLayerTranscoder:
-    blocks = model.transformer.h
-    d, F = model.config.n_embd, blocks[0].mlp.c_fc.weight.shape[1]
-    clt = CrossLayerTranscoder(CLTConfig(num_features=F, num_layers=len(blocks), d_model=d, activation_fn="relu",
-                                         cross_layer=False))
-    with torch.no_grad():
-        for l, block in enumerate(blocks):
-            clt.W_enc[l] = block.mlp.c_fc.weight.T          # Conv1D stores [in, out]
-            clt.b_enc[l] = block.mlp.c_fc.bias
-            clt.W_dec[l][:, 0] = block.mlp.c_proj.weight     # [F, d]
-            clt.b_dec[l] = block.mlp.c_proj.bias
-    return clt
-
-
-def test_exact_transcoder_gives_kl_zero_and_full_agreement(relu_gpt2):
+def test_exact_transcoder_gives_kl_zero_and_full_agreement(relu_gpt2, exact_plt):
     model, tokenizer = relu_gpt2
-    metrics = replacement_metrics(model, tokenizer, exact_transcoder(model), TEXTS)
+    metrics = replacement_metrics(model, tokenizer, exact_plt(model), TEXTS)
     assert metrics.kl < 1e-9
     assert metrics.top1_agreement == 1.0
     assert abs(metrics.ce_replaced - metrics.ce_original) < 1e-5
@@ -50,9 +24,9 @@ def test_exact_transcoder_gives_kl_zero_and_full_agreement(relu_gpt2):
     assert metrics.ce_zero_ablated != pytest.approx(metrics.ce_original)
 
 
-def test_zero_transcoder_recovers_nothing(relu_gpt2):
+def test_zero_transcoder_recovers_nothing(relu_gpt2, exact_plt):
     model, tokenizer = relu_gpt2
-    clt = exact_transcoder(model)
+    clt = exact_plt(model)
     with torch.no_grad():
         for w in clt.W_dec:
             w.zero_()
@@ -61,10 +35,10 @@ def test_zero_transcoder_recovers_nothing(relu_gpt2):
     assert abs(metrics.ce_recovered) < 1e-5 and metrics.kl > 0
 
 
-def test_cross_layer_decoders_feed_later_layers(relu_gpt2):
+def test_cross_layer_decoders_feed_later_layers(relu_gpt2, exact_plt):
     """Moving part of layer 0's decoder to its cross-layer slot must change the spliced logits."""
     model, tokenizer = relu_gpt2
-    plt = exact_transcoder(model)
+    plt = exact_plt(model)
     clt = CrossLayerTranscoder(plt.cfg.replace(cross_layer=True))
     clt.load_state_dict({k: v for k, v in plt.state_dict().items() if not k.startswith("W_dec")}, strict=False)
     with torch.no_grad():
@@ -77,13 +51,13 @@ def test_cross_layer_decoders_feed_later_layers(relu_gpt2):
     assert replacement_metrics(model, tokenizer, clt, TEXTS).kl > 1e-6
 
 
-def test_reconstruction_metrics_on_an_exact_transcoder(relu_gpt2):
+def test_reconstruction_metrics_on_an_exact_transcoder(relu_gpt2, exact_plt):
     model, tokenizer = relu_gpt2
     from clt.nnsight.extractors import ActivationExtractor
 
     store = ActivationExtractor("relu-gpt2", model=model, tokenizer=tokenizer).extract(
         TEXTS * 3, max_tokens=200, store_dtype="float32", progress=False)
-    clt = exact_transcoder(model)
+    clt = exact_plt(model)
     metrics = reconstruction_metrics(clt, store)
     assert metrics.fvu < 1e-10 and max(metrics.fvu_per_layer) < 1e-10
     x, _ = store.tensors()

@@ -1,0 +1,38 @@
+"""Attribution graphs: the local replacement model, graph building, pruning, scores, interventions."""
+
+from clt.attribution.attribute import attribute
+from clt.attribution.graph import Graph, GraphFileError, Node, to_neuronpedia_json
+from clt.attribution.intervene import Intervention, InterventionResult, intervene
+from clt.attribution.prune import (
+    PruneResult,
+    completeness_score,
+    edge_influence,
+    graph_scores,
+    node_influence,
+    prune,
+    replacement_score,
+)
+from clt.attribution.replacement import PromptState, ReplacementModel, TranscoderMismatchError
+from clt.config.attribution import AttributionConfig
+
+__all__ = [
+    "AttributionConfig",
+    "Graph",
+    "GraphFileError",
+    "Intervention",
+    "InterventionResult",
+    "Node",
+    "PromptState",
+    "PruneResult",
+    "ReplacementModel",
+    "TranscoderMismatchError",
+    "attribute",
+    "completeness_score",
+    "edge_influence",
+    "graph_scores",
+    "intervene",
+    "node_influence",
+    "prune",
+    "replacement_score",
+    "to_neuronpedia_json",
+]

@@ -1,0 +1,365 @@
+"""Graph: an attribution graph (nodes, dense adjacency, prompt, logits) and its JSON files.
+
+Node order (as circuit-tracer): features sorted by (layer, pos, feature); error nodes
+(layer, pos) in layer-major order, one per model layer and position; token embeddings (pos);
+logit nodes (likeliest token first). ``adjacency[target, source]`` is the direct effect of the
+source node on the target node's input (rows are targets, columns sources); rows of errors and
+embeddings are zero, and logits are never sources.
+
+Node ids (unambiguous, the project's own): ``feature:{layer}:{pos}:{feature}``,
+``error:{layer}:{pos}``, ``token:{pos}``, ``logit:{token_id}``. Layers are model layers.
+The Neuronpedia export maps them to the frontend's scheme (`to_neuronpedia_json`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clt.config.attribution import AttributionConfig
+from clt.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "clt.attribution.Graph"
+VERSION = 1
+NODE_KINDS = ("feature", "error", "token", "logit")
+
+
+class GraphFileError(ValueError):
+    """A graph file is corrupt, truncated or not a graph written by `Graph.save`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One node of a graph."""
+
+    index: int
+    """Row/column in the adjacency matrix."""
+    kind: str
+    """'feature', 'error', 'token' or 'logit'."""
+    layer: int | None
+    """Model layer (features, errors); None for tokens and logits."""
+    pos: int
+    """Token position (the last position for logits)."""
+    feature: int | None
+    """Feature index within its layer (features only)."""
+    token: str
+    """The token at `pos` (for logits: the predicted token)."""
+    token_id: int
+    """Id of `token`."""
+    activation: float | None
+    """Feature activation, or the logit's probability; None for errors and tokens."""
+
+    @property
+    def id(self) -> str:
+        """Unambiguous node id (module docstring)."""
+        if self.kind == "feature":
+            return f"feature:{self.layer}:{self.pos}:{self.feature}"
+        if self.kind == "error":
+            return f"error:{self.layer}:{self.pos}"
+        if self.kind == "token":
+            return f"token:{self.pos}"
+        return f"logit:{self.token_id}"
+
+
+@dataclasses.dataclass
+class Graph:
+    """An attribution graph; node order and the meaning of rows and columns: module docstring."""
+
+    prompt: str
+    """The prompt text (decoded tokens when attributed from ids)."""
+    token_ids: list[int]
+    """Prompt token ids (BOS included when prepended)."""
+    tokens: list[str]
+    """Decoded text of each prompt token."""
+    features: Tensor
+    """Feature nodes [n_features, 3] (model layer, pos, feature index), long."""
+    activations: Tensor
+    """Activation of each feature node [n_features]."""
+    adjacency: Tensor
+    """Direct effects [n_nodes, n_nodes], rows targets, columns sources."""
+    logit_token_ids: list[int]
+    """Token id of each logit node, likeliest first."""
+    logit_tokens: list[str]
+    """Decoded text of each logit node's token."""
+    logit_probabilities: Tensor
+    """Probability of each logit node's token at the last position [n_logits]."""
+    n_layers: int
+    """Model layers (one error node per layer and position)."""
+    config: AttributionConfig
+    """Settings the graph was built with."""
+    model_name: str | None = None
+    """Model the graph was computed on, when known."""
+    n_active_features: int | None = None
+    """Active features before `max_feature_nodes` selection."""
+
+    def __post_init__(self) -> None:
+        expected = self.n_features + self.n_errors + self.n_tokens + self.n_logits
+        if tuple(self.adjacency.shape) != (expected, expected):
+            raise ValueError(f"adjacency has shape {list(self.adjacency.shape)} but the nodes need "
+                             f"[{expected}, {expected}] ({self.n_features} features, {self.n_errors}"
+                             f" errors, {self.n_tokens} tokens, {self.n_logits} logits)")
+
+    # ----------------------------------------------------------------- layout
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt positions n."""
+        return len(self.token_ids)
+
+    @property
+    def n_features(self) -> int:
+        """Feature nodes."""
+        return int(self.features.shape[0])
+
+    @property
+    def n_errors(self) -> int:
+        """Error nodes (n_layers × n_tokens)."""
+        return self.n_layers * self.n_tokens
+
+    @property
+    def n_logits(self) -> int:
+        """Logit nodes."""
+        return len(self.logit_token_ids)
+
+    @property
+    def n_nodes(self) -> int:
+        """All nodes."""
+        return self.n_features + self.n_errors + self.n_tokens + self.n_logits
+
+    @property
+    def feature_slice(self) -> slice:
+        """Rows/columns of feature nodes."""
+        return slice(0, self.n_features)
+
+    @property
+    def error_slice(self) -> slice:
+        """Rows/columns of error nodes (index = start + layer · n_tokens + pos)."""
+        return slice(self.n_features, self.n_features + self.n_errors)
+
+    @property
+    def token_slice(self) -> slice:
+        """Rows/columns of token-embedding nodes."""
+        start = self.n_features + self.n_errors
+        return slice(start, start + self.n_tokens)
+
+    @property
+    def logit_slice(self) -> slice:
+        """Rows/columns of logit nodes."""
+        return slice(self.n_nodes - self.n_logits, self.n_nodes)
+
+    def logit_weights(self) -> Tensor:
+        """Vector [n_nodes]: the logit probabilities at logit nodes, 0 elsewhere."""
+        weights = torch.zeros(self.n_nodes, dtype=self.adjacency.dtype)
+        weights[self.logit_slice] = self.logit_probabilities.to(weights.dtype)
+        return weights
+
+    def node(self, index: int) -> Node:
+        """The node at row/column `index`."""
+        if not 0 <= index < self.n_nodes:
+            raise IndexError(f"node index {index} is out of range [0, {self.n_nodes})")
+        last = self.n_tokens - 1
+        if index < self.n_features:
+            layer, pos, feature = (int(v) for v in self.features[index])
+            return Node(index, "feature", layer, pos, feature, self.tokens[pos], self.token_ids[pos],
+                        float(self.activations[index]))
+        if index < self.token_slice.start:
+            layer, pos = divmod(index - self.n_features, self.n_tokens)
+            return Node(index, "error", layer, pos, None, self.tokens[pos], self.token_ids[pos], None)
+        if index < self.logit_slice.start:
+            pos = index - self.token_slice.start
+            return Node(index, "token", None, pos, None, self.tokens[pos], self.token_ids[pos], None)
+        k = index - self.logit_slice.start
+        return Node(index, "logit", None, last, None, self.logit_tokens[k], self.logit_token_ids[k],
+                    float(self.logit_probabilities[k]))
+
+    @property
+    def nodes(self) -> list[Node]:
+        """All nodes in adjacency order."""
+        return [self.node(i) for i in range(self.n_nodes)]
+
+    def node_index(self, node_id: str) -> int:
+        """Row/column of the node with id `node_id` (see the module docstring for ids)."""
+        kind, *parts = node_id.split(":")
+        try:
+            numbers = [int(p) for p in parts]
+            if kind == "feature":
+                matches = ((self.features == torch.tensor(numbers)).all(1)).nonzero()
+                if len(matches):
+                    return int(matches[0, 0])
+            elif kind == "error" and 0 <= numbers[1] < self.n_tokens and 0 <= numbers[0] < self.n_layers:
+                return self.error_slice.start + numbers[0] * self.n_tokens + numbers[1]
+            elif kind == "token" and 0 <= numbers[0] < self.n_tokens:
+                return self.token_slice.start + numbers[0]
+            elif kind == "logit" and numbers[0] in self.logit_token_ids:
+                return self.logit_slice.start + self.logit_token_ids.index(numbers[0])
+        except (ValueError, IndexError):
+            pass
+        raise KeyError(f"no node '{node_id}' in this graph")
+
+    def node_table(self):
+        """Nodes as a pandas DataFrame (id, kind, layer, pos, feature, token, token_id, activation)."""
+        import pandas as pd
+
+        records = [{"id": n.id, **dataclasses.asdict(n)} for n in self.nodes]
+        return pd.DataFrame.from_records(records).set_index("index")
+
+    # ----------------------------------------------------------------- files
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; tensors as base64 little-endian bytes with dtype and shape (exact)."""
+        return {
+            "format": FORMAT, "version": VERSION,
+            "prompt": self.prompt, "token_ids": list(self.token_ids), "tokens": list(self.tokens),
+            "logit_token_ids": list(self.logit_token_ids), "logit_tokens": list(self.logit_tokens),
+            "n_layers": self.n_layers, "model_name": self.model_name,
+            "n_active_features": self.n_active_features, "config": self.config.to_dict(),
+            "tensors": {name: _encode(getattr(self, name)) for name in _TENSORS},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Graph:
+        """Inverse of `to_dict`."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise GraphFileError(f"not a graph file (expected format '{FORMAT}'); write graphs with "
+                                 "Graph.save")
+        if data.get("version") != VERSION:
+            raise GraphFileError(f"graph file version {data.get('version')} is not supported "
+                                 f"(this is version {VERSION})")
+        try:
+            tensors = {name: _decode(data["tensors"][name]) for name in _TENSORS}
+            return cls(prompt=data["prompt"], token_ids=data["token_ids"], tokens=data["tokens"],
+                       logit_token_ids=data["logit_token_ids"], logit_tokens=data["logit_tokens"],
+                       n_layers=data["n_layers"], model_name=data["model_name"],
+                       n_active_features=data["n_active_features"],
+                       config=AttributionConfig.from_dict(data["config"]), **tensors)
+        except (KeyError, TypeError, ValueError) as err:
+            raise GraphFileError(f"the graph file is incomplete or corrupt ({type(err).__name__}: "
+                                 f"{err}); write it again with Graph.save") from err
+
+    def save(self, path: str | Path) -> Path:
+        """Write the graph as one JSON file (atomic; pickle-free; exact round trip with `load`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(self.to_dict()), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Graph:
+        """Read a graph written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no graph file at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise GraphFileError(f"{path} is not valid JSON ({err}); it may be truncated") from err
+        return cls.from_dict(data)
+
+    def to_neuronpedia_json(self, path: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Pruned graph in the Neuronpedia frontend's JSON schema (see `to_neuronpedia_json`)."""
+        return to_neuronpedia_json(self, path, **kwargs)
+
+
+_TENSORS = ("features", "activations", "adjacency", "logit_probabilities")
+
+
+def _encode(t: Tensor) -> dict[str, Any]:
+    array = t.detach().cpu().contiguous().numpy()
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return {"dtype": str(array.dtype), "shape": list(array.shape),
+            "data": base64.b64encode(data).decode("ascii")}
+
+
+def _decode(spec: dict[str, Any]) -> Tensor:
+    dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+    raw = base64.b64decode(spec["data"], validate=True)
+    array = np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+
+
+def to_neuronpedia_json(graph: Graph, path: str | Path | None = None, *, slug: str = "graph",
+                        scan: str | None = None, node_threshold: float = 0.8,
+                        edge_threshold: float = 0.98) -> dict[str, Any]:
+    """The pruned graph as Neuronpedia attribution-graph JSON (schema 1); written to `path` if given.
+
+    Node ids follow the frontend: ``{layer}_{feature}_{pos}`` (features), ``0_{layer}_{pos}``
+    (errors), ``E_{token}_{pos}`` (embeddings), ``{n_layers+1}_{token}_{pos}`` (logits). Where two
+    kept nodes would share an id (a layer-0 feature k and the error of layer k at one position),
+    the error node's id gets the suffix ``_error`` and a warning is logged.
+    """
+    from clt.attribution.prune import prune
+
+    result = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    scores = result.cumulative_scores
+    nodes: dict[int, dict[str, Any]] = {}
+    taken: set[str] = set()
+    order = sorted(result.node_mask.nonzero().squeeze(1).tolist(),
+                   key=lambda i: graph.node(i).kind == "error")  # errors take suffixes, not features
+    for index in order:
+        record = _np_node(graph, graph.node(index), float(scores[index]))
+        if record["node_id"] in taken:
+            logger.warning("Neuronpedia node id %s is taken; the error node becomes %s_error",
+                           record["node_id"], record["node_id"])
+            record["node_id"] += "_error"
+            record["jsNodeId"] += "_error"
+        taken.add(record["node_id"])
+        nodes[index] = record
+    targets, sources = result.edge_mask.nonzero(as_tuple=True)
+    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"],
+              "weight": float(graph.adjacency[t, s])}
+             for t, s in zip(targets.tolist(), sources.tolist()) if s in nodes and t in nodes]
+    connected = {link["source"] for link in links} | {link["target"] for link in links}
+    kept = [nodes[i] for i in sorted(nodes)
+            if nodes[i]["node_id"] in connected or nodes[i]["feature_type"] in ("embedding", "logit")]
+    out = {
+        "metadata": {"slug": slug, "scan": scan or graph.model_name or "clt", "transcoder_list": [],
+                     "prompt_tokens": list(graph.tokens), "prompt": graph.prompt,
+                     "node_threshold": node_threshold, "schema_version": 1},
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+                    "sg_pos": ""},
+        "nodes": kept,
+        "links": links,
+    }
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(out, indent=2), path)
+    return out
+
+
+def _np_node(graph: Graph, node: Node, influence: float) -> dict[str, Any]:
+    base = {"ctx_idx": node.pos, "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
+            "reverse_ctx_idx": 0, "clerp": "", "influence": influence, "activation": None}
+    if node.kind == "feature":
+        layer, feature = node.layer, node.feature
+        return {**base, "node_id": f"{layer}_{feature}_{node.pos}",
+                "feature": (layer + feature) * (layer + feature + 1) // 2 + feature,
+                "layer": str(layer), "feature_type": "cross layer transcoder",
+                "jsNodeId": f"{layer}_{feature}-0", "activation": node.activation}
+    if node.kind == "error":
+        return {**base, "node_id": f"0_{node.layer}_{node.pos}", "feature": -1,
+                "layer": str(node.layer), "feature_type": "mlp reconstruction error",
+                "jsNodeId": f"{node.layer}_{node.pos}-0"}
+    if node.kind == "token":
+        return {**base, "node_id": f"E_{node.token_id}_{node.pos}", "feature": node.pos,
+                "layer": "E", "feature_type": "embedding", "jsNodeId": f"E_{node.token_id}-{node.pos}"}
+    layer = str(graph.n_layers + 1)
+    prob = float(node.activation or 0.0)
+    return {**base, "node_id": f"{layer}_{node.token_id}_{node.pos}", "feature": node.token_id,
+            "layer": layer, "feature_type": "logit", "token_prob": prob,
+            "is_target_logit": node.index == graph.logit_slice.start,
+            "jsNodeId": f"L_{node.token_id}-{node.pos}",
+            "clerp": f'Output "{node.token}" (p={prob:.3f})'}
+
+
+__all__ = ["Graph", "GraphFileError", "Node", "to_neuronpedia_json"]
