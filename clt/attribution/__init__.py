@@ -2,6 +2,11 @@
 
 from clt.attribution.attribute import attribute
 from clt.attribution.graph import Graph, GraphFileError, Node, to_neuronpedia_json
+from clt.attribution.interop import (
+    from_circuit_tracer_dict,
+    load_circuit_tracer_graph,
+    to_circuit_tracer_dict,
+)
 from clt.attribution.intervene import Intervention, InterventionResult, intervene
 from clt.attribution.prune import (
     PruneResult,
@@ -29,10 +34,13 @@ __all__ = [
     "attribute",
     "completeness_score",
     "edge_influence",
+    "from_circuit_tracer_dict",
     "graph_scores",
     "intervene",
+    "load_circuit_tracer_graph",
     "node_influence",
     "prune",
     "replacement_score",
+    "to_circuit_tracer_dict",
     "to_neuronpedia_json",
 ]

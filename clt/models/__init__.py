@@ -11,6 +11,7 @@ from clt.models.activations import (
     step,
     topk,
 )
+from clt.models.export import export_circuit_tracer, load_circuit_tracer
 from clt.models.transcoder import CheckpointError, CLTOutput, CrossLayerTranscoder
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "JumpReLUFunction",
     "StepFunction",
     "batchtopk",
+    "export_circuit_tracer",
     "jumprelu",
+    "load_circuit_tracer",
     "rectangle",
     "relu",
     "step",
