@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from clt.config.attribution import AttributionConfig
 from clt.config.base import ConfigBase, ConfigError
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.config.extraction import ExtractionConfig
@@ -88,6 +89,73 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(path: str | None, what: str) -> Any:
+    from clt.training.data import ActivationStore
+
+    if path is None:
+        return None
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no activation store at {path}; create one with `clt extract` ({what})")
+    return ActivationStore.open(path)
+
+
+def _feature_list(value: str) -> list[tuple[int, int]]:
+    """'0:12,3:7' -> [(0, 12), (3, 7)] (layer:feature pairs)."""
+    pairs = []
+    for item in value.replace(" ", ",").split(","):
+        if not item:
+            continue
+        layer, sep, feature = item.partition(":")
+        if not sep or not layer.isdigit() or not feature.isdigit():
+            raise argparse.ArgumentTypeError(f"'{item}' is not LAYER:FEATURE (e.g. 0:12)")
+        pairs.append((int(layer), int(feature)))
+    return pairs
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run `clt evaluate`."""
+    from clt.pipeline import load_transcoder, run_evaluation
+
+    transcoder = load_transcoder(args.transcoder, args.device)
+    store = _open_store(args.store, "the store the transcoder was trained on")
+    result = run_evaluation(transcoder, store, model=args.model, replacement=not args.no_replacement,
+                            max_tokens=args.max_tokens, device=args.device, output_path=args.output)
+    print(result.summary())
+    if args.output:
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    """Run `clt attribute`."""
+    from clt.config.attribution import AttributionConfig
+    from clt.pipeline import load_transcoder, run_attribution
+
+    config = config_from_args(AttributionConfig, args, _section(_read_config_file(args.config), "attribution",
+                                                                AttributionConfig))
+    transcoder = load_transcoder(args.transcoder, args.device)
+    result = run_attribution(transcoder, args.prompt, model=args.model, config=config, output_dir=args.output_dir,
+                             node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+                             store=_open_store(args.store, "for feature labels"), device=args.device)
+    print(result.summary())
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """Run `clt features`."""
+    from clt.pipeline import load_transcoder, run_features
+
+    transcoder = load_transcoder(args.transcoder)
+    out = Path(args.output_dir)
+    cards = run_features(transcoder, _open_store(args.store, "the store the transcoder was trained on"),
+                         model=args.model, features=args.features, top_k=args.top_k, max_tokens=args.max_tokens,
+                         cache=out / "cards.json", figures_dir=out, n_figures=args.figures)
+    for card in list(cards.values())[: args.figures]:
+        print(f"{card.key}: density {card.density:.4f}, max {card.max_activation:.3g}, label [{card.label}]")
+    print(f"{len(cards)} feature cards in {out / 'cards.json'}; HTML cards in {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run `clt demo`."""
     from clt.pipeline import run_demo
@@ -130,6 +198,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train, CLTConfig, skip=_DERIVED_CLT_FIELDS, defaults=TRAIN_DEFAULTS["transcoder"])
     add_config_arguments(train, TrainingConfig, defaults=TRAIN_DEFAULTS["training"])
     train.set_defaults(func=cmd_train)
+
+    common = _Parser(add_help=False)
+    common.add_argument("--transcoder", required=True,
+                        help="trained transcoder: a save_pretrained folder, a `clt train` output folder or a "
+                             ".safetensors file")
+    common.add_argument("--model", help="model alias or path (default: the model the transcoder was trained on)")
+    common.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    evaluate = sub.add_parser("evaluate", parents=[common], help="metrics of a trained transcoder",
+                              description="FVU, L0 and dead features on an activation store, and the replacement "
+                                          "model's KL, top-1 agreement and CE loss recovered (model with the "
+                                          "transcoder spliced in).")
+    evaluate.add_argument("--store", required=True, help="activation store folder to evaluate on")
+    evaluate.add_argument("--max-tokens", type=int, default=4096, help="store tokens to evaluate (default: 4096)")
+    evaluate.add_argument("--no-replacement", action="store_true", help="skip the replacement-model metrics")
+    evaluate.add_argument("--output", help="write the metrics as JSON to this file")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    attribute = sub.add_parser(
+        "attribute", parents=[common], help="attribution graph of a prompt (JSON + interactive HTML)",
+        description="Build the attribution graph of a prompt through the replacement model, prune it, score it "
+                    "and write graph.json, graph.html (open it in a browser, offline) and neuronpedia.json.")
+    attribute.add_argument("--prompt", required=True, help="the text to attribute (BOS is prepended)")
+    attribute.add_argument("--output-dir", default="runs/attribute", help="folder for the graph files")
+    attribute.add_argument("--store", help="activation store: adds feature cards and labels to the graph")
+    attribute.add_argument("--node-threshold", type=float, default=0.8,
+                           help="keep nodes holding this fraction of influence (default: 0.8)")
+    attribute.add_argument("--edge-threshold", type=float, default=0.98,
+                           help="keep edges holding this fraction of influence (default: 0.98)")
+    attribute.add_argument("--config", help="YAML/JSON file of attribution options")
+    add_config_arguments(attribute, AttributionConfig)
+    attribute.set_defaults(func=cmd_attribute)
+
+    features = sub.add_parser("features", parents=[common], help="feature cards: what makes features fire",
+                              description="For each feature: top activating contexts from the store's corpus, "
+                                          "density, activation histogram, promoted/suppressed output tokens and an "
+                                          "automatic label; cards.json plus an HTML card per feature.")
+    features.add_argument("--store", required=True, help="activation store folder (with token ids)")
+    features.add_argument("--features", type=_feature_list,
+                          help="LAYER:FEATURE pairs, e.g. 0:12,3:7 (default: every feature that fires)")
+    features.add_argument("--top-k", type=int, default=8, help="top activating contexts per feature (default: 8)")
+    features.add_argument("--max-tokens", type=int, help="store tokens to scan (default: all)")
+    features.add_argument("--figures", type=int, default=10, help="HTML cards to write (default: 10)")
+    features.add_argument("--output-dir", default="runs/features", help="folder for cards.json and HTML cards")
+    features.set_defaults(func=cmd_features)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the default model, offline",
                           description="Extract activations of the default model, train a transcoder, build an "

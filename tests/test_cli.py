@@ -107,3 +107,78 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["n_tokens"] == 1500 and 0 <= summary["reconstruction"]["fvu"] < 2
     assert (out / "train" / "transcoder" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny-llama store and a CLT trained on it by `clt train` (shared by the stage commands)."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--model", "tiny-llama", "--max-tokens", "800", "--num-features", "16",
+                 "--activation-fn", "relu", "--batch-size", "32", "--training-steps", "10",
+                 "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_evaluate_end_to_end(trained_run, tmp_path, capsys):
+    output = tmp_path / "eval.json"
+    assert main(["evaluate", "--transcoder", str(trained_run), "--store", str(trained_run / "store"),
+                 "--output", str(output)]) == 0
+    text = capsys.readouterr().out
+    assert "FVU" in text and "replacement model: KL" in text
+    import json
+
+    metrics = json.loads(output.read_text())
+    assert metrics["reconstruction"]["n_tokens"] == 800 and metrics["replacement"]["n_tokens"] > 0
+
+
+def test_attribute_end_to_end(trained_run, tmp_path, capsys):
+    out = tmp_path / "graph"
+    assert main(["attribute", "--transcoder", str(trained_run / "transcoder"), "--prompt",
+                 "The for statement iterates", "--store", str(trained_run / "store"), "--max-n-logits", "3",
+                 "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "replacement score" in text and "graph.html" in text
+    from clt.attribution import Graph
+
+    graph = Graph.load(out / "graph.json")
+    from clt.nnsight.models import load_model
+
+    tokenizer = load_model("tiny-llama")[1]
+    assert graph.prompt == "The for statement iterates" and 1 <= graph.n_logits <= 3
+    assert graph.token_ids == [tokenizer.bos_token_id, *tokenizer("The for statement iterates",
+                                                                   add_special_tokens=False)["input_ids"]]
+    html = (out / "graph.html").read_text()
+    assert "<html" in html and "<script src=" not in html and len(html) > 3_000_000
+    assert (out / "neuronpedia.json").is_file() and (out / "cards.json").is_file()
+
+
+def test_features_end_to_end(trained_run, tmp_path, capsys):
+    out = tmp_path / "cards"
+    assert main(["features", "--transcoder", str(trained_run), "--store", str(trained_run / "store"),
+                 "--features", "0:1,2:3", "--figures", "2", "--output-dir", str(out)]) == 0
+    assert "2 feature cards" in capsys.readouterr().out
+    from clt.interp import FeatureCards
+
+    assert sorted(FeatureCards.load(out / "cards.json")) == ["0/1", "2/3"]
+    assert (out / "feature_0_1.html").is_file() and (out / "feature_2_3.html").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["attribute", "--prompt", "x"], "the following arguments are required: --transcoder"),
+    (["features", "--transcoder", "t", "--store", "s", "--features", "0-1"], "is not LAYER:FEATURE"),
+    (["evaluate", "--transcoder", "t"], "the following arguments are required: --store"),
+])
+def test_stage_commands_reject_bad_arguments(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stage_commands_report_bad_values(trained_run, tmp_path):
+    result = run_cli("attribute", "--transcoder", str(tmp_path / "none"), "--prompt", "x")
+    assert result.returncode == 1 and "no transcoder at" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("evaluate", "--transcoder", str(trained_run), "--store", str(tmp_path / "none"))
+    assert result.returncode == 1 and "no activation store at" in result.stderr
+    long_prompt = "word " * 400
+    result = run_cli("attribute", "--transcoder", str(trained_run), "--prompt", long_prompt,
+                     "--output-dir", str(tmp_path / "g"))
+    assert result.returncode == 1 and "the model's context is 256" in result.stderr

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,10 @@ from torch import Tensor
 
 from clt.config.attribution import AttributionConfig
 from clt.files import atomic_write_text
+
+if TYPE_CHECKING:
+    import networkx as nx
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +210,6 @@ class Graph:
             pass
         raise KeyError(f"no node '{node_id}' in this graph")
 
-    def node_table(self):
-        """Nodes as a pandas DataFrame (id, kind, layer, pos, feature, token, token_id, activation)."""
-        import pandas as pd
-
-        records = [{"id": n.id, **dataclasses.asdict(n)} for n in self.nodes]
-        return pd.DataFrame.from_records(records).set_index("index")
-
     # ----------------------------------------------------------------- files
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,6 +265,93 @@ class Graph:
     def to_neuronpedia_json(self, path: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
         """Pruned graph in the Neuronpedia frontend's JSON schema (see `to_neuronpedia_json`)."""
         return to_neuronpedia_json(self, path, **kwargs)
+
+    # ----------------------------------------------------------------- exports
+
+    def nodes_df(self, node_mask: Tensor | None = None) -> pd.DataFrame:
+        """Nodes as a DataFrame indexed by node index: id, kind, layer, pos, feature, token,
+        token_id, activation, influence; only the nodes in `node_mask` when given."""
+        import pandas as pd
+
+        kept = self._kept_indices(node_mask)
+        influence = self._influence()
+        records = []
+        for index in kept:
+            node = self.node(index)
+            records.append({"index": index, "id": node.id, "kind": node.kind, "layer": node.layer,
+                            "pos": node.pos, "feature": node.feature, "token": node.token,
+                            "token_id": node.token_id, "activation": node.activation,
+                            "influence": influence[index]})
+        columns = ["index", "id", "kind", "layer", "pos", "feature", "token", "token_id",
+                   "activation", "influence"]
+        frame = pd.DataFrame.from_records(records, columns=columns).set_index("index")
+        return frame.astype({"layer": "Int64", "feature": "Int64", "activation": "Float64"})
+
+    def edges_df(self, threshold: float = 0.0, node_mask: Tensor | None = None,
+                 edge_mask: Tensor | None = None) -> pd.DataFrame:
+        """Edges with |weight| > `threshold` as a DataFrame: source_id, target_id, source, target
+        (node indices), weight = adjacency[target, source]; restricted to the masks when given."""
+        import pandas as pd
+
+        targets, sources, weights = self._edge_list(threshold, node_mask, edge_mask)
+        ids = [self.node(i).id for i in range(self.n_nodes)]
+        return pd.DataFrame({"source_id": [ids[s] for s in sources],
+                             "target_id": [ids[t] for t in targets],
+                             "source": pd.Series(sources, dtype="int64"),
+                             "target": pd.Series(targets, dtype="int64"),
+                             "weight": pd.Series(weights, dtype="float64")})
+
+    def to_networkx(self, node_mask: Tensor | None = None,
+                    edge_mask: Tensor | None = None) -> nx.DiGraph:
+        """A networkx DiGraph keyed by node id (attributes as `nodes_df`, plus index), with one
+        edge source → target per nonzero weight (`weight` = adjacency[target, source])."""
+        import networkx as nx
+
+        graph = nx.DiGraph(prompt=self.prompt, tokens=list(self.tokens), model_name=self.model_name,
+                           n_layers=self.n_layers)
+        influence = self._influence()
+        ids: dict[int, str] = {}
+        for index in self._kept_indices(node_mask):
+            node = self.node(index)
+            ids[index] = node.id
+            graph.add_node(node.id, index=index, kind=node.kind, layer=node.layer, pos=node.pos,
+                           feature=node.feature, token=node.token, token_id=node.token_id,
+                           activation=node.activation, influence=influence[index])
+        targets, sources, weights = self._edge_list(0.0, node_mask, edge_mask)
+        graph.add_weighted_edges_from((ids[s], ids[t], w)
+                                      for t, s, w in zip(targets, sources, weights))
+        return graph
+
+    def _influence(self) -> list[float]:
+        from clt.attribution.prune import node_influence
+
+        return node_influence(self.adjacency, self.logit_weights()).tolist()
+
+    def _kept_indices(self, node_mask: Tensor | None) -> list[int]:
+        if node_mask is None:
+            return list(range(self.n_nodes))
+        self._check_mask(node_mask, (self.n_nodes,), "node_mask")
+        return node_mask.nonzero().squeeze(1).tolist()
+
+    def _edge_list(self, threshold: float, node_mask: Tensor | None,
+                   edge_mask: Tensor | None) -> tuple[list[int], list[int], list[float]]:
+        """(targets, sources, weights) of edges with |weight| > threshold inside the masks."""
+        keep = self.adjacency.abs() > threshold
+        if edge_mask is not None:
+            self._check_mask(edge_mask, (self.n_nodes, self.n_nodes), "edge_mask")
+            keep &= edge_mask
+        if node_mask is not None:
+            self._check_mask(node_mask, (self.n_nodes,), "node_mask")
+            keep &= node_mask[:, None] & node_mask[None, :]
+        targets, sources = keep.nonzero(as_tuple=True)
+        weights = self.adjacency[targets, sources].double()
+        return targets.tolist(), sources.tolist(), weights.tolist()
+
+    def _check_mask(self, mask: Tensor, shape: tuple[int, ...], name: str) -> None:
+        if tuple(mask.shape) != shape or mask.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor of shape {list(shape)} (as from "
+                             f"prune(graph)) but has shape {list(mask.shape)} and dtype "
+                             f"{mask.dtype}")
 
 
 _TENSORS = ("features", "activations", "adjacency", "logit_probabilities")
