@@ -76,3 +76,53 @@ def exact_plt():
         return plt
 
     return build
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a headless Chromium; installed with apt (Debian package `chromium`) when missing."""
+    import os
+    import shutil
+    import subprocess
+
+    def find() -> str | None:
+        return shutil.which("chromium") or shutil.which("chromium-browser")
+
+    if find() is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-q"],
+                        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+            subprocess.run(command, env=env, capture_output=True, timeout=900, check=False)
+    path = find()
+    if path is None:
+        pytest.skip("headless Chromium is missing and could not be installed here "
+                    "(install the Debian package `chromium` as root to run the rendering tests)")
+    return path
+
+
+_MARKER_PROBE = """<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  var pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = String(document.querySelectorAll('.scatterlayer .trace.scatter path.point').length);
+  document.body.appendChild(pre);
+}, 500); });
+</script>"""
+
+
+@pytest.fixture(scope="session")
+def rendered_node_markers(chromium, tmp_path_factory):
+    """Function: number of node markers Chromium draws for a graph HTML file (None if it did not render)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    def count(html_file: Path) -> int | None:
+        page = tmp_path_factory.mktemp("render") / "page.html"
+        page.write_text(Path(html_file).read_text().replace("</head>", _MARKER_PROBE + "</head>", 1))
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180).stdout
+        found = re.search(r'<pre id="probe">(\d+)</pre>', dom)
+        return int(found.group(1)) if found else None
+
+    return count

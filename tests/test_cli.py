@@ -96,7 +96,7 @@ def test_train_config_file_with_sections(tmp_path):
     assert result.returncode == 1 and "unknown sections" in result.stderr
 
 
-def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
+def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys, rendered_node_markers):
     out = tmp_path / "demo"
     assert main(["demo", "--model", "tiny-gpt2", "--max-tokens", "1500", "--num-features", "16",
                  "--training-steps", "30", "--batch-size", "64", "--output-dir", str(out)]) == 0
@@ -107,6 +107,33 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["n_tokens"] == 1500 and 0 <= summary["reconstruction"]["fvu"] < 2
     assert (out / "train" / "transcoder" / "model.safetensors").is_file()
+    _check_demo_graph(out, text, rendered_node_markers)
+
+
+def _check_demo_graph(out, text, rendered_node_markers):
+    """The demo's graph HTML renders in Chromium with one marker per kept node; scores are printed."""
+    import json
+
+    from clt.attribution import Graph, prune
+
+    html = out / "attribution" / "graph.html"
+    assert f"html: {html}" in text and "replacement score" in text
+    graph = Graph.load(out / "attribution" / "graph.json")
+    assert rendered_node_markers(html) == int(prune(graph).node_mask.sum())
+    summary = json.loads((out / "demo_summary.json").read_text())["attribution"]
+    assert 0 < summary["replacement_score"] <= 1 and 0 < summary["completeness_score"] <= 1
+    assert list((out / "attribution").glob("feature_*.html"))
+
+
+@pytest.mark.slow
+def test_demo_on_the_default_model_renders(tmp_path, capsys, rendered_node_markers):
+    """A short demo on SmolLM2 (all 30 layers): the real-model path up to the rendered graph."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--max-tokens", "3000", "--num-features", "32", "--training-steps", "40",
+                 "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "layers=0..29" in text
+    _check_demo_graph(out, text, rendered_node_markers)
 
 
 @pytest.fixture(scope="module")

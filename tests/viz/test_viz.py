@@ -313,16 +313,13 @@ window.addEventListener('load', function () { setTimeout(function () {
 </script>"""
 
 
-def test_page_in_headless_chromium(graph, pruned, tmp_path):
+def test_page_in_headless_chromium(graph, pruned, tmp_path, chromium):
     import re
-    import shutil
     import subprocess
 
     from clt.viz import graph_html
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("no chromium on this machine")
+    browser = chromium
     tokens = list(graph.tokens)
     tokens[2] = SCRIPT
     evil = dataclasses.replace(graph, tokens=tokens)
