@@ -114,15 +114,16 @@ def _layer_features(transcoder: CrossLayerTranscoder, layer: int, x: torch.Tenso
 
 
 def _spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscoder, ids: torch.Tensor,
-                    mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Logits with the covered MLP outputs replaced ('replace'), zeroed ('zero') or kept ('none')."""
+                    mask: torch.Tensor, mode: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits with the covered MLP outputs replaced ('replace'), zeroed ('zero') or kept ('none');
+    positions where `keep` [B, T] is true keep the model's own outputs."""
     L = transcoder.cfg.num_layers
     with torch.no_grad(), lm.trace({"input_ids": ids, "attention_mask": mask}):
         pending: torch.Tensor | None = None
         for l, path in enumerate(mlp_paths):
             mlp = _envoy(lm, path)
             if mode == "zero":
-                mlp.output = torch.zeros_like(mlp.output)
+                mlp.output = _spliced(mlp.output, torch.zeros_like(mlp.output), keep)
             elif mode == "replace":
                 x = mlp.input
                 a = _layer_features(transcoder, l, x)
@@ -134,16 +135,25 @@ def _spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTransco
                 if transcoder.cfg.skip_connection:
                     x_std = (x - transcoder.input_mean[l]) / transcoder.input_std[l]
                     y_std = y_std + x_std @ transcoder.W_skip[l].T
-                mlp.output = (y_std * transcoder.output_std[l] + transcoder.output_mean[l]).to(mlp.output.dtype)
+                y = (y_std * transcoder.output_std[l] + transcoder.output_mean[l]).to(mlp.output.dtype)
+                mlp.output = _spliced(mlp.output, y, keep)
         logits = lm.output.logits.save()
     return logits.float()
+
+
+def _spliced(original: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return new if keep is None else torch.where(keep[..., None], original, new)
 
 
 @torch.no_grad()
 def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTranscoder, texts: list[str] | None = None,
                         *, max_windows: int = 16, context_length: int = 64, batch_size: int = 8,
-                        prepend_bos: bool = True) -> ReplacementMetrics:
-    """KL, top-1 agreement and fraction of CE recovered with the transcoder spliced into the model."""
+                        prepend_bos: bool = True, keep_bos: bool = True) -> ReplacementMetrics:
+    """KL, top-1 agreement and fraction of CE recovered with the transcoder spliced into the model.
+
+    With `keep_bos` (default) the BOS position keeps the model's own MLP outputs in both the
+    replaced and the zero-ablated run: stores leave BOS out, so a transcoder never sees its
+    (outlier) activations, and attribution treats it the same way (`zero_bos`)."""
     import warnings
 
     from nnsight import LanguageModel
@@ -182,7 +192,9 @@ def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTransc
             ids[row, : len(w.token_ids)] = torch.tensor(w.token_ids)
             mask[row, : len(w.token_ids)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logp = {mode: _spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode).log_softmax(-1)
+        keep = torch.zeros_like(mask, dtype=torch.bool)
+        keep[:, 0] = prepend_bos and keep_bos
+        logp = {mode: _spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode, keep).log_softmax(-1)
                 for mode in ("none", "replace", "zero")}
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
         targets = ids[:, 1:]

@@ -35,6 +35,40 @@ def test_zero_transcoder_recovers_nothing(relu_gpt2, exact_plt):
     assert abs(metrics.ce_recovered) < 1e-5 and metrics.kl > 0
 
 
+def test_bos_position_keeps_the_models_mlp_outputs(relu_gpt2, exact_plt):
+    """The zero transcoder's CE equals a plain-hook run that zeroes every MLP output except at BOS."""
+    model, tokenizer = relu_gpt2
+    clt = exact_plt(model)
+    with torch.no_grad():
+        for w in clt.W_dec:
+            w.zero_()
+        clt.b_dec.zero_()
+    text = TEXTS[1]
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+
+    def ce(keep_bos: bool) -> float:
+        def zero(module, args, output):
+            out = torch.zeros_like(output)
+            if keep_bos:
+                out[:, 0] = output[:, 0]
+            return out
+
+        handles = [block.mlp.register_forward_hook(zero) for block in model.transformer.h]
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1]
+        finally:
+            for h in handles:
+                h.remove()
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+
+    kept = replacement_metrics(model, tokenizer, clt, [text])
+    replaced = replacement_metrics(model, tokenizer, clt, [text], keep_bos=False)
+    assert kept.ce_replaced == pytest.approx(ce(True), rel=1e-5)
+    assert replaced.ce_replaced == pytest.approx(ce(False), rel=1e-5)
+    assert ce(True) != pytest.approx(ce(False), rel=1e-6)  # the BOS position matters (a little, here)
+
+
 def test_cross_layer_decoders_feed_later_layers(relu_gpt2, exact_plt):
     """Moving part of layer 0's decoder to its cross-layer slot must change the spliced logits."""
     model, tokenizer = relu_gpt2
