@@ -209,3 +209,16 @@ def test_stage_commands_report_bad_values(trained_run, tmp_path):
     result = run_cli("attribute", "--transcoder", str(trained_run), "--prompt", long_prompt,
                      "--output-dir", str(tmp_path / "g"))
     assert result.returncode == 1 and "the model's context is 256" in result.stderr
+
+
+def test_attribute_reads_the_yaml_config(trained_run, tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "attribute_smollm2.yaml"
+    out = tmp_path / "g"
+    assert main(["attribute", "--transcoder", str(trained_run), "--prompt", "The for statement",
+                 "--config", str(config), "--max-n-logits", "2", "--output-dir", str(out)]) == 0
+    from clt.attribution import Graph
+
+    graph = Graph.load(out / "graph.json")
+    assert graph.config.max_feature_nodes == 4096 and graph.config.max_n_logits == 2

@@ -24,13 +24,18 @@ def test_exact_transcoder_gives_kl_zero_and_full_agreement(relu_gpt2, exact_plt)
     assert metrics.ce_zero_ablated != pytest.approx(metrics.ce_original)
 
 
-def test_zero_transcoder_recovers_nothing(relu_gpt2, exact_plt):
-    model, tokenizer = relu_gpt2
-    clt = exact_plt(model)
+def zero_output(clt: CrossLayerTranscoder) -> CrossLayerTranscoder:
+    """The same transcoder with decoder and decoder bias zeroed: it reconstructs 0 everywhere."""
     with torch.no_grad():
         for w in clt.W_dec:
             w.zero_()
         clt.b_dec.zero_()
+    return clt
+
+
+def test_zero_transcoder_recovers_nothing(relu_gpt2, exact_plt):
+    model, tokenizer = relu_gpt2
+    clt = zero_output(exact_plt(model))
     metrics = replacement_metrics(model, tokenizer, clt, TEXTS)
     assert abs(metrics.ce_recovered) < 1e-5 and metrics.kl > 0
 
@@ -38,11 +43,7 @@ def test_zero_transcoder_recovers_nothing(relu_gpt2, exact_plt):
 def test_bos_position_keeps_the_models_mlp_outputs(relu_gpt2, exact_plt):
     """The zero transcoder's CE equals a plain-hook run that zeroes every MLP output except at BOS."""
     model, tokenizer = relu_gpt2
-    clt = exact_plt(model)
-    with torch.no_grad():
-        for w in clt.W_dec:
-            w.zero_()
-        clt.b_dec.zero_()
+    clt = zero_output(exact_plt(model))
     text = TEXTS[1]
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
 
