@@ -94,7 +94,11 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
                 n, K, n_visit, n_logits, batch)
 
     engine = _RowEngine(rm, state, active, values, batch, n_cols)
-    rows = torch.zeros(n_logits + n_visit, n_cols)
+    # Every feature visited: rows go straight to their adjacency rows (no second copy). With a
+    # feature budget, rows are kept in visiting order and the visited ones gathered at the end.
+    direct = n_visit == K
+    rows = torch.zeros(n_cols, n_cols) if direct else torch.zeros(n_logits + n_visit, n_cols)
+    first_logit_row = logit_col if direct else 0
     row_node = torch.zeros(n_logits + n_visit, dtype=torch.long)
     bar = tqdm(total=n_logits + n_visit, desc="attribution", disable=not progress)
 
@@ -102,7 +106,7 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
         hi = min(lo + batch, n_logits)
         layers = torch.full((hi - lo,), M)
         positions = torch.full((hi - lo,), n - 1)
-        rows[lo:hi] = engine.rows(layers, positions, logit_vecs[lo:hi])
+        rows[first_logit_row + lo : first_logit_row + hi] = engine.rows(layers, positions, logit_vecs[lo:hi])
         row_node[lo:hi] = torch.arange(logit_col + lo, logit_col + hi)
         bar.update(hi - lo)
 
@@ -110,7 +114,7 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
     done = n_logits
     model_layer = torch.tensor(rm.layers, dtype=torch.long)[active[:, 0]] if K else active[:, 0]
     while done < n_logits + n_visit:
-        if n_visit == K:
+        if direct:
             queue = torch.arange(K)
         else:
             influence = _partial_influence(rows[:done], row_node[:done], logit_col, logit_p)
@@ -119,7 +123,8 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
         for lo in range(0, len(queue), batch):
             chunk = queue[lo : lo + batch]
             vecs = engine.encoder_rows(chunk)
-            rows[done : done + len(chunk)] = engine.rows(model_layer[chunk], active[chunk, 1], vecs)
+            target = chunk if direct else slice(done, done + len(chunk))
+            rows[target] = engine.rows(model_layer[chunk], active[chunk, 1], vecs)
             row_node[done : done + len(chunk)] = chunk
             visited[chunk] = True
             done += len(chunk)
@@ -127,12 +132,15 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
     bar.close()
 
     selected = visited.nonzero().squeeze(1)
-    keep_cols = torch.cat([selected, torch.arange(K, n_cols)])
-    feature_rows = rows[n_logits:][row_node[n_logits:].argsort()]
-    N = len(keep_cols)
-    adjacency = torch.zeros(N, N)
-    adjacency[: len(selected)] = feature_rows[:, keep_cols]
-    adjacency[N - n_logits :] = rows[:n_logits][:, keep_cols]
+    if direct:
+        adjacency = rows
+    else:
+        keep_cols = torch.cat([selected, torch.arange(K, n_cols)])
+        N = len(keep_cols)
+        adjacency = torch.zeros(N, N)
+        adjacency[: len(selected)] = rows[n_logits:][row_node[n_logits:].argsort()][:, keep_cols]
+        adjacency[N - n_logits :] = rows[:n_logits][:, keep_cols]
+        del rows
 
     features = active[selected].clone()
     features[:, 0] = model_layer[selected] if K else features[:, 0]
@@ -165,7 +173,7 @@ class _RowEngine:
         self.errors = state.errors.permute(1, 0, 2).contiguous()  # [M, n, d]
         self.embeddings = state.embeddings
         # one block per (source layer, position): scaled decoder rows [k, J, d] and their columns
-        self.groups: list[tuple[int, int, int, int, Tensor]] = []
+        self.groups_by_pos: dict[int, list[tuple[int, int, int, Tensor]]] = {}
         if self.K:
             keys = active[:, 0] * self.n + active[:, 1]
             starts = torch.cat([torch.tensor([0]), (keys[1:] != keys[:-1]).nonzero().squeeze(1) + 1])
@@ -174,7 +182,7 @@ class _RowEngine:
                 for c0, c1 in zip(starts.tolist(), ends.tolist()):
                     layer, pos = int(active[c0, 0]), int(active[c0, 1])
                     dec = rm.raw_decoder(layer, active[c0:c1, 2]) * values[c0:c1, None, None].float()
-                    self.groups.append((layer, pos, c0, c1, dec.contiguous()))
+                    self.groups_by_pos.setdefault(pos, []).append((layer, c0, c1, dec.contiguous()))
 
     def encoder_rows(self, chunk: Tensor) -> Tensor:
         """Raw encoder rows [k, d] of the active features `chunk` (indices into `active`)."""
@@ -206,20 +214,25 @@ class _RowEngine:
             g_emb = grads[0][:b].float()
             tok = self.K + M * n
             out[:, tok : tok + n] = torch.einsum("bnd,nd->bn", g_emb, self.embeddings).cpu()
-            g_mlp = [torch.zeros_like(g_emb) if g is None else g[:b].float() for g in grads[1:]]
-            if top:
-                stacked = torch.stack(g_mlp, dim=1)  # [b, top, n, d]
-                err = torch.einsum("bmnd,mnd->bmn", stacked, self.errors[:top])
-                out[:, self.K : self.K + top * n] = err.reshape(b, top * n).cpu()
-            covered = [i for i, m in enumerate(self.rm.layers) if m < top]
-            if covered and self.groups:
-                g_tc = torch.stack([g_mlp[self.rm.layers[i]] for i in covered], dim=2)  # [b, n, L', d]
-                used = len(covered)
-                for layer, pos, c0, c1, dec in self.groups:
-                    j = min(dec.shape[1], used - layer)
+            zero = None
+            g_mlp = []
+            for g in grads[1:]:
+                if g is None:
+                    zero = torch.zeros_like(g_emb) if zero is None else zero
+                g_mlp.append(zero if g is None else g[:b].float())
+            for m in range(top):  # error nodes, one layer at a time (no stacked copy of the grads)
+                out[:, self.K + m * n : self.K + (m + 1) * n] = torch.einsum(
+                    "bnd,nd->bn", g_mlp[m], self.errors[m]).cpu()
+            covered = [m for m in self.rm.layers if m < top]
+            for pos, groups in self.groups_by_pos.items():  # features: per position, all layers
+                g_pos = None
+                for layer, c0, c1, dec in groups:
+                    j = min(dec.shape[1], len(covered) - layer)
                     if j <= 0:
                         continue
-                    g = g_tc[:, pos, layer : layer + j].reshape(b, j * d)
+                    if g_pos is None:
+                        g_pos = torch.stack([g_mlp[m][:, pos] for m in covered], dim=1)  # [b, L', d]
+                    g = g_pos[:, layer : layer + j].reshape(b, j * d)
                     out[:, c0:c1] = (g @ dec[:, :j].reshape(c1 - c0, j * d).T).cpu()
         return out
 
