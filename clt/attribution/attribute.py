@@ -157,7 +157,7 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
         logit_probabilities=logit_p.float().cpu(),
         n_layers=M,
         config=cfg,
-        model_name=getattr(rm.model.config, "_name_or_path", None) or None,
+        model_name=rm.transcoder.cfg.model_name or getattr(rm.model.config, "_name_or_path", None) or None,
         n_active_features=K,
     )
 

@@ -389,15 +389,18 @@ def to_neuronpedia_json(graph: Graph, path: str | Path | None = None, *, slug: s
     taken: set[str] = set()
     order = sorted(result.node_mask.nonzero().squeeze(1).tolist(),
                    key=lambda i: graph.node(i).kind == "error")  # errors take suffixes, not features
+    renamed = []
     for index in order:
         record = _np_node(graph, graph.node(index), float(scores[index]))
         if record["node_id"] in taken:
-            logger.warning("Neuronpedia node id %s is taken; the error node becomes %s_error",
-                           record["node_id"], record["node_id"])
+            renamed.append(record["node_id"])
             record["node_id"] += "_error"
             record["jsNodeId"] += "_error"
         taken.add(record["node_id"])
         nodes[index] = record
+    if renamed:
+        logger.warning("%d error nodes share their Neuronpedia id with a layer-0 feature (e.g. %s); "
+                       "they were renamed with the suffix _error", len(renamed), renamed[0])
     targets, sources = result.edge_mask.nonzero(as_tuple=True)
     links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"],
               "weight": float(graph.adjacency[t, s])}

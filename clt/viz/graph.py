@@ -24,8 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from clt.attribution.graph import Graph, Node
-from clt.attribution.prune import PruneResult, node_influence, prune
+from clt.attribution.prune import PruneResult, edge_influence, node_influence, prune
 from clt.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ EDGE_META = "edges"
 HIGHLIGHT_META = "highlight"
 """`meta` of the two edge traces the click script fills (lines only, empty until a click)."""
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_MAX_EDGES = 2000
+"""Most edges drawn per threshold (the strongest by edge influence)."""
 
 _KIND_STYLE = {  # colour, marker symbol, legend name
     "token": ("#54a24b", "square", "token embedding"),
@@ -59,18 +63,21 @@ _MIN_SIZE, _MAX_EXTRA_SIZE = 6.0, 20.0
 
 def token_label(token: str) -> str:
     """How a token is shown in the figure: HTML-escaped, newlines as ↵ and tabs as ⇥."""
-    return html.escape(token.replace("\n", "↵").replace("\t", "⇥"))
+    return html.escape(token.replace("\n", "↵").replace("\t", "⇥"), quote=False)
 
 
 def graph_figure(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
                  labels: Mapping[str, str] | None = None,
                  cards: Mapping[str, FeatureCard] | None = None, title: str | None = None,
-                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> go.Figure:
+                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                 max_edges: int | None = DEFAULT_MAX_EDGES) -> go.Figure:
     """The pruned graph as a plotly figure with a node-threshold slider (module docstring).
 
     `labels` maps node ids to labels; `cards` (e.g. `FeatureCards`) gives feature labels and top
     contexts for the hover text; `title` is plain text (escaped). The slider starts at
-    `node_threshold`, which is added to `thresholds` when missing.
+    `node_threshold`, which is added to `thresholds` when missing. At most `max_edges` edges are
+    drawn per threshold (those with the highest edge influence; None draws all): a pruned graph of
+    thousands of features keeps tens of thousands of edges, more than anyone can read.
 
     Node markers: the visible traces whose ``meta == "nodes"``; in Python
     ``sum(len(t.x) for t in fig.data if t.meta == "nodes" and t.visible)`` equals the number of
@@ -80,7 +87,8 @@ def graph_figure(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: f
     ``document.querySelectorAll('.scatterlayer .trace.scatter path.point').length`` counts them.
     """
     return _build(graph, node_threshold=node_threshold, edge_threshold=edge_threshold,
-                  labels=labels, cards=cards, title=title, thresholds=thresholds)[0]
+                  labels=labels, cards=cards, title=title, thresholds=thresholds,
+                  max_edges=max_edges)[0]
 
 
 def graph_html(graph: Graph, **kwargs: Any) -> str:
@@ -106,7 +114,8 @@ _DIRECTIONS = {"upstream + downstream": "both", "upstream": "up", "downstream": 
 def _build(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
            labels: Mapping[str, str] | None = None,
            cards: Mapping[str, FeatureCard] | None = None, title: str | None = None,
-           thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> tuple[go.Figure, dict[str, Any]]:
+           thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+           max_edges: int | None = DEFAULT_MAX_EDGES) -> tuple[go.Figure, dict[str, Any]]:
     """The figure and the data its click script needs (trace groups, links, node positions)."""
     import plotly.graph_objects as go
 
@@ -126,7 +135,8 @@ def _build(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float =
     groups: list[dict[str, Any]] = []
     spans: list[range] = []
     for level in levels:
-        result = prune(graph, node_threshold=level, edge_threshold=edge_threshold)
+        result = _capped(graph, prune(graph, node_threshold=level, edge_threshold=edge_threshold),
+                         max_edges)
         new, group = _threshold_traces(graph, nodes, result, sizes, hover, len(traces))
         spans.append(range(len(traces), len(traces) + len(new)))
         traces.extend(new)
@@ -143,12 +153,25 @@ def _build(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float =
     if title is None:
         title = _default_title(graph, edge_threshold)
     else:
-        title = html.escape(title)
+        title = html.escape(title, quote=False)
     fig.update_layout(**_layout(graph, title, levels, visible, active))
     data = {"groups": groups, "highlight": highlight, "directions": _DIRECTIONS,
             "edgeOpacity": _EDGE_OPACITY, "nodeOpacity": _NODE_OPACITY,
             "dimNodes": _DIM_NODES, "dimEdges": _DIM_EDGES}
     return fig, data
+
+
+def _capped(graph: Graph, result: PruneResult, max_edges: int | None) -> PruneResult:
+    """`result` with only its `max_edges` edges of highest edge influence."""
+    count = int(result.edge_mask.sum())
+    if max_edges is None or count <= max_edges:
+        return result
+    if max_edges < 0:
+        raise ValueError(f"max_edges must be None (all) or >= 0, got {max_edges}")
+    scores = edge_influence(graph.adjacency, graph.logit_weights()).masked_fill(~result.edge_mask, -1.0)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[scores.flatten().topk(max_edges).indices] = True
+    return result._replace(edge_mask=keep.view_as(result.edge_mask) & result.edge_mask)
 
 
 def _layout(graph: Graph, title: str, levels: list[float], visible: list[list[bool]],
@@ -159,7 +182,8 @@ def _layout(graph: Graph, title: str, levels: list[float], visible: list[list[bo
              for level, shown in zip(levels, visible)]
     buttons = [{"label": label, "method": "skip", "args": [None]} for label in _DIRECTIONS]
     return {
-        "title": {"text": title, "x": 0.01, "y": 0.985, "yanchor": "top"},
+        "title": {"text": title, "x": 0.01, "y": 1.0, "yref": "container", "yanchor": "top",
+                  "pad": {"t": 12}},
         "xaxis": {"tickmode": "array", "tickvals": list(range(graph.n_tokens)),
                   "ticktext": [token_label(t) for t in graph.tokens],
                   "range": [-0.6, graph.n_tokens - 0.4], "showgrid": False, "zeroline": False},
@@ -168,15 +192,15 @@ def _layout(graph: Graph, title: str, levels: list[float], visible: list[list[bo
                                "logits"],
                   "range": [-0.6, n_rows - 0.2], "showgrid": True, "zeroline": False},
         "height": max(560, 70 * n_rows + 300), "plot_bgcolor": "white", "hovermode": "closest",
-        "margin": {"t": 120, "b": 170},
+        "margin": {"t": 140, "b": 170},
         "sliders": [{"active": active, "currentvalue": {"prefix": "node threshold: "},
                      "pad": {"t": 90}, "steps": steps}],
         "updatemenus": [{"type": "buttons", "direction": "right", "x": 0.0, "xanchor": "left",
-                         "y": 1.02, "yanchor": "bottom", "showactive": True, "active": 0,
+                         "y": 1.0, "yanchor": "bottom", "showactive": True, "active": 0,
                          "pad": {"l": 150}, "buttons": buttons}],
         "annotations": [{"text": "click a node to highlight:", "showarrow": False,
                          "xref": "paper", "yref": "paper", "x": 0.0, "xanchor": "left",
-                         "y": 1.035, "yanchor": "bottom"}],
+                         "y": 1.012, "yanchor": "bottom"}],
     }
 
 
@@ -256,7 +280,7 @@ def _positions(graph: Graph, nodes: list[Node]) -> dict[int, tuple[float, float]
 
 def _default_title(graph: Graph, edge_threshold: float) -> str:
     prompt = graph.prompt if len(graph.prompt) <= 80 else graph.prompt[:77] + "…"
-    model = f" · {html.escape(graph.model_name)}" if graph.model_name else ""
+    model = f" · {html.escape(graph.model_name, quote=False)}" if graph.model_name else ""
     return f"Attribution graph: “{token_label(prompt)}”{model} · edge threshold {edge_threshold:g}"
 
 
@@ -269,9 +293,9 @@ def _hover(graph: Graph, node: Node, influence: float, labels: Mapping[str, str]
     label = labels.get(node.id) if labels is not None else None
     if label is None and card is not None:
         label = card.label
-    lines = [f"<b>{html.escape(node.id)}</b>"]
+    lines = [f"<b>{html.escape(node.id, quote=False)}</b>"]
     if label:
-        lines.append(html.escape(label))
+        lines.append(html.escape(label, quote=False))
     where = f"layer {node.layer}, " if node.layer is not None else ""
     lines.append(f"{node.kind} · {where}pos {node.pos} · token “{token_label(node.token)}”")
     if node.kind == "logit":
@@ -387,5 +411,5 @@ def _click_script(data: dict[str, Any]) -> str:
     return _CLICK_JS % _script_json(data)
 
 
-__all__ = ["DEFAULT_THRESHOLDS", "EDGE_META", "HIGHLIGHT_META", "NODE_META", "graph_figure",
+__all__ = ["DEFAULT_MAX_EDGES", "DEFAULT_THRESHOLDS", "EDGE_META", "HIGHLIGHT_META", "NODE_META", "graph_figure",
            "graph_html", "save_graph_html", "token_label"]

@@ -180,7 +180,7 @@ def test_tokens_are_escaped(graph, tmp_path):
 def test_click_script_data(graph, pruned):
     from clt.viz.graph import _build, _click_script, _script_json
 
-    fig, data = _build(graph, node_threshold=NODE_T, edge_threshold=EDGE_T)
+    fig, data = _build(graph, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=None)
     group = next(g for g in data["groups"] if all(fig.data[i].visible for i in g["nodes"]))
     links = {(s, t) for s, t, _ in group["links"]}
     assert links == set(_nonzero_edges(graph, pruned.node_mask, pruned.edge_mask))
@@ -326,7 +326,7 @@ def test_page_in_headless_chromium(graph, pruned, tmp_path, chromium):
     small = evil.to_networkx(pruned.node_mask, pruned.edge_mask)
     node = next(n for n, kind in small.nodes(data="kind")
                 if kind == "feature" and nx.ancestors(small, n) and nx.descendants(small, n))
-    page = graph_html(evil, node_threshold=NODE_T, edge_threshold=EDGE_T)
+    page = graph_html(evil, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=None)
     path = tmp_path / "page.html"
     path.write_text(page.replace("</head>", _PROBE.replace("NODE", json.dumps(node)) + "</head>"))
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
@@ -341,3 +341,20 @@ def test_page_in_headless_chromium(graph, pruned, tmp_path, chromium):
     assert set(result["up"]) == up
     assert result["reset"] == result["points"]
     assert result["alerts"] == 0 and result["tick"] == SCRIPT
+
+
+def test_edge_cap_keeps_the_most_influential_edges(graph):
+    from clt.attribution import edge_influence, prune
+    from clt.viz.graph import _capped
+
+    full = prune(graph, NODE_T, EDGE_T)
+    count = int(full.edge_mask.sum())
+    capped = _capped(graph, full, count // 3)
+    assert int(capped.edge_mask.sum()) == count // 3
+    assert torch.equal(capped.node_mask, full.node_mask)
+    assert not (capped.edge_mask & ~full.edge_mask).any()
+    scores = edge_influence(graph.adjacency, graph.logit_weights())
+    assert scores[capped.edge_mask].min() >= scores[full.edge_mask & ~capped.edge_mask].max()
+    fig = graph_figure(graph, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=count // 3)
+    drawn = sum(len([x for x in t.x if x is None]) for t in fig.data if t.meta == "edges" and t.visible)
+    assert drawn == count // 3
