@@ -152,7 +152,7 @@ class LinearOracle:
         for layer, pos, feature in graph.features.tolist():
             i = rm._tc_index[layer]
             x = (inputs[layer][pos] - tc.input_mean[i]) / tc.input_std[i]
-            values.append(float(x @ tc.W_enc[i, feature] + tc.b_enc[i, feature]))
+            values.append(float((x @ tc.W_enc[i, feature] + tc.b_enc[i, feature]).detach()))
         last = logits[-1]
         values += (last[graph.logit_token_ids] - last.mean()).tolist()
         return torch.tensor(values)
