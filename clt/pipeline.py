@@ -263,10 +263,10 @@ class DemoResult:
                  f"store size on disk: {nbytes / 2**20:.1f} MiB ({nbytes / self.store.n_tokens / 1024:.1f} KiB/token)"]
         if self.training is not None:
             lines.append(self.training.summary())
-        if self.attribution is not None:
-            lines.append(self.attribution.summary())
         lines += [f"{k}: {v}" for k, v in self.extra.items()]
         lines += [f"time {k}: {v:.1f} s" for k, v in self.timings.items()]
+        if self.attribution is not None:  # last: where the graph is, and its scores
+            lines.append(self.attribution.summary())
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
