@@ -122,6 +122,7 @@ class CLTTrainer:
         k_aux = min(c.aux_k, self.clt_config.num_features)
         for _ in range(c.grad_accumulation_steps):
             batch = next(batches)
+            _check_finite(batch, self.step + 1, self.clt_config.layers or list(range(self.clt_config.num_layers)))
             x, y = model.normalize_inputs(batch.inputs), model.normalize_outputs(batch.outputs)
             dead = self.activity.dead_mask(c.dead_after_tokens)
             with self._autocast():
@@ -257,3 +258,14 @@ class CLTTrainer:
             (self.output_dir / "profile.txt").write_text(table)
             profiler.export_chrome_trace(str(self.output_dir / "profile_trace.json"))
         logger.info("profile of %d steps:\n%s", self.cfg.profile_steps, table)
+
+
+def _check_finite(batch: Any, step: int, layers: list[int]) -> None:
+    """Raise, naming the layer and step, if a batch holds NaN or inf (before it reaches the model)."""
+    for name, values in (("inputs", batch.inputs), ("outputs", batch.outputs)):
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            layer = int((~finite).flatten(0, -3).any(0).any(-1).nonzero()[0])
+            raise FloatingPointError(
+                f"the batch of step {step} holds NaN/inf MLP {name} at layer {layers[layer]}: the store is "
+                "corrupt (re-extract it, or the shard holding it); the last checkpoint is intact")

@@ -10,6 +10,7 @@ import torch
 from clt.config import ConfigError
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
+from clt.models.transcoder import CrossLayerTranscoder
 from clt.training.checkpoint import CheckpointMismatchError, list_checkpoints
 from clt.training.data import ActivationStore
 from clt.training.trainer import CLTTrainer
@@ -158,3 +159,19 @@ def test_seed_003_example_runs_as_written(tmp_path, monkeypatch):
     x = activation_store.tensors()[0][:8]
     assert torch.equal(loaded(x).reconstruction, clt(x).reconstruction)
     assert (tmp_path / "trained_clt.pt").read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # not a pickle
+
+
+def test_nan_in_a_batch_names_layer_and_step_and_keeps_the_checkpoint(tmp_path):
+    store = planted_store(n=256)
+    cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn="relu")
+    training = TrainingConfig(training_steps=4, batch_size=256, checkpoint_every=4, output_dir=str(tmp_path / "r"))
+    CLTTrainer(cfg, training, store).train(progress=False)
+    saved = {k: v.clone() for k, v in CrossLayerTranscoder.from_pretrained(
+        list_checkpoints(tmp_path / "r" / "checkpoints")[-1] / "transcoder").state_dict().items()}
+    store.shard(0)["outputs"][17, 1, 3] = float("inf")  # e.g. a bit flip on disk after extraction
+    with pytest.raises(FloatingPointError, match="step 5 holds NaN/inf MLP outputs at layer 1"):
+        CLTTrainer(cfg, training.replace(training_steps=8), store).train(progress=False)
+    checkpoint = list_checkpoints(tmp_path / "r" / "checkpoints")[-1]
+    assert checkpoint.name == "step_00000004"
+    for name, value in CrossLayerTranscoder.from_pretrained(checkpoint / "transcoder").state_dict().items():
+        assert torch.equal(value, saved[name]), name
