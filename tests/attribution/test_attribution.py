@@ -405,3 +405,28 @@ def test_replacement_logits_on_smollm2(smollm2):
     rm = ReplacementModel(model, random_transcoder(model, num_features=32), tokenizer)
     state = rm.prepare("The capital of France is")
     assert (rm(state.input_ids, state=state) - state.logits).abs().max() <= 1e-4
+
+
+def test_a_transcoder_covering_some_layers(tiny_llama):
+    """Layers 0 and 2 of 3: layer 1's MLP output is all error; logits and row sums still hold."""
+    model, tokenizer = tiny_llama
+    full = random_transcoder(model)
+    tc = CrossLayerTranscoder(CLTConfig(num_features=12, num_layers=2, d_model=32, activation_fn="relu",
+                                        layers=[0, 2]))
+    with torch.no_grad():
+        tc.W_enc.copy_(full.W_enc[[0, 2]])
+        tc.b_enc.copy_(full.b_enc[[0, 2]])
+        tc.W_dec[0].copy_(full.W_dec[0][:, [0, 2]])
+        tc.W_dec[1].copy_(full.W_dec[2])
+        tc.set_normalization(full.input_mean[[0, 2]], full.input_std[[0, 2]], full.output_mean[[0, 2]],
+                             full.output_std[[0, 2]])
+    rm = ReplacementModel(model, tc.eval(), tokenizer)
+    state = rm.prepare(PROMPT)
+    assert (rm(PROMPT) - state.logits).abs().max() <= 1e-4
+    graph = attribute(PROMPT, rm, zero_bos=False, max_n_logits=3, desired_logit_prob=1.0, progress=False)
+    assert set(graph.features[:, 0].tolist()) == {0, 2}
+    oracle = LinearOracle(rm, torch.tensor(graph.token_ids))
+    targets = oracle.target_values(graph, *oracle.run())
+    constants = oracle.target_values(graph, *oracle.all_sources_removed(graph))
+    sums = graph.adjacency[_graph_rows(graph)].sum(1)
+    assert ((sums + constants - targets).abs() / targets.abs().max()).max() <= 1e-4
