@@ -52,6 +52,10 @@ class TrainingConfig(ConfigBase):
     """'no', 'bf16' (autocast, CPU or GPU) or 'fp16' (autocast + GradScaler, GPU only)."""
     device: str = "cpu"
     """Device to train on."""
+    retain_freed_memory: bool = True
+    """On CPU with glibc: keep freed blocks of up to 1 GiB in the process heap (mallopt) instead
+    of unmapping them, so each step does not page-fault its large tensors again (~10% faster
+    steps at L=8, F=2048, batch 512 on a 2-core CPU). Process-wide; off: glibc's default."""
     seed: int = 0
     """Seed of the batch order."""
     log_every: int = 50

@@ -120,6 +120,39 @@ def batchtopk(z: Tensor, k: int, scope: str = "layer") -> Tensor:
     return out.reshape(z.shape)
 
 
+def topk_active(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(layer, token, feature) of the entries `topk` keeps in z [N, L, F], sorted by (layer, token).
+
+    The k largest pre-activations per token and layer: where fewer than k are positive, the
+    rest are entries that `topk` sets to 0 as well.
+    """
+    n, num_layers, num_features = z.shape
+    k = min(k, num_features)
+    cols = z.detach().topk(k, dim=-1, sorted=False).indices.transpose(0, 1).reshape(-1)
+    rows = torch.arange(n, device=z.device).repeat_interleave(k).repeat(num_layers)
+    layer = torch.arange(num_layers, device=z.device).repeat_interleave(n * k)
+    return layer, rows, cols
+
+
+def batchtopk_active(z: Tensor, k: int, scope: str = "layer") -> tuple[Tensor, Tensor, Tensor]:
+    """(layer, token, feature) of the entries `batchtopk` keeps in z [N, L, F], sorted by
+    (layer, token, feature)."""
+    n, num_layers, num_features = z.shape
+    if scope == "layer":
+        flat = z.detach().transpose(0, 1).reshape(num_layers, n * num_features)
+        kept = flat.topk(min(k * n, flat.shape[-1]), dim=-1, sorted=False).indices.sort(-1).values
+        layer = torch.arange(num_layers, device=z.device).repeat_interleave(kept.shape[1])
+        kept = kept.reshape(-1)
+        return layer, kept // num_features, kept % num_features
+    if scope != "all":
+        raise ValueError(f"batchtopk scope must be 'layer' or 'all', got {scope!r}")
+    flat = z.detach().reshape(-1)  # (token, layer, feature) order
+    kept = flat.topk(min(k * n * num_layers, flat.numel()), sorted=False).indices
+    rows, layer, cols = kept // (num_layers * num_features), (kept // num_features) % num_layers, kept % num_features
+    order = torch.argsort((layer * n + rows) * num_features + cols)
+    return layer[order], rows[order], cols[order]
+
+
 def smallest_kept(features: Tensor) -> Tensor:
     """Per layer, the smallest positive entry of features [..., L, F] (NaN where none is)."""
     flat = features.detach().reshape(-1, *features.shape[-2:]).transpose(0, 1).flatten(1)
@@ -157,7 +190,17 @@ class BatchTopK(nn.Module):
     @torch.no_grad()
     def update_threshold(self, features: Tensor) -> None:
         """Move the threshold towards the batch's smallest kept activation (EMA)."""
-        low = smallest_kept(features).float()
+        self._update(smallest_kept(features).float())
+
+    @torch.no_grad()
+    def update_threshold_active(self, values: Tensor, layer: Tensor) -> None:
+        """`update_threshold` from the kept entries only: their values and layers (1-D)."""
+        inf = torch.full_like(values, float("inf"))
+        low = inf.new_full((self.threshold.shape[0],), float("inf")).scatter_reduce(
+            0, layer, torch.where(values > 0, values, inf), "amin")
+        self._update(torch.where(torch.isinf(low), torch.full_like(low, float("nan")), low).float())
+
+    def _update(self, low: Tensor) -> None:
         if self.scope == "all":
             low = low.nan_to_num(float("inf")).min().expand_as(low)
             low = torch.where(torch.isinf(low), torch.full_like(low, float("nan")), low)

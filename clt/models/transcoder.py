@@ -10,15 +10,21 @@ Initialisation (seeded by ``cfg.seed``): W_enc ~ U(±1/√d), so pre-activations
 inputs have std ≈ 0.58 and, with b_enc = 0, about half of the features start active;
 W_dec ~ U(±1/√(F·L)) (U(±1/√F) for a PLT), so initial reconstructions are small
 (variance ≈ 0.03 of the standardised targets); b_dec = 0, W_skip = 0, θ = jumprelu_threshold.
+
+Compute: the encoder is one GEMM per layer; ReLU/JumpReLU decode densely (`_TriangularDecode`).
+TopK/BatchTopK with few active features (``cfg.sparse_decode``, `uses_sparse_decode`) keep the
+active entries as lists: the decoder sums the gathered decoder rows [J, d] of those features
+(embedding bags), and the backward pass touches only them (`_EncodeActive`, `_SparseDecode`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -26,7 +32,7 @@ from torch import Tensor, nn
 
 from clt.config.transcoder import CLTConfig
 from clt.files import atomic_save_tensors, read_tensors
-from clt.models.activations import BatchTopK, jumprelu, relu, topk
+from clt.models.activations import BatchTopK, batchtopk_active, jumprelu, relu, topk, topk_active
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -100,7 +106,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decoder_norms(self) -> Tensor:
         """‖W_dec,i^l‖ over all of feature i's target layers, [L, F]."""
-        return torch.stack([w.square().sum(dim=(1, 2)).sqrt() for w in self.W_dec])
+        return torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in self.W_dec])
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -164,18 +170,41 @@ class CrossLayerTranscoder(nn.Module):
         """Feature activations [..., L, F] of raw inputs x [..., L, d]."""
         return self.activate(self.preactivations(x))
 
+    def uses_sparse_decode(self, features: Tensor | None = None) -> bool:
+        """Whether the TopK/BatchTopK sparse path is on (cfg.sparse_decode): the decoder gathers
+        the active features' rows and the encoder's weight gradient sums only active entries.
+        `decode_normalized` never uses it for a leaf `features` that requires grad."""
+        c = self.cfg
+        if c.activation_fn not in ("topk", "batchtopk") or c.sparse_decode == "off":
+            return False
+        if features is not None and features.requires_grad and features.is_leaf:
+            return False
+        return c.sparse_decode == "on" or c.topk * 8 <= c.num_features
+
     def decode_normalized(self, features: Tensor, x_std: Tensor | None = None, *,
                           bias: bool = True) -> Tensor:
-        """Standardised reconstruction [..., L, d]; adds the skip term when x_std is given."""
+        """Standardised reconstruction [..., L, d]; adds the skip term when x_std is given.
+
+        With `uses_sparse_decode` the sum runs over the nonzero features only (in the parameter
+        dtype, also under autocast); the gradient w.r.t. `features` is then exact at nonzero
+        entries and 0 at zero entries, the only ones TopK/BatchTopK pass back to the encoder.
+        """
         self._check_shape(features, self.cfg.num_features, "num_features", "features")
-        dtype = self.W_enc.dtype
-        if torch.is_autocast_enabled(features.device.type):
-            dtype = torch.get_autocast_dtype(features.device.type)
         L, d = self.cfg.num_layers, self.cfg.d_model
         batch_shape = features.shape[:-2]
-        flat = features.to(dtype).reshape(-1, L, features.shape[-1])
-        weights = [w.to(dtype) for w in self.W_dec]
-        out = _TriangularDecode.apply(d, flat, *weights).reshape(*batch_shape, L, d)
+        if self.uses_sparse_decode(features):
+            flat = features.reshape(-1, L, features.shape[-1])
+            out = _sparse_decode(flat, list(self.W_dec), d).reshape(*batch_shape, L, d)
+        else:
+            dtype = self.W_enc.dtype
+            if torch.is_autocast_enabled(features.device.type):
+                dtype = torch.get_autocast_dtype(features.device.type)
+            flat = features.to(dtype).reshape(-1, L, features.shape[-1])
+            weights = [w.to(dtype) for w in self.W_dec]
+            out = _TriangularDecode.apply(d, flat, *weights).reshape(*batch_shape, L, d)
+        return self._add_bias_and_skip(out, x_std, bias)
+
+    def _add_bias_and_skip(self, out: Tensor, x_std: Tensor | None, bias: bool = True) -> Tensor:
         if bias:
             out = out + self.b_dec
         if x_std is not None and self.cfg.skip_connection:
@@ -194,9 +223,33 @@ class CrossLayerTranscoder(nn.Module):
         """Forward pass on standardised inputs; the reconstruction is standardised (training)."""
         self._check_shape(x_std, self.cfg.d_model, "d_model", "inputs x")
         x_std = x_std.to(self.W_enc.dtype)
+        sparse = self.uses_sparse_decode() and x_std.numel() > 0
+        if sparse and (self.cfg.activation_fn == "topk" or self.batchtopk.training):
+            return self._forward_active(x_std)
         z = self._preactivations_normalized(x_std)
         a = self.activate(z)
         return CLTOutput(a, z, self.decode_normalized(a, x_std))
+
+    def _forward_active(self, x_std: Tensor) -> CLTOutput:
+        """TopK/BatchTopK forward that keeps the active entries as (layer, token, feature) lists:
+        the decoder and every gradient use only those (see `_EncodeActive`)."""
+        L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
+        flat = x_std.reshape(-1, L, d)
+        n, k = flat.shape[0], self.cfg.topk
+        if self.cfg.activation_fn == "topk":
+            select = functools.partial(topk_active, k=k)
+        else:
+            select = functools.partial(batchtopk_active, k=k, scope=self.cfg.batchtopk_scope)
+        z, values, layer, rows, cols = _EncodeActive.apply(flat, self.W_enc, self.b_enc, select)
+        if self.cfg.activation_fn == "batchtopk":
+            self.batchtopk.update_threshold_active(values.detach(), layer)
+        features = z.new_zeros(n, L, F).index_put_((rows, layer, cols), values)
+        offsets, bounds = _segments(layer, rows, n, L)
+        dtype = self.W_dec[0].dtype
+        out = _SparseDecode.apply(d, rows, cols, offsets, bounds, values.to(dtype), *self.W_dec)
+        batch = x_std.shape[:-2]
+        out = self._add_bias_and_skip(out.view(*batch, L, d), x_std)
+        return CLTOutput(features.view(*batch, L, F), z.view(*batch, L, F), out)
 
     def forward(self, x: Tensor) -> CLTOutput:
         """Forward pass on raw inputs x [..., L, d]; the reconstruction is in raw space."""
@@ -204,7 +257,10 @@ class CrossLayerTranscoder(nn.Module):
         return out._replace(reconstruction=self.denormalize_outputs(out.reconstruction))
 
     def _preactivations_normalized(self, x_std: Tensor) -> Tensor:
-        return torch.einsum("...ld,lfd->...lf", x_std, self.W_enc) + self.b_enc
+        L, F = self.cfg.num_layers, self.cfg.num_features
+        flat = x_std.reshape(-1, L, x_std.shape[-1])
+        z = _Encode.apply(flat, self.W_enc, self.b_enc, self.uses_sparse_decode())
+        return z.reshape(*x_std.shape[:-2], L, F)
 
     def _check_shape(self, t: Tensor, width: int, width_name: str, what: str) -> None:
         L = self.cfg.num_layers
@@ -344,6 +400,207 @@ class _TriangularDecode(torch.autograd.Function):
                 torch.mm(g, w2.T, out=grad_flat[:, l])
             grad_weights.append((flat[:, l].T @ g).view_as(w) if ctx.needs_input_grad[2 + l] else None)
         return None, grad_flat, *grad_weights
+
+
+def _compute_dtype(t: Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else param_dtype
+
+
+def _encoder_forward(flat: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """z [N, L, F] = x W_enc^T + b_enc, one GEMM per layer written in place; also returns x and
+    W_enc in the compute dtype (autocast's: the bias is then added in the parameter dtype)."""
+    n, num_layers, _ = flat.shape
+    dtype = _compute_dtype(flat, weight.dtype)
+    x, w = flat.to(dtype).contiguous(), weight.to(dtype)
+    z = x.new_empty(n, num_layers, weight.shape[1])
+    with torch.autocast(flat.device.type, enabled=False):
+        for l in range(num_layers):
+            if dtype == bias.dtype:
+                torch.addmm(bias[l], x[:, l], w[l].T, out=z[:, l])
+            else:
+                torch.mm(x[:, l], w[l].T, out=z[:, l])
+        if dtype != bias.dtype:
+            z = z.to(torch.promote_types(dtype, bias.dtype)) + bias
+    return z, x, w
+
+
+def _encoder_backward(ctx, grad: Tensor, x: Tensor, w: Tensor, sparse: bool):
+    """Gradients of (flat, W_enc, b_enc) from the dense gradient of z; with `sparse` the weight
+    gradient sums only the nonzero entries of `grad` (embedding bags)."""
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    grad_x = grad_w = grad_b = None
+    with torch.autocast(grad.device.type, enabled=False):
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0).to(b_dtype)
+        g = grad.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            if sparse:
+                rows, layer, cols = g.nonzero().unbind(1)
+                grad_w = _bag_weight_grad(layer, rows, cols, g[rows, layer, cols], x, w.shape[1])
+            else:
+                grad_w = torch.empty_like(w)
+                for l in range(x.shape[1]):
+                    torch.mm(g[:, l].T, x[:, l], out=grad_w[l])
+            grad_w = grad_w.to(w_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            for l in range(x.shape[1]):
+                torch.mm(g[:, l], w[l], out=grad_x[:, l])
+            grad_x = grad_x.to(x_dtype)
+    return grad_x, grad_w, grad_b
+
+
+def _bag_weight_grad(layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, x: Tensor,
+                     num_features: int) -> Tensor:
+    """Σ over entries of values · x[row, layer] into row (layer, col) of [L, F, d]: the encoder
+    weight gradient from sparse entries, one embedding bag per (layer, feature)."""
+    n, num_layers, d = x.shape
+    if n == 0 or values.numel() == 0:
+        return x.new_zeros(num_layers, num_features, d)
+    bag = layer * num_features + cols
+    order = torch.argsort(bag, stable=True)
+    counts = torch.bincount(bag, minlength=num_layers * num_features)
+    out = nn.functional.embedding_bag((rows * num_layers + layer)[order], x.reshape(n * num_layers, d),
+                                      counts.cumsum(0) - counts, mode="sum",
+                                      per_sample_weights=values.to(x.dtype)[order])
+    return out.view(num_layers, num_features, d)
+
+
+class _Encode(torch.autograd.Function):
+    """z = x W_enc^T + b_enc [N, L, F]; with ``sparse_grad`` (TopK/BatchTopK, whose gradient of z
+    is nonzero only at the active features and the auxiliary loss's dead ones) the weight
+    gradient sums the nonzero entries, Σ_n g[n,l,f] x[n,l], instead of a dense GEMM."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, weight: Tensor, bias: Tensor, sparse_grad: bool) -> Tensor:
+        z, x, w = _encoder_forward(flat, weight, bias)
+        ctx.sparse_grad, ctx.dtypes = sparse_grad, (flat.dtype, weight.dtype, bias.dtype)
+        ctx.save_for_backward(x, w)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        return *_encoder_backward(ctx, grad, x, w, ctx.sparse_grad), None
+
+
+class _EncodeActive(torch.autograd.Function):
+    """Encoder and TopK/BatchTopK selection: z [N, L, F], and the kept entries as lists sorted
+    by (layer, token): values ReLU(z) [nnz] and their (layer, token, feature) indices.
+
+    Backward: the gradient reaching the values (decoder, features) never becomes a dense
+    [N, L, F] tensor unless z itself gets one (auxiliary loss): encoder weight and bias
+    gradients are sums over the entries (embedding bags, index_add).
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, weight: Tensor, bias: Tensor, select: Callable) -> tuple:
+        z, x, w = _encoder_forward(flat, weight, bias)
+        layer, rows, cols = select(z)
+        values = z[rows, layer, cols].clamp_min(0)
+        ctx.mark_non_differentiable(layer, rows, cols)
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = (flat.dtype, weight.dtype, bias.dtype)
+        ctx.save_for_backward(x, w, layer, rows, cols, values)
+        return z, values, layer, rows, cols
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor | None, grad_values: Tensor | None, *_):
+        x, w, layer, rows, cols, values = ctx.saved_tensors
+        n, num_layers, _ = x.shape
+        num_features = w.shape[1]
+        active = None if grad_values is None else torch.where(values > 0, grad_values, 0)
+        if grad_z is not None or ctx.needs_input_grad[0]:
+            grad = x.new_zeros(n, num_layers, num_features, dtype=values.dtype) if grad_z is None else grad_z
+            if active is not None:
+                grad = grad.index_put((rows, layer, cols), active, accumulate=True)
+            return *_encoder_backward(ctx, grad, x, w, sparse=grad_z is None), None
+        if active is None:
+            return None, None, None, None
+        b_dtype = ctx.dtypes[2]
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = active.new_zeros(num_layers * num_features).index_add_(
+                0, layer * num_features + cols, active).view(num_layers, num_features).to(b_dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _bag_weight_grad(layer, rows, cols, active, x, num_features).to(ctx.dtypes[1])
+        return None, grad_w, grad_b, None
+
+
+def _segments(layer: Tensor, rows: Tensor, n: int, num_layers: int) -> tuple[Tensor, list[int]]:
+    """For entries sorted by (layer, token): where each token's entries start within its layer's
+    segment, offsets [L, N], and the segments' bounds [0, end of layer 0, ..., nnz]."""
+    counts = torch.bincount(layer * n + rows, minlength=num_layers * n).view(num_layers, n)
+    ends = counts.flatten().cumsum(0).view(num_layers, n)
+    bounds = [0, *ends[:, -1].tolist()]
+    return ends - counts - ends.new_tensor(bounds[:-1])[:, None], bounds
+
+
+def _sparse_decode(flat: Tensor, weights: list[Tensor], d: int) -> Tensor:
+    """Σ_l Σ_{i: a_l,i ≠ 0} a_l,i W_dec[l][i] for features flat [N, L, F] → [N, L·d]."""
+    n, num_layers, _ = flat.shape
+    if n == 0:
+        return flat.new_zeros(0, num_layers * d, dtype=weights[0].dtype)
+    with torch.no_grad():
+        layer, rows, cols = flat.transpose(0, 1).nonzero().unbind(1)  # sorted by (layer, token)
+        offsets, bounds = _segments(layer, rows, n, num_layers)
+    values = flat[rows, layer, cols].to(weights[0].dtype)
+    return _SparseDecode.apply(d, rows, cols, offsets, bounds, values, *weights)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Decoder over the active features only: embedding bags of the decoder rows [F, J·d].
+
+    Inputs, sorted by (layer, token): ``rows``/``cols`` the token and feature of each active
+    entry, ``values`` its activation; ``offsets`` [L, N] where each token's entries start within
+    its layer's segment ``bounds[l]:bounds[l+1]``. Backward: values get ⟨grad row, decoder row⟩,
+    decoder rows the Σ over their tokens of value · grad row (entries sorted by feature).
+    """
+
+    @staticmethod
+    def forward(ctx, d: int, rows: Tensor, cols: Tensor, offsets: Tensor, bounds: list[int],
+                values: Tensor, *weights: Tensor) -> Tensor:
+        n = offsets.shape[1]
+        out = values.new_zeros(n, len(weights) * d)
+        with torch.autocast(values.device.type, enabled=False):
+            for l, w in enumerate(weights):
+                seg = slice(bounds[l], bounds[l + 1])
+                if seg.start == seg.stop:
+                    continue
+                part = nn.functional.embedding_bag(cols[seg], w.reshape(w.shape[0], -1), offsets[l],
+                                                   mode="sum", per_sample_weights=values[seg])
+                out[:, l * d : (l + w.shape[1]) * d] += part
+        ctx.d, ctx.bounds = d, bounds
+        ctx.save_for_backward(rows, cols, offsets, values, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, cols, offsets, values, *weights = ctx.saved_tensors
+        d, bounds = ctx.d, ctx.bounds
+        grad_values = torch.zeros_like(values) if ctx.needs_input_grad[5] else None
+        grad_weights = []
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(values.dtype)
+            for l, w in enumerate(weights):
+                seg = slice(bounds[l], bounds[l + 1])
+                g = grad[:, l * d : (l + w.shape[1]) * d]
+                w2 = w.reshape(w.shape[0], -1)
+                if grad_values is not None and seg.start != seg.stop:
+                    grad_values[seg] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                        g, w2, cols[seg], offsets[l], rows[seg], 0, -1)
+                if not ctx.needs_input_grad[6 + l]:
+                    grad_weights.append(None)
+                    continue
+                by_feature = torch.argsort(cols[seg], stable=True)
+                counts = torch.bincount(cols[seg], minlength=w.shape[0])
+                grad_w = nn.functional.embedding_bag(
+                    rows[seg][by_feature], g, counts.cumsum(0) - counts, mode="sum",
+                    per_sample_weights=values[seg][by_feature])
+                grad_weights.append(grad_w.view_as(w))
+        return None, None, None, None, None, grad_values, *grad_weights
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -84,14 +86,10 @@ class ActivationExtractor:
         return token_windows(texts, self.tokenizer, self.context_length, prepend_bos=self.prepend_bos)
 
     @torch.no_grad()
-    def activations(self, windows: list[TokenWindow]) -> dict[str, torch.Tensor]:
-        """One nnsight trace over a batch of windows: inputs/outputs [n, L, d] of the kept positions."""
-        width = max(len(w.token_ids) for w in windows)
-        ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(windows), width), dtype=torch.long)
-        for row, window in enumerate(windows):
-            ids[row, : len(window.token_ids)] = torch.tensor(window.token_ids)
-            mask[row, : len(window.token_ids)] = 1
+    def activations(self, windows: list[TokenWindow], *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """One nnsight trace over a batch of windows: inputs/outputs [n, L, d] of the kept positions, as `dtype`."""
+        ids, mask = pad_windows(windows, self.pad_id)
+        width = ids.shape[1]
         keep = mask.bool()
         if self.prepend_bos and self.exclude_bos:
             keep[:, 0] = False
@@ -100,15 +98,20 @@ class ActivationExtractor:
             for mlp in self._mlps:
                 saved.append((mlp.input.save(), mlp.output.save()))
             tracer.stop()
-        keep_dev = keep.to(self.device)
-        inputs = torch.stack([x[keep_dev] for x, _ in saved], dim=1).float().cpu()
-        outputs = torch.stack([_first(y)[keep_dev] for _, y in saved], dim=1).float().cpu()
+        rows = keep.view(-1).nonzero().squeeze(1).to(self.device)
+        shape = (len(rows), len(self.layers), self.d_model)
+        inputs = torch.empty(shape, dtype=dtype, device=self.device)
+        outputs = torch.empty(shape, dtype=dtype, device=self.device)
+        for i, (x, y) in enumerate(saved):  # gather the kept rows, then one converting copy per layer
+            inputs.select(1, i).copy_(x.reshape(-1, self.d_model).index_select(0, rows))
+            outputs.select(1, i).copy_(_first(y).reshape(-1, self.d_model).index_select(0, rows))
         positions = torch.arange(width).expand(len(windows), width)[keep]
         window_ids = torch.tensor([hash_window(w) for w in windows]).unsqueeze(1).expand(-1, width)[keep]
-        return {"inputs": inputs, "outputs": outputs, "token_ids": ids[keep], "positions": positions,
+        return {"inputs": inputs.cpu(), "outputs": outputs.cpu(), "token_ids": ids[keep], "positions": positions,
                 "window_ids": window_ids}
 
-    def _stream(self, windows: Iterator[TokenWindow], max_tokens: int, done: int, progress: bool) -> Iterator[tuple[dict, int]]:
+    def _stream(self, windows: Iterator[TokenWindow], max_tokens: int, done: int, progress: bool,
+                dtype: torch.dtype) -> Iterator[tuple[dict, int]]:
         bar = tqdm(total=max_tokens, initial=done, unit="tok", desc="extracting", disable=not progress)
         consumed = 0
         try:
@@ -117,7 +120,7 @@ class ActivationExtractor:
                 if not chunk:
                     logger.warning("the corpus ran out after %d tokens (max_tokens=%d)", done, max_tokens)
                     break
-                batch = self.activations(chunk)
+                batch = self.activations(chunk, dtype=dtype)
                 consumed += len(chunk)
                 take = min(max_tokens - done, batch["inputs"].shape[0])
                 batch = {k: v[:take] for k, v in batch.items()}
@@ -139,21 +142,22 @@ class ActivationExtractor:
         normalize: bool = True,
         text_field: str = "text",
         progress: bool = True,
+        write_behind: bool | None = None,
     ) -> ActivationStore:
         """Extract up to `max_tokens` tokens into a store (on disk when `output_dir` is given).
 
         A disk store that already holds part of the same extraction is resumed from its manifest.
+        `write_behind` writes each batch in a thread while the next one is traced; by default it is
+        on when the model runs on an accelerator (on a CPU the thread competes with the forward pass).
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         windows = self.windows(source, text_field=text_field)
         if output_dir is None:
-            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress)]
-            merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress, _dtype(store_dtype))]
             if not parts:
                 raise StoreError("the corpus produced no tokens")
-            merged["inputs"] = merged["inputs"].to(_dtype(store_dtype))
-            merged["outputs"] = merged["outputs"].to(_dtype(store_dtype))
+            merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             return ActivationStore.from_nnsight_activations(
                 {**merged, "layers": self.layers, "model_name": self.model_name}, batch_size, normalize)
         writer = StoreWriter(output_dir, layers=self.layers, d_model=self.d_model, model_name=self.model_name,
@@ -166,10 +170,10 @@ class ActivationExtractor:
             logger.info("%s already holds %d tokens", output_dir, writer.n_tokens)
             return ActivationStore.open(output_dir, batch_size=batch_size, normalize=normalize)
         writer.manifest["complete"] = False
-        consumed = 0
-        for batch, consumed in self._stream(itertools.islice(windows, skipped, None), max_tokens, writer.n_tokens, progress):
-            writer.add(**batch)
-            writer.flush_if_full({"windows_done": skipped + consumed})
+        stream = self._stream(itertools.islice(windows, skipped, None), max_tokens, writer.n_tokens, progress,
+                              _dtype(store_dtype))
+        behind = self.device.type != "cpu" if write_behind is None else write_behind
+        consumed = _write(writer, stream, skipped, behind=behind)
         return writer.finish(batch_size=batch_size, normalize=normalize, state={"windows_done": skipped + consumed})
 
     def _settings(self, source: Any) -> dict[str, Any]:
@@ -185,6 +189,46 @@ class ActivationExtractor:
         return {**data, "layers": list(self.layers), "model_name": self.model_name}
 
 
+def _write(writer: StoreWriter, stream: Iterator[tuple[dict, int]], skipped: int, *, behind: bool) -> int:
+    """Write the batches of `stream` into `writer`; returns the number of windows consumed.
+
+    With `behind`, a thread writes each batch while the next one is traced (one batch waits at
+    most). On an error or interrupt the batches already handed over are written before it
+    propagates, so the store stays consistent with its manifest and resumes after them.
+    """
+    consumed = 0
+    if not behind:
+        for batch, consumed in stream:
+            writer.add(**batch)
+            writer.flush_if_full({"windows_done": skipped + consumed})
+        return consumed
+    handover: queue.Queue = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        while (item := handover.get()) is not None:
+            if not failure:
+                try:
+                    writer.add(**item[0])
+                    writer.flush_if_full({"windows_done": skipped + item[1]})
+                except BaseException as err:  # re-raised in the producer's thread
+                    failure.append(err)
+
+    thread = threading.Thread(target=work, name="clt-store-writer", daemon=True)
+    thread.start()
+    try:
+        for batch, consumed in stream:
+            if failure:
+                break
+            handover.put((batch, consumed))
+    finally:
+        handover.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+    return consumed
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -195,6 +239,17 @@ def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype '{name}'; use one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def pad_windows(windows: list[TokenWindow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` [batch, longest window] of a batch of windows."""
+    width = max(len(w.token_ids) for w in windows)
+    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, window in enumerate(windows):
+        ids[row, : len(window.token_ids)] = torch.tensor(window.token_ids)
+        mask[row, : len(window.token_ids)] = 1
+    return ids, mask
 
 
 def hash_window(window: TokenWindow) -> int:

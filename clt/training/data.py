@@ -8,7 +8,8 @@ On disk a store is a folder::
                              window_ids [n]
 
 Every file is written to a temporary name and renamed, and the manifest is rewritten after each
-shard, so an interrupted extraction leaves a valid store that resumes where it stopped.
+shard, so an interrupted extraction leaves a valid store that resumes where it stopped. Shards
+are written straight from the buffered batches (no concatenated copy) and read memory-mapped.
 
 Batches are a deterministic function of ``(seed, batch index)``: each epoch permutes the shard
 order, concatenates groups of ``shuffle_shards`` shards into a shuffle buffer and permutes its
@@ -20,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import struct
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +39,11 @@ MANIFEST = "manifest.json"
 STATS_FILE = "stats.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _META_KEYS = ("token_ids", "positions", "window_ids")
+_MANIFEST_KEYS = ("layers", "d_model", "dtype", "n_tokens", "shards", "complete", "state")
+_STATS_ROWS = 32
+"""Rows per float32 block in `RunningStats.update` (32 x 30 layers x 576 x 4 bytes = 2.2 MB)."""
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32"}
 
 
 class StoreError(ValueError):
@@ -75,12 +84,30 @@ class RunningStats:
         self.sums["count"] = torch.zeros((), dtype=torch.float64)
 
     def update(self, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
-        """Add a batch [n, L, d] of inputs and outputs."""
+        """Add a batch [n, L, d] of inputs and outputs.
+
+        Rows are summed in float32 in blocks of `_STATS_ROWS` (small enough to stay in cache; the
+        squares of float16/bfloat16 values are exact in float32) and the block sums in float64.
+        """
         for prefix, values in (("in", inputs), ("out", outputs)):
-            v = values.to(torch.float64)
-            self.sums[f"{prefix}_sum"] += v.sum(0)
-            self.sums[f"{prefix}_sq"] += v.square().sum(0)
+            total, squares = self.sums[f"{prefix}_sum"].view(-1), self.sums[f"{prefix}_sq"].view(-1)
+            rows = values.reshape(values.shape[0], -1)
+            buffer = torch.empty((min(_STATS_ROWS, rows.shape[0]), rows.shape[1]), dtype=torch.float32)
+            for block in rows.split(_STATS_ROWS):
+                part = buffer[: block.shape[0]]
+                part.copy_(block)
+                total += part.sum(0)
+                squares += part.square_().sum(0)
         self.sums["count"] += inputs.shape[0]
+
+    def add(self, other: RunningStats) -> None:
+        """Add the sums of another `RunningStats` (of other rows)."""
+        for key, value in other.sums.items():
+            self.sums[key] += value
+
+    def finite(self) -> bool:
+        """Whether every sum is finite (a NaN/inf anywhere in the rows makes its column's sums non-finite)."""
+        return all(bool(torch.isfinite(value).all()) for value in self.sums.values())
 
     def norm_stats(self, per_dim: bool = False) -> NormStats:
         """Means per dimension; scale per layer (RMS of the centred activations) or per dimension."""
@@ -147,13 +174,13 @@ class ActivationStore:
         layers = list(activations_dict.get("layers", default_layers))
         if len(layers) != inputs.shape[1]:
             raise StoreError(f"'layers' lists {len(layers)} layers but the activations have {inputs.shape[1]}")
-        _check_finite(inputs, outputs, layers)
+        stats = RunningStats(len(layers), inputs.shape[2])
+        stats.update(inputs, outputs)
+        _check_finite(stats, layers, (inputs, outputs))
         n = inputs.shape[0]
         shard = {"inputs": inputs, "outputs": outputs}
         for key in _META_KEYS:
             shard[key] = activations_dict.get(key, torch.full((n,), -1, dtype=torch.int64))
-        stats = RunningStats(len(layers), inputs.shape[2])
-        stats.update(inputs, outputs)
         dtype = next(k for k, v in DTYPES.items() if v == inputs.dtype) if inputs.dtype in DTYPES.values() else "float32"
         return cls([shard], [n], layers=layers, d_model=inputs.shape[2], stats=stats, batch_size=batch_size,
                    normalize=normalize, model_name=activations_dict.get("model_name"), dtype=dtype)
@@ -221,16 +248,18 @@ class ActivationStore:
 
     def tensors(self, max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All (or the first `max_tokens`) inputs and outputs as float32 [n, L, d], in store order."""
-        xs, ys, total = [], [], 0
+        n = self.n_tokens if max_tokens is None else max(0, min(max_tokens, self.n_tokens))
+        out = [torch.empty((n, self.num_layers, self.d_model)) for _ in range(2)]
+        total = 0
         for i in range(len(self.shards)):
-            if max_tokens is not None and total >= max_tokens:
+            if total >= n:
                 break
             data = self.shard(i)
-            take = self.shard_sizes[i] if max_tokens is None else min(self.shard_sizes[i], max_tokens - total)
-            xs.append(data["inputs"][:take].float())
-            ys.append(data["outputs"][:take].float())
+            take = min(self.shard_sizes[i], n - total)
+            for tensor, key in zip(out, ("inputs", "outputs")):
+                tensor[total : total + take] = data[key][:take]  # converts while copying
             total += take
-        return torch.cat(xs), torch.cat(ys)
+        return out[0], out[1]
 
     def _window_plan(self, epoch: int, seed: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -243,9 +272,30 @@ class ActivationStore:
         g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007 + window)
         return torch.randperm(n, generator=g)
 
-    def _rows(self, shard_ids: list[int]) -> dict[str, torch.Tensor]:
-        parts = [self.shard(s) for s in shard_ids]
-        return {k: torch.cat([p[k] for p in parts]) for k in ("inputs", "outputs")}
+    def _gather(self, pieces: list[tuple[list[int], torch.Tensor]], lo: int, hi: int, dtype: torch.dtype,
+                opened: dict[int, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows lo..hi of the batch made of `pieces` (a window's shards, row indices into their concatenation)."""
+        out = [torch.empty((hi - lo, self.num_layers, self.d_model), dtype=dtype) for _ in range(2)]
+        position = filled = 0
+        for shard_ids, idx in pieces:
+            position, idx = position + len(idx), idx[max(lo - position, 0) : max(hi - position, 0)]
+            starts = [0]
+            for s in shard_ids[:-1]:
+                starts.append(starts[-1] + self.shard_sizes[s])
+            which = torch.searchsorted(torch.tensor(starts), idx, right=True) - 1
+            for j, shard_id in enumerate(shard_ids):
+                if shard_id not in opened:
+                    opened[shard_id] = self.shard(shard_id)
+                if len(shard_ids) == 1:  # rows go to a contiguous block: copy and convert in one pass
+                    for tensor, key in zip(out, ("inputs", "outputs")):
+                        tensor[filled : filled + len(idx)] = opened[shard_id][key][idx]
+                    continue
+                where = (which == j).nonzero().squeeze(1)
+                rows = idx[where] - starts[j]
+                for tensor, key in zip(out, ("inputs", "outputs")):
+                    tensor[filled + where] = opened[shard_id][key][rows].to(dtype)
+            filled += len(idx)
+        return out[0], out[1]
 
     def batches(
         self,
@@ -260,15 +310,22 @@ class ActivationStore:
     ) -> Iterator[ActivationBatch]:
         """Endless shuffled batches; batch i depends only on (seed, i). `start` skips batches unread.
 
-        With ``world_size > 1`` each rank gets a disjoint slice of every global batch.
+        With ``world_size > 1`` each rank gets a disjoint slice of every global batch. Rows are
+        gathered straight from the shards (memory-mapped files) into the batch, converted on the
+        way when the batch is built on the CPU, and in the store's dtype (half the bytes to move)
+        when it goes to an accelerator.
         """
         batch_size = batch_size or self.batch_size
         if batch_size % world_size:
             raise StoreError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         position = start * batch_size
         epoch, offset = divmod(position, self.n_tokens)
-        pending: list[dict[str, torch.Tensor]] = []
+        lo = rank * (batch_size // world_size)
+        hi = lo + batch_size // world_size
+        gather_dtype = dtype if torch.device(device).type == "cpu" else DTYPES.get(self.dtype, dtype)
+        pending: list[tuple[list[int], torch.Tensor]] = []
         pending_rows = 0
+        opened: dict[int, dict[str, torch.Tensor]] = {}  # the shards of the current (and previous) window
         while True:
             for window, shard_ids in enumerate(self._window_plan(epoch, seed)):
                 size = sum(self.shard_sizes[s] for s in shard_ids)
@@ -277,20 +334,18 @@ class ActivationStore:
                     continue
                 perm = self._window_rows(epoch, window, shard_ids, seed)[offset:]
                 offset = 0
-                rows = self._rows(shard_ids)
+                opened = {s: v for s, v in opened.items() if any(s in p for p, _ in pending)}
                 begin = 0
                 while begin < len(perm):
                     idx = perm[begin : begin + batch_size - pending_rows]
                     begin += len(idx)
-                    pending.append({k: v[idx] for k, v in rows.items()})
+                    pending.append((shard_ids, idx))
                     pending_rows += len(idx)
                     if pending_rows == batch_size:
-                        merged = {k: torch.cat([p[k] for p in pending]) for k in ("inputs", "outputs")}
+                        inputs, outputs = self._gather(pending, lo, hi, gather_dtype, opened)
                         pending, pending_rows = [], 0
-                        lo = rank * (batch_size // world_size)
-                        hi = lo + batch_size // world_size
-                        yield ActivationBatch(*(merged[k][lo:hi].to(device=device, dtype=dtype, non_blocking=True)
-                                                for k in ("inputs", "outputs")))
+                        yield ActivationBatch(inputs.to(device=device, dtype=dtype, non_blocking=True),
+                                              outputs.to(device=device, dtype=dtype, non_blocking=True))
             epoch += 1
 
     def __iter__(self) -> Iterator[ActivationBatch]:
@@ -324,15 +379,22 @@ def _stack(activations: dict[str, Any], key: str) -> torch.Tensor:
     return value
 
 
-def _check_finite(inputs: torch.Tensor, outputs: torch.Tensor, layers: list[int]) -> None:
-    for name, values in (("input", inputs), ("output", outputs)):
-        bad = ~torch.isfinite(values)
-        if bad.any():
-            layer = layers[int(bad.any(-1).any(0).nonzero()[0])]
-            raise StoreError(
-                f"NaN/inf in MLP {name} activations of layer {layer}: the model overflowed; "
-                "extract in float32 (dtype=torch.float32) or check the model weights"
-            )
+def _check_finite(stats: RunningStats, layers: list[int], *pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Raise if `stats` (of the last pair) are not finite, naming the first pair and layer with a NaN/inf."""
+    if stats.finite():
+        return
+    for inputs, outputs in pairs:
+        for name, values in (("input", inputs), ("output", outputs)):
+            bad = ~torch.isfinite(values)
+            if bad.any():
+                layer = layers[int(bad.any(-1).any(0).nonzero()[0])]
+                where = f"NaN/inf in MLP {name} activations of layer {layer}"
+                if values.dtype == torch.float16:
+                    raise StoreError(f"{where}: the model overflowed, or the values exceed float16's range (65504); "
+                                     "store them as bfloat16 or float32 (store_dtype=...)")
+                raise StoreError(f"{where}: the model overflowed; extract in float32 (dtype=torch.float32) "
+                                 "or check the model weights")
+    raise StoreError("the squares of the activations overflow float32 (|a| > 1e19): check the model weights")
 
 
 def _span(layers: list[int]) -> str:
@@ -350,9 +412,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise StoreError(f"{file} is corrupt ({err}); restore it or re-extract into a new folder") from err
-    if manifest.get("version") != STORE_VERSION:
-        raise StoreError(f"{file} has version {manifest.get('version')}, this clt reads version {STORE_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("version") != STORE_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise StoreError(f"{file} has version {version}, this clt reads version {STORE_VERSION}")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise StoreError(f"{file} is corrupt (no {', '.join(missing)}); restore it or re-extract into a new folder")
     return manifest
+
+
+def writable_folder(path: str | Path) -> Path:
+    """Create the folder `path` if needed and check that files can be written in it (StoreError if not)."""
+    path = Path(path)
+    fix = "choose another folder (output_dir=..., --output-dir) or make this one writable"
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise StoreError(f"cannot write the activation store to {path}: {existing} is a file, not a folder; {fix}")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".clt-write-test-"):
+            pass
+    except OSError as err:
+        raise StoreError(f"cannot write the activation store to {path}: {err.strerror or err}; {fix}") from err
+    return path
 
 
 class StoreWriter:
@@ -372,8 +454,7 @@ class StoreWriter:
     ) -> None:
         if dtype not in DTYPES:
             raise StoreError(f"unknown store dtype '{dtype}'; use one of {sorted(DTYPES)}")
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = writable_folder(path)
         self.shard_tokens = shard_tokens
         self.stats = RunningStats(len(layers), d_model)
         self.manifest: dict[str, Any] = {
@@ -392,6 +473,7 @@ class StoreWriter:
             self.stats.sums = _load_safetensors(self.path / STATS_FILE)
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._buffered = 0
+        self._buffer_stats = RunningStats(len(layers), d_model)
 
     @property
     def n_tokens(self) -> int:
@@ -415,17 +497,20 @@ class StoreWriter:
         if inputs.ndim != 3 or tuple(inputs.shape[1:]) != expected or inputs.shape != outputs.shape:
             raise StoreError(f"activations must be [n, {expected[0]}, {expected[1]}]; got inputs "
                              f"{tuple(inputs.shape)} and outputs {tuple(outputs.shape)}")
-        _check_finite(inputs, outputs, self.manifest["layers"])
         dtype = DTYPES[self.manifest["dtype"]]
-        self._buffer.append({"inputs": inputs.to(dtype), "outputs": outputs.to(dtype),
-                             "token_ids": token_ids.long(), "positions": positions.int(), "window_ids": window_ids.long()})
+        stored = inputs.to(dtype), outputs.to(dtype)
+        stats = RunningStats(*expected)
+        stats.update(*stored)
+        _check_finite(stats, self.manifest["layers"], (inputs, outputs), stored)
+        self._buffer.append({"inputs": stored[0], "outputs": stored[1], "token_ids": token_ids.long(),
+                             "positions": positions.int(), "window_ids": window_ids.long()})
+        self._buffer_stats.add(stats)
         self._buffered += inputs.shape[0]
 
     def flush(self, state: dict[str, Any]) -> None:
         """Write all buffered rows as one shard and record the producer's `state` with it."""
         if self._buffered:
-            self._write_shard({k: torch.cat([b[k] for b in self._buffer]) for k in self._buffer[0]})
-            self._buffer, self._buffered = [], 0
+            self._write_shard()
         self.manifest["state"] = state
         self._write_manifest()
 
@@ -434,13 +519,15 @@ class StoreWriter:
         if self._buffered >= self.shard_tokens:
             self.flush(state)
 
-    def _write_shard(self, shard: dict[str, torch.Tensor]) -> None:
+    def _write_shard(self) -> None:
         name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
-        atomic_save_tensors(shard, self.path / name)
-        self.stats.update(shard["inputs"], shard["outputs"])
+        _save_concatenated({k: [b[k] for b in self._buffer] for k in self._buffer[0]}, self.path / name)
+        self.stats.add(self._buffer_stats)
         atomic_save_tensors(self.stats.sums, self.path / STATS_FILE)
-        self.manifest["shards"].append({"file": name, "n_tokens": int(shard["inputs"].shape[0])})
-        self.manifest["n_tokens"] += int(shard["inputs"].shape[0])
+        self.manifest["shards"].append({"file": name, "n_tokens": self._buffered})
+        self.manifest["n_tokens"] += self._buffered
+        self._buffer, self._buffered = [], 0
+        self._buffer_stats = RunningStats(len(self.manifest["layers"]), self.manifest["d_model"])
         self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -454,9 +541,35 @@ class StoreWriter:
         return ActivationStore.open(self.path, batch_size=batch_size, normalize=normalize)
 
 
+def _save_concatenated(parts: dict[str, list[torch.Tensor]], path: Path) -> None:
+    """Save ``{name: torch.cat(parts[name])}`` as safetensors, atomically, without building the concatenation."""
+    if sys.byteorder != "little":
+        atomic_save_tensors({k: torch.cat(v) for k, v in parts.items()}, path)
+        return
+    parts = dict(sorted(parts.items(), key=lambda item: -item[1][0].element_size()))  # aligned offsets
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, tensors in parts.items():
+        shape = [sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]]
+        size = sum(t.numel() for t in tensors) * tensors[0].element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[tensors[0].dtype], "shape": shape,
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as file:
+        file.write(struct.pack("<Q", len(text)) + text)
+        for tensors in parts.values():
+            for tensor in tensors:
+                file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+    tmp.replace(path)
+
+
 def tokens_to_gib(n_tokens: int, num_layers: int, d_model: int, dtype: str = "float16") -> float:
     """Disk size of a store of n_tokens, in GiB (activations only)."""
     return n_tokens * num_layers * d_model * 2 * DTYPES[dtype].itemsize / 2**30
 
 
-__all__ = ["ActivationBatch", "ActivationStore", "NormStats", "RunningStats", "StoreError", "StoreWriter"]
+__all__ = ["ActivationBatch", "ActivationStore", "NormStats", "RunningStats", "StoreError", "StoreWriter",
+           "writable_folder"]

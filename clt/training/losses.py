@@ -133,16 +133,17 @@ def compute_losses(model: CrossLayerTranscoder, inputs: Tensor, targets: Tensor,
     models when `dead_mask` is given and `k_aux` > 0.
     """
     out = model.forward_normalized(inputs)
-    norms = model.decoder_norms()
+    act = model.cfg.activation_fn
+    use_pre = bool(preactivation_coef) and act == "jumprelu"
+    norms = model.decoder_norms() if sparsity_coef or use_pre else None
     zero = out.reconstruction.new_zeros(())
     recon = reconstruction_loss(out.reconstruction, targets)
     sparse = zero
     if sparsity_coef:
         sparse = sparsity_loss(out.features, norms, coefficient=sparsity_coef, c=sparsity_c,
                                kind=sparsity_kind)
-    act = model.cfg.activation_fn
     pre = zero
-    if preactivation_coef and act == "jumprelu":
+    if use_pre:
         pre = preactivation_loss(out.preactivations, model.threshold, norms,
                                  coefficient=preactivation_coef)
     aux = zero

@@ -157,6 +157,160 @@ def test_decode_gradients_match_autograd_of_explicit_sum(cross):
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def _sparse_and_dense(seed: int = 0, **kw) -> tuple[CrossLayerTranscoder, CrossLayerTranscoder]:
+    """The same random transcoder decoding sparsely and densely."""
+    sparse = _model(seed=seed, sparse_decode="on", **kw)
+    dense = CrossLayerTranscoder(sparse.cfg.replace(sparse_decode="off"))
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense
+
+
+def _grads(model: CrossLayerTranscoder) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
+@pytest.mark.parametrize("act", ["topk", "batchtopk"])
+def test_sparse_decode_matches_dense_forward_and_gradients(act, cross):
+    """Gathering the active decoder rows gives the dense sum, and the same gradients for W_dec,
+    b_dec, W_skip, the feature values (through the activation: W_enc, b_enc) and the inputs."""
+    sparse, dense = _sparse_and_dense(activation_fn=act, topk=3, cross_layer=cross,
+                                      skip_connection=True)
+    assert sparse.uses_sparse_decode() and not dense.uses_sparse_decode()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, L, D, generator=g)
+    upstream = torch.randn(2, 5, L, D, generator=g)
+    feature_weight = torch.randn(2, 5, L, 8, generator=g)  # a loss on the features too
+    results = []
+    for model in (sparse, dense):
+        x_std = model.normalize_inputs(x).requires_grad_()
+        out = model.forward_normalized(x_std)
+        ((out.reconstruction * upstream).sum() + (out.features * feature_weight).sum()).backward()
+        results.append((out, x_std.grad, _grads(model)))
+    (out_s, x_grad_s, grads_s), (out_d, x_grad_d, grads_d) = results
+    assert torch.equal(out_s.features, out_d.features)
+    assert torch.equal(out_s.preactivations, out_d.preactivations)
+    torch.testing.assert_close(out_s.reconstruction, out_d.reconstruction, atol=1e-5, rtol=1e-5)
+    active = out_d.features != 0
+    assert 0 < active.sum() < active.numel()
+    torch.testing.assert_close(x_grad_s, x_grad_d, atol=1e-5, rtol=1e-5)
+    assert grads_s.keys() == grads_d.keys() >= {"W_enc", "b_enc", "b_dec", "W_skip",
+                                                "W_dec.0", f"W_dec.{L - 1}"}
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["layer", "all"])
+def test_sparse_batchtopk_selects_and_updates_the_threshold_like_dense(scope):
+    sparse, dense = _sparse_and_dense(activation_fn="batchtopk", topk=2, batchtopk_scope=scope)
+    g = torch.Generator().manual_seed(10)
+    for _ in range(3):
+        x = torch.randn(7, L, D, generator=g)
+        out_s, out_d = sparse(x), dense(x)
+        assert torch.equal(out_s.features, out_d.features)
+        torch.testing.assert_close(out_s.reconstruction, out_d.reconstruction, atol=1e-5, rtol=1e-5)
+        assert torch.equal(sparse.batchtopk.threshold, dense.batchtopk.threshold)
+    assert (sparse.batchtopk.threshold > 0).all()
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
+def test_sparse_decode_normalized_gradient_of_feature_values(cross):
+    """decode_normalized on given features: same output, same gradients for W_dec and for the
+    values of the active features (0 at inactive ones, which ReLU/TopK never pass on)."""
+    sparse, dense = _sparse_and_dense(activation_fn="topk", topk=2, cross_layer=cross)
+    g = torch.Generator().manual_seed(9)
+    pre = torch.randn(4, 3, L, 8, generator=g) - 0.5
+    upstream = torch.randn(4, 3, L, D, generator=g)
+    results = []
+    for model in (sparse, dense):
+        leaf = pre.clone().requires_grad_()
+        features = torch.relu(leaf)  # not a leaf: the sparse path is used
+        features.retain_grad()
+        out = model.decode_normalized(features)
+        (out * upstream).sum().backward()
+        results.append((out, features.grad, leaf.grad, _grads(model)))
+    (out_s, feat_s, leaf_s, grads_s), (out_d, feat_d, leaf_d, grads_d) = results
+    torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
+    active = pre > 0
+    torch.testing.assert_close(feat_s[active], feat_d[active], atol=1e-5, rtol=1e-5)
+    assert not feat_s[~active].any(), "inactive features get no decoder gradient"
+    torch.testing.assert_close(leaf_s, leaf_d, atol=1e-5, rtol=1e-5)
+    assert grads_s.keys() == grads_d.keys() >= {"b_dec", "W_dec.0"}
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
+def test_sparse_decode_matches_dense_in_the_losses(cross):
+    """compute_losses (reconstruction, sparsity, auxiliary top-k on dead features): same terms
+    and gradients on both paths."""
+    sparse, dense = _sparse_and_dense(activation_fn="topk", topk=2, cross_layer=cross)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(16, L, D, generator=g), torch.randn(16, L, D, generator=g)
+    dead = torch.rand(L, 8, generator=g) < 0.5
+    results = []
+    for model in (sparse, dense):
+        terms, _ = compute_losses(model, x, y, sparsity_coef=0.1, dead_mask=dead, k_aux=3)
+        terms.total.backward()
+        results.append((terms, _grads(model)))
+    (terms_s, grads_s), (terms_d, grads_d) = results
+    assert terms_d.auxiliary > 0
+    for a, b in zip(terms_s, terms_d):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_sparse_decode_handles_any_count_of_active_features():
+    """Rows with no active feature, many active features (BatchTopK at eval), an empty batch."""
+    sparse, dense = _sparse_and_dense(activation_fn="batchtopk", topk=2)
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(6, L, 8, generator=g) * (torch.rand(6, L, 8, generator=g) < 0.4)
+    a[0] = 0
+    a[1, 2] = torch.rand(8, generator=g) + 0.1
+    a[:, 1] = 0
+    for batch in (a, a[:0]):
+        torch.testing.assert_close(sparse.decode_normalized(batch), dense.decode_normalized(batch),
+                                   atol=1e-5, rtol=1e-5)
+    leaf = a.clone().requires_grad_()
+    assert not sparse.uses_sparse_decode(leaf), "a leaf asking for its gradient decodes densely"
+    sparse.decode_normalized(leaf).sum().backward()
+    assert leaf.grad[~(a != 0)].abs().sum() > 0
+
+
+def test_sparse_decode_under_bf16_autocast():
+    """Under autocast the sparse path decodes in float32 and trains like the bf16 dense path."""
+    sparse, dense = _sparse_and_dense(activation_fn="topk", topk=2)
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(32, L, D, generator=g), torch.randn(32, L, D, generator=g)
+    results = []
+    for model in (sparse, dense):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            terms, out = compute_losses(model, model.normalize_inputs(x), model.normalize_outputs(y))
+        terms.total.backward()
+        results.append((out.reconstruction, _grads(model)))
+    (rec_s, grads_s), (rec_d, grads_d) = results
+    assert rec_s.dtype == torch.float32
+    torch.testing.assert_close(rec_s, rec_d.float(), atol=0.05, rtol=0.05)
+    for name in grads_d:
+        assert grads_s[name].dtype == torch.float32
+        torch.testing.assert_close(grads_s[name], grads_d[name], atol=0.05, rtol=0.05, msg=name)
+
+
+def test_sparse_decode_choice():
+    auto = {act: CrossLayerTranscoder(_cfg(num_features=64, activation_fn=act, topk=8))
+            for act in ACTS}
+    assert [auto[act].uses_sparse_decode() for act in ACTS] == [False, False, True, True]
+    assert not CrossLayerTranscoder(_cfg(num_features=64, activation_fn="topk",
+                                         topk=9)).uses_sparse_decode(), "auto: only when F/k >= 8"
+    assert not CrossLayerTranscoder(_cfg(num_features=64, activation_fn="topk", topk=8,
+                                         sparse_decode="off")).uses_sparse_decode()
+    with pytest.raises(ConfigError, match="sparse_decode='on' needs activation_fn topk"):
+        _cfg(activation_fn="jumprelu", sparse_decode="on")
+    with pytest.raises(ConfigError, match="sparse_decode 'yes'"):
+        _cfg(sparse_decode="yes")
+
+
 def test_forward_is_standardised_forward_mapped_to_raw_space():
     model = _model(skip_connection=True)
     x = torch.randn(2, 4, L, D)

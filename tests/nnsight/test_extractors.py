@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 
 from clt.data.corpus import token_windows
 from clt.nnsight.extractors import ActivationExtractor
 from clt.nnsight.models import find_layout
-from clt.training.data import ActivationStore
+from clt.training.data import ActivationStore, StoreError
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -92,7 +95,8 @@ def test_memory_and_disk_extraction_agree(tiny_llama, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_interrupted_extraction_resumes_to_the_same_store(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_interrupted_extraction_resumes_to_the_same_store(tiny_llama, tmp_path, monkeypatch, write_behind):
     model, tokenizer = tiny_llama
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32, batch_size=2)
     reference = extractor.extract(max_tokens=900, store_dtype="float32", progress=False)
@@ -100,27 +104,89 @@ def test_interrupted_extraction_resumes_to_the_same_store(tiny_llama, tmp_path, 
     calls = {"n": 0}
     original = extractor.activations
 
-    def crashing(windows):
+    def crashing(windows, **kwargs):
         calls["n"] += 1
         if calls["n"] == 9:
             raise KeyboardInterrupt("simulated crash")
-        return original(windows)
+        return original(windows, **kwargs)
 
     monkeypatch.setattr(extractor, "activations", crashing)
     with pytest.raises(KeyboardInterrupt):
         extractor.extract(max_tokens=900, store_dtype="float32", output_dir=tmp_path / "s", shard_tokens=100,
-                          progress=False)
+                          progress=False, write_behind=write_behind)
     partial = ActivationStore.open(tmp_path / "s")
     assert 0 < partial.n_tokens < 900
     monkeypatch.setattr(extractor, "activations", original)
     resumed = extractor.extract(max_tokens=900, store_dtype="float32", output_dir=tmp_path / "s",
-                                shard_tokens=100, progress=False)
+                                shard_tokens=100, progress=False, write_behind=write_behind)
     assert resumed.n_tokens == 900
     for a, b in zip(reference.tensors(), resumed.tensors()):
         assert torch.equal(a, b)
     stats_a, stats_b = reference.norm_stats(), resumed.norm_stats()
     assert torch.allclose(stats_a.input_mean, stats_b.input_mean, atol=1e-6)
     assert torch.allclose(stats_a.output_std, stats_b.output_std, atol=1e-6)
+
+
+def test_store_dtype_is_applied_while_gathering(tiny_llama):
+    model, tokenizer = tiny_llama
+    extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=24)
+    windows = list(token_windows(TEXTS, tokenizer, 24))
+    full, half = extractor.activations(windows), extractor.activations(windows, dtype=torch.float16)
+    assert half["inputs"].dtype == half["outputs"].dtype == torch.float16
+    assert torch.equal(half["inputs"], full["inputs"].half()) and torch.equal(half["outputs"], full["outputs"].half())
+
+
+def test_write_behind_gives_the_same_store(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32, batch_size=3)
+    stores = [extractor.extract(max_tokens=500, output_dir=tmp_path / str(behind), shard_tokens=120, progress=False,
+                                write_behind=behind) for behind in (False, True)]
+    assert stores[0].n_tokens == stores[1].n_tokens == 500 and len(stores[0].shards) == len(stores[1].shards) > 1
+    for a, b in zip(stores[0].tensors(), stores[1].tensors()):
+        assert torch.equal(a, b)
+    assert torch.equal(stores[0].stats.sums["in_sq"], stores[1].stats.sums["in_sq"])
+
+
+def _no_model_work(*args, **kwargs):
+    pytest.fail("the model ran before the output folder was checked")
+
+
+def test_output_folder_under_a_file_fails_before_any_model_work(tiny_llama, tmp_path, monkeypatch):
+    model, tokenizer = tiny_llama
+    extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32)
+    monkeypatch.setattr(extractor, "activations", _no_model_work)
+    results = tmp_path / "results.txt"
+    results.write_text("keep me")
+    for target in (results / "store", results):  # a parent that is a file (works as root), or the path itself
+        message = rf"cannot write the activation store to {re.escape(str(target))}: .* is a file.*choose another folder"
+        with pytest.raises(StoreError, match=message):
+            extractor.extract(TEXTS, max_tokens=50, output_dir=target, progress=False)
+    assert results.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders (as root, "
+                                              "test_output_folder_under_a_file_fails_before_any_model_work checks the error)")
+def test_read_only_folders_fail_before_any_model_work_and_keep_their_data(tiny_llama, tmp_path, monkeypatch):
+    model, tokenizer = tiny_llama
+    extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32)
+    store = tmp_path / "store"
+    extractor.extract(TEXTS, max_tokens=50, output_dir=store, progress=False)
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    monkeypatch.setattr(extractor, "activations", _no_model_work)
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    for folder in (store, parent):
+        folder.chmod(0o500)
+    try:
+        for target in (store, parent / "new"):  # resuming a read-only store, creating a store in a read-only folder
+            message = rf"cannot write the activation store to {re.escape(str(target))}: .*make this one writable"
+            with pytest.raises(StoreError, match=message):
+                extractor.extract(TEXTS, max_tokens=500, output_dir=target, progress=False)
+    finally:
+        for folder in (store, parent):
+            folder.chmod(0o700)
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    assert not (parent / "new").exists()
 
 
 def test_resume_with_other_settings_is_refused(tiny_llama, tmp_path):
@@ -138,9 +204,24 @@ def test_bad_arguments(tiny_llama):
         ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, layers=[7])
     with pytest.raises(ValueError, match="context"):
         ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=10_000)
+    with pytest.raises(ValueError, match=r"layers \[-1\] are invalid: the model has layers 0..2"):
+        ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, layers=[-1, 0])
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="no text"):
         extractor.extract(["", "  "], max_tokens=10, progress=False)
+
+
+def test_empty_or_missing_corpus_files(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "folder").mkdir()
+    for source, message in ((tmp_path / "empty.txt", "contains no text"),
+                            (tmp_path / "nothing.txt", "corpus not found"),
+                            (tmp_path / "folder", "contains no .txt files")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            extractor.extract(source, max_tokens=10, output_dir=tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
 
 
 def test_seed_api_dict_feeds_the_store(tiny_llama, tmp_path):

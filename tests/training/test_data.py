@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from clt.training.data import ActivationStore, StoreError, StoreWriter
+from clt.training.data import ActivationStore, RunningStats, StoreError, StoreWriter
 
 
 def make_activations(n=300, layers=3, d=8, seed=0):
@@ -17,8 +18,8 @@ def make_activations(n=300, layers=3, d=8, seed=0):
     return {"inputs": x, "outputs": y, "layers": list(range(layers)), "token_ids": torch.arange(n)}
 
 
-def write_store(path, acts, shard=50):
-    writer = StoreWriter(path, layers=acts["layers"], d_model=acts["inputs"].shape[2], dtype="float32",
+def write_store(path, acts, shard=50, dtype="float32"):
+    writer = StoreWriter(path, layers=acts["layers"], d_model=acts["inputs"].shape[2], dtype=dtype,
                          shard_tokens=shard)
     n = acts["inputs"].shape[0]
     for lo in range(0, n, 20):
@@ -75,11 +76,27 @@ def test_batch_size_not_dividing_store_still_yields_full_batches(tmp_path):
     assert all(next(stream).inputs.shape[0] == 64 for _ in range(12))
 
 
-def test_ranks_get_disjoint_halves():
-    store = ActivationStore.from_nnsight_activations(make_activations())
-    full = next(store.batches(32, seed=1)).inputs
-    halves = [next(store.batches(32, seed=1, rank=r, world_size=2)).inputs for r in (0, 1)]
-    assert torch.equal(torch.cat(halves), full)
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_ranks_get_disjoint_halves(tmp_path, on_disk):
+    acts = make_activations()
+    store = write_store(tmp_path / "s", acts, shard=70) if on_disk else ActivationStore.from_nnsight_activations(acts)
+    full, ranks = store.batches(32, seed=1), [store.batches(32, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(12):  # more than an epoch: batches that straddle shuffle windows
+        assert torch.equal(torch.cat([next(r).inputs for r in ranks]), next(full).inputs)
+
+
+def test_batches_gather_rows_of_several_shards_in_the_store_dtype(tmp_path):
+    acts = make_activations(n=230)
+    store = write_store(tmp_path / "s", acts, shard=40, dtype="bfloat16")
+    rows = {tuple(r) for r in acts["inputs"].bfloat16().float().reshape(230, -1)[:, :3].tolist()}
+    stream = store.batches(23, seed=5)
+    epoch = [next(stream) for _ in range(10)]
+    assert all(b.inputs.dtype == torch.float32 and b.inputs.shape == (23, 3, 8) for b in epoch)
+    seen = torch.cat([b.inputs for b in epoch]).reshape(230, -1)[:, :3]
+    assert {tuple(r) for r in seen.tolist()} == rows and len(rows) == 230
+    half = next(store.batches(23, seed=5, dtype=torch.bfloat16))
+    assert half.inputs.dtype == torch.bfloat16 and torch.equal(half.inputs.float(), epoch[0].inputs)
+    assert torch.equal(store.tensors(max_tokens=75)[1], acts["outputs"][:75].bfloat16().float())
 
 
 def test_disk_store_round_trip_and_dtypes(tmp_path):
@@ -133,3 +150,85 @@ def test_empty_and_malformed_inputs(tmp_path):
         ActivationStore.from_nnsight_activations({"inputs": torch.zeros(5, 2, 4)})
     with pytest.raises(StoreError, match="dtype"):
         StoreWriter(tmp_path / "w", layers=[0], d_model=4, dtype="int4")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_statistics_of_the_stored_rows_match_float64(tmp_path, dtype):
+    acts = make_activations(n=300)
+    acts["inputs"] = acts["inputs"] * 40 + 300  # large mean: cancellation in E[x^2] - E[x]^2
+    store = write_store(tmp_path / "s", acts, dtype=dtype)
+    stored = store.tensors()[0].double()
+    sums = store.stats.sums
+    assert torch.allclose(sums["in_sum"], stored.sum(0), rtol=1e-6)
+    assert torch.allclose(sums["in_sq"], stored.square().sum(0), rtol=1e-6)
+    assert float(sums["count"]) == 300
+
+
+def test_streamed_shards_are_plain_safetensors(tmp_path):
+    acts = make_activations(n=90)
+    write_store(tmp_path / "s", acts, shard=60, dtype="float16")
+    first = load_file(str(tmp_path / "s" / "shard_00000.safetensors"))
+    assert {k: v.dtype for k, v in first.items()} == {"inputs": torch.float16, "outputs": torch.float16,
+                                                       "token_ids": torch.int64, "positions": torch.int32,
+                                                       "window_ids": torch.int64}
+    assert torch.equal(first["inputs"], acts["inputs"][:60].half())
+    assert torch.equal(first["token_ids"], torch.arange(60))
+    odd = make_activations(n=7, layers=1, d=3)  # 7 x 3 float16 = 42 bytes: 8-byte fields must stay aligned
+    store = write_store(tmp_path / "odd", odd, dtype="float16")
+    assert torch.equal(store.shard(0)["token_ids"], torch.arange(7))
+    assert torch.equal(store.tensors()[1], odd["outputs"].half().float())
+
+
+def test_float16_overflow_is_rejected_and_nothing_written_is_lost(tmp_path):
+    writer = StoreWriter(tmp_path / "s", layers=[0, 1], d_model=4, dtype="float16", shard_tokens=5)
+    z = torch.zeros(5)
+    writer.add(torch.ones(5, 2, 4), torch.ones(5, 2, 4), token_ids=z, positions=z, window_ids=z)
+    writer.flush({"rows": 5})
+    big = torch.ones(5, 2, 4)
+    big[2, 1, 3] = 1e5  # finite in float32, inf in float16
+    with pytest.raises(StoreError, match="output activations of layer 1.*float16's range.*bfloat16 or float32"):
+        writer.add(torch.ones(5, 2, 4), big, token_ids=z, positions=z, window_ids=z)
+    writer.flush({"rows": 10})
+    assert ActivationStore.open(tmp_path / "s").n_tokens == 5
+    assert torch.equal(writer.stats.sums["out_sum"], torch.full((2, 4), 5.0, dtype=torch.float64))
+
+
+def test_manifest_without_fields_and_missing_shard_give_clear_errors(tmp_path):
+    write_store(tmp_path / "s", make_activations())
+    manifest = tmp_path / "s" / "manifest.json"
+    (tmp_path / "s" / "shard_00002.safetensors").unlink()
+    with pytest.raises(StoreError, match="shard_00002.safetensors is missing.*re-run the extraction"):
+        ActivationStore.open(tmp_path / "s").tensors()
+    manifest.write_text(json.dumps({"version": 1, "layers": [0, 1, 2]}))
+    with pytest.raises(StoreError, match="corrupt \\(no d_model, dtype"):
+        ActivationStore.open(tmp_path / "s")
+    manifest.write_text("[]")
+    with pytest.raises(StoreError, match="version None"):
+        ActivationStore.open(tmp_path / "s")
+
+
+def test_store_of_other_layers_or_width_is_refused(tmp_path):
+    acts = make_activations(n=100)
+    write_store(tmp_path / "s", acts)
+    for change in ({"layers": [0, 1]}, {"d_model": 16}):
+        settings = {"layers": [0, 1, 2], "d_model": 8, "dtype": "float32", **change}
+        key = next(iter(change))
+        with pytest.raises(StoreError, match=f"cannot resume .*its {key} is .*use the same settings or a new folder"):
+            StoreWriter(tmp_path / "s", **settings)
+    other = write_store(tmp_path / "other", make_activations(n=100, d=4))  # a shard of another width
+    (tmp_path / "other" / "shard_00000.safetensors").replace(tmp_path / "s" / "shard_00000.safetensors")
+    with pytest.raises(StoreError, match=r"shard 0 has shape \(60, 3, 4\), expected \(60, 3, 8\): the store is"):
+        ActivationStore.open(tmp_path / "s").shard(0)
+    assert other.d_model == 4
+
+
+def test_transcoder_of_other_layers_or_width_is_refused():
+    from clt.config.training import TrainingConfig
+    from clt.config.transcoder import CLTConfig
+    from clt.training.trainer import CLTTrainer
+
+    store = ActivationStore.from_nnsight_activations(make_activations())  # 3 layers of width 8
+    for num_layers, d_model in ((2, 8), (3, 16)):
+        message = "expects .* but the store holds 3 layers of width 8; set num_layers=3, d_model=8"
+        with pytest.raises(ValueError, match=message):
+            CLTTrainer(CLTConfig(num_features=8, num_layers=num_layers, d_model=d_model), TrainingConfig(), store)

@@ -41,17 +41,17 @@ def test_trainer_learns_a_planted_cross_layer_dictionary(tmp_path):
     assert trainer.history[-1]["fvu"] < trainer.history[0]["fvu"]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [100, 200, 300, 400, 500, 600]
-    from clt.models.transcoder import CrossLayerTranscoder
-
     reloaded = CrossLayerTranscoder.from_pretrained(tmp_path / "run" / "transcoder")
     x = store.tensors()[0][:50]
     assert torch.allclose(reloaded(x).reconstruction, model(x).reconstruction, atol=1e-6)
 
 
-@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
-def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, activation):
+@pytest.mark.parametrize("activation,sparse", [("jumprelu", "off"), ("batchtopk", "off"),
+                                               ("batchtopk", "on"), ("topk", "on")])
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, activation, sparse):
     store = planted_store(n=1000)
-    cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn=activation, topk=3)
+    cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn=activation, topk=3,
+                    sparse_decode=sparse)
 
     def training(folder, **kw):
         return TrainingConfig(learning_rate=1e-3, batch_size=64, grad_accumulation_steps=2, training_steps=24,
@@ -96,9 +96,12 @@ def test_bad_setups_fail_with_clear_messages():
         TrainingConfig.from_dict({"learnig_rate": 1e-3})
 
 
-def test_bf16_autocast_trains_on_cpu():
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+def test_bf16_autocast_trains_on_cpu(activation):
     store = planted_store(n=500)
-    trainer = CLTTrainer(CLTConfig(num_features=16, num_layers=2, d_model=12),
+    cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn=activation, topk=2)
+    assert cfg.activation_fn == "jumprelu" or CrossLayerTranscoder(cfg).uses_sparse_decode()
+    trainer = CLTTrainer(cfg,
                          TrainingConfig(training_steps=30, batch_size=64, mixed_precision="bf16", log_every=10,
                                         learning_rate=3e-3), store)
     trainer.train(progress=False)
