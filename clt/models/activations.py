@@ -148,7 +148,8 @@ def batchtopk_active(z: Tensor, k: int, scope: str = "layer") -> tuple[Tensor, T
         raise ValueError(f"batchtopk scope must be 'layer' or 'all', got {scope!r}")
     flat = z.detach().reshape(-1)  # (token, layer, feature) order
     kept = flat.topk(min(k * n * num_layers, flat.numel()), sorted=False).indices
-    rows, layer, cols = kept // (num_layers * num_features), (kept // num_features) % num_layers, kept % num_features
+    rows, cols = kept // (num_layers * num_features), kept % num_features
+    layer = (kept // num_features) % num_layers
     order = torch.argsort((layer * n + rows) * num_features + cols)
     return layer[order], rows[order], cols[order]
 

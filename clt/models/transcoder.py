@@ -23,8 +23,9 @@ import copy
 import functools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -186,15 +187,19 @@ class CrossLayerTranscoder(nn.Module):
         """Standardised reconstruction [..., L, d]; adds the skip term when x_std is given.
 
         With `uses_sparse_decode` the sum runs over the nonzero features only (in the parameter
-        dtype, also under autocast); the gradient w.r.t. `features` is then exact at nonzero
-        entries and 0 at zero entries, the only ones TopK/BatchTopK pass back to the encoder.
+        dtype, also under autocast; with sparse_decode 'auto' only while at most 1/8 of them
+        are nonzero); the gradient w.r.t. `features` is then exact at nonzero entries and 0 at
+        zero entries, the only ones TopK/BatchTopK pass back to the encoder.
         """
         self._check_shape(features, self.cfg.num_features, "num_features", "features")
         L, d = self.cfg.num_layers, self.cfg.d_model
         batch_shape = features.shape[:-2]
+        out = None
         if self.uses_sparse_decode(features):
             flat = features.reshape(-1, L, features.shape[-1])
-            out = _sparse_decode(flat, list(self.W_dec), d).reshape(*batch_shape, L, d)
+            out = _sparse_decode(flat, list(self.W_dec), d, force=self.cfg.sparse_decode == "on")
+        if out is not None:
+            out = out.reshape(*batch_shape, L, d)
         else:
             dtype = self.W_enc.dtype
             if torch.is_autocast_enabled(features.device.type):
@@ -461,7 +466,8 @@ def _bag_weight_grad(layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, 
     bag = layer * num_features + cols
     order = torch.argsort(bag, stable=True)
     counts = torch.bincount(bag, minlength=num_layers * num_features)
-    out = nn.functional.embedding_bag((rows * num_layers + layer)[order], x.reshape(n * num_layers, d),
+    table = x.reshape(n * num_layers, d)  # row n·L + l is x[n, l]
+    out = nn.functional.embedding_bag((rows * num_layers + layer)[order], table,
                                       counts.cumsum(0) - counts, mode="sum",
                                       per_sample_weights=values.to(x.dtype)[order])
     return out.view(num_layers, num_features, d)
@@ -470,7 +476,8 @@ def _bag_weight_grad(layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, 
 class _Encode(torch.autograd.Function):
     """z = x W_enc^T + b_enc [N, L, F]; with ``sparse_grad`` (TopK/BatchTopK, whose gradient of z
     is nonzero only at the active features and the auxiliary loss's dead ones) the weight
-    gradient sums the nonzero entries, Σ_n g[n,l,f] x[n,l], instead of a dense GEMM."""
+    gradient sums the nonzero entries, Σ_n g[n,l,f] x[n,l], instead of a dense GEMM, while at
+    most 1/8 of them are nonzero."""
 
     @staticmethod
     def forward(ctx, flat: Tensor, weight: Tensor, bias: Tensor, sparse_grad: bool) -> Tensor:
@@ -482,7 +489,8 @@ class _Encode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
-        return *_encoder_backward(ctx, grad, x, w, ctx.sparse_grad), None
+        sparse = ctx.sparse_grad and _sparse_enough(int(torch.count_nonzero(grad)), grad.numel())
+        return *_encoder_backward(ctx, grad, x, w, sparse), None
 
 
 class _EncodeActive(torch.autograd.Function):
@@ -512,10 +520,13 @@ class _EncodeActive(torch.autograd.Function):
         num_features = w.shape[1]
         active = None if grad_values is None else torch.where(values > 0, grad_values, 0)
         if grad_z is not None or ctx.needs_input_grad[0]:
-            grad = x.new_zeros(n, num_layers, num_features, dtype=values.dtype) if grad_z is None else grad_z
+            grad = grad_z
+            if grad is None:
+                grad = x.new_zeros(n, num_layers, num_features, dtype=values.dtype)
             if active is not None:
                 grad = grad.index_put((rows, layer, cols), active, accumulate=True)
-            return *_encoder_backward(ctx, grad, x, w, sparse=grad_z is None), None
+            sparse = grad_z is None or _sparse_enough(int(torch.count_nonzero(grad)), grad.numel())
+            return *_encoder_backward(ctx, grad, x, w, sparse), None
         if active is None:
             return None, None, None, None
         b_dtype = ctx.dtypes[2]
@@ -529,6 +540,11 @@ class _EncodeActive(torch.autograd.Function):
         return None, grad_w, grad_b, None
 
 
+def _sparse_enough(nnz: int, numel: int) -> bool:
+    """Gathers beat dense GEMMs below 1/8 density (measured on CPU, F/k = 8 is about even)."""
+    return nnz * 8 <= numel
+
+
 def _segments(layer: Tensor, rows: Tensor, n: int, num_layers: int) -> tuple[Tensor, list[int]]:
     """For entries sorted by (layer, token): where each token's entries start within its layer's
     segment, offsets [L, N], and the segments' bounds [0, end of layer 0, ..., nnz]."""
@@ -538,13 +554,17 @@ def _segments(layer: Tensor, rows: Tensor, n: int, num_layers: int) -> tuple[Ten
     return ends - counts - ends.new_tensor(bounds[:-1])[:, None], bounds
 
 
-def _sparse_decode(flat: Tensor, weights: list[Tensor], d: int) -> Tensor:
-    """Σ_l Σ_{i: a_l,i ≠ 0} a_l,i W_dec[l][i] for features flat [N, L, F] → [N, L·d]."""
+def _sparse_decode(flat: Tensor, weights: list[Tensor], d: int, force: bool) -> Tensor | None:
+    """Σ_l Σ_{i: a_l,i ≠ 0} a_l,i W_dec[l][i] for features flat [N, L, F] → [N, L·d]; None
+    when more than 1/8 of the features are nonzero (the dense decoder is faster) unless
+    `force`."""
     n, num_layers, _ = flat.shape
     if n == 0:
         return flat.new_zeros(0, num_layers * d, dtype=weights[0].dtype)
     with torch.no_grad():
         layer, rows, cols = flat.transpose(0, 1).nonzero().unbind(1)  # sorted by (layer, token)
+        if not force and not _sparse_enough(layer.numel(), flat.numel()):
+            return None
         offsets, bounds = _segments(layer, rows, n, num_layers)
     values = flat[rows, layer, cols].to(weights[0].dtype)
     return _SparseDecode.apply(d, rows, cols, offsets, bounds, values, *weights)

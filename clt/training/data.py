@@ -279,22 +279,28 @@ class ActivationStore:
         position = filled = 0
         for shard_ids, idx in pieces:
             position, idx = position + len(idx), idx[max(lo - position, 0) : max(hi - position, 0)]
+            for shard_id in shard_ids:
+                if shard_id not in opened:
+                    opened[shard_id] = self.shard(shard_id)
+            block = slice(filled, filled + len(idx))
+            filled += len(idx)
+            if len(shard_ids) == 1:  # the rows land in one block: gather, then convert into place
+                for tensor, key in zip(out, ("inputs", "outputs")):
+                    tensor[block] = opened[shard_ids[0]][key][idx]
+                continue
             starts = [0]
             for s in shard_ids[:-1]:
                 starts.append(starts[-1] + self.shard_sizes[s])
             which = torch.searchsorted(torch.tensor(starts), idx, right=True) - 1
-            for j, shard_id in enumerate(shard_ids):
-                if shard_id not in opened:
-                    opened[shard_id] = self.shard(shard_id)
-                if len(shard_ids) == 1:  # rows go to a contiguous block: copy and convert in one pass
-                    for tensor, key in zip(out, ("inputs", "outputs")):
-                        tensor[filled : filled + len(idx)] = opened[shard_id][key][idx]
-                    continue
+            places = []  # per shard: positions in the batch, rows in the shard
+            for j, start in enumerate(starts):
                 where = (which == j).nonzero().squeeze(1)
-                rows = idx[where] - starts[j]
-                for tensor, key in zip(out, ("inputs", "outputs")):
-                    tensor[filled + where] = opened[shard_id][key][rows].to(dtype)
-            filled += len(idx)
+                places.append((where, idx[where] - start))
+            for tensor, key in zip(out, ("inputs", "outputs")):
+                stage = torch.empty((len(idx), *tensor.shape[1:]), dtype=opened[shard_ids[0]][key].dtype)
+                for shard_id, (where, rows) in zip(shard_ids, places):  # gather in the stored dtype
+                    stage[where] = opened[shard_id][key][rows]
+                tensor[block] = stage  # converts
         return out[0], out[1]
 
     def batches(

@@ -1,10 +1,10 @@
 """Training speed: tokens/s, a step's FLOP/s against the machine's matmul FLOP/s, the sparse
 TopK decoder against the dense one, and EleutherAI's sparsify against this trainer, in one run.
 
-    flock /tmp/clt-bench.lock python experiments/benchmarks/training.py [--layers 8 --features 2048 ...]
+    flock /tmp/clt-bench.lock python experiments/benchmarks/training.py [--layers 8 --features 2048]
     bash experiments/sparsify/setup_venv.sh     # once, for part (d); skipped without it
 
-About 5 minutes on a 2-core CPU with the defaults (L=8 layers, d=576, F=2048, batch 512 tokens).
+About 3-4 minutes on a 2-core CPU with the defaults (L=8 layers, d=576, F=2048, batch 512 tokens).
 Every step is a full `CLTTrainer.train_step` (batch from an in-memory store of synthetic
 activations, forward, losses, backward, gradient clipping, fused AdamW, metrics). A variant's
 step time is the best of `steps` timed steps after `warmup` ones (the least disturbed by other
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -104,13 +105,35 @@ def synthetic_activations(cfg: BenchConfig, seed: int = 0) -> tuple[torch.Tensor
     return x, y
 
 
-def make_trainer(cfg: BenchConfig, store: ActivationStore, activation: str, cross: bool, *,
-                 k: int = 32, sparse: str = "auto", precision: str = "no", **training) -> CLTTrainer:
+def make_trainer(
+    cfg: BenchConfig,
+    store: ActivationStore,
+    activation: str,
+    cross: bool,
+    *,
+    k: int = 32,
+    sparse: str = "auto",
+    precision: str = "no",
+    **training,
+) -> CLTTrainer:
     """A trainer at the benchmark's sizes with a constant learning rate and λ."""
-    clt = CLTConfig(num_features=cfg.features, num_layers=cfg.layers, d_model=cfg.d_model,
-                    activation_fn=activation, topk=k, cross_layer=cross, sparse_decode=sparse)
-    options = dict(batch_size=cfg.batch, training_steps=10**9, lr_warmup_steps=0,
-                   sparsity_warmup_steps=0, mixed_precision=precision, log_every=10**9)
+    clt = CLTConfig(
+        num_features=cfg.features,
+        num_layers=cfg.layers,
+        d_model=cfg.d_model,
+        activation_fn=activation,
+        topk=k,
+        cross_layer=cross,
+        sparse_decode=sparse,
+    )
+    options = {
+        "batch_size": cfg.batch,
+        "training_steps": 10**9,
+        "lr_warmup_steps": 0,
+        "sparsity_warmup_steps": 0,
+        "mixed_precision": precision,
+        "log_every": 10**9,
+    }
     trainer = CLTTrainer(clt, TrainingConfig(**{**options, **training}), store)
     trainer.bench_batches = store.batches(cfg.batch, seed=0)
     return trainer
@@ -140,14 +163,15 @@ def best_step_times(trainers: dict[str, CLTTrainer], steps: int, warmup: int) ->
     return {name: min(values) for name, values in times.items()}
 
 
-def matmul_gflops(shapes: list[tuple[int, int, int]], dtype: torch.dtype,
-                  repeats: int = 5) -> dict[tuple[int, int, int], float]:
+def matmul_gflops(
+    shapes: list[tuple[int, int, int]], dtype: torch.dtype, repeats: int = 5
+) -> dict[tuple[int, int, int], float]:
     """Best GFLOP/s of torch.mm for each (m, k, n): [m, k] @ [k, n]."""
     result = {}
     for m, k, n in shapes:
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         torch.mm(a, b)
-        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+        best = min(_timed(functools.partial(torch.mm, a, b)) for _ in range(repeats))
         result[(m, k, n)] = 2 * m * k * n / best / 1e9
     return result
 
@@ -165,8 +189,12 @@ def part_a(cfg: BenchConfig, peaks: dict[torch.dtype, float], verbose: bool = Tr
     """Update `peaks` with the best matmul GFLOP/s per dtype at the step's GEMM shapes."""
     B, L, F, d = cfg.batch, cfg.layers, cfg.features, cfg.d_model
     shapes = [(B, d, F), (B, F, L * d), (F, B, L * d), (B, L * d, F)]
-    names = ["encoder  [B,d]@[d,F]", "decoder  [B,F]@[F,L*d]", "dW_dec   [F,B]@[B,L*d]",
-             "dfeature [B,L*d]@[L*d,F]"]
+    names = [
+        "encoder  [B,d]@[d,F]",
+        "decoder  [B,F]@[F,L*d]",
+        "dW_dec   [F,B]@[B,L*d]",
+        "dfeature [B,L*d]@[L*d,F]",
+    ]
     if verbose:
         print("\n(a) matmul GFLOP/s (best of 5)")
         print(f"{'GEMM':28s} {'shape':>18s} {'float32':>9s} {'bfloat16':>9s}")
@@ -175,9 +203,11 @@ def part_a(cfg: BenchConfig, peaks: dict[torch.dtype, float], verbose: bool = Tr
         peaks[dtype] = max(peaks.get(dtype, 0.0), *by_shape.values())
     if verbose:
         for name, shape in zip(names, shapes):
-            print(f"{name:28s} {'x'.join(map(str, shape)):>18s} {rates[torch.float32][shape]:9.1f} "
-                  f"{rates[torch.bfloat16][shape]:9.1f}")
-        print(f"{'peak (best)':28s} {'':>18s} {peaks[torch.float32]:9.1f} {peaks[torch.bfloat16]:9.1f}")
+            print(
+                f"{name:28s} {'x'.join(map(str, shape)):>18s} {rates[torch.float32][shape]:9.1f} "
+                f"{rates[torch.bfloat16][shape]:9.1f}"
+            )
+        print(f"{'peak (best)':47s} {peaks[torch.float32]:9.1f} {peaks[torch.bfloat16]:9.1f}")
 
 
 def part_b(cfg: BenchConfig, store: ActivationStore, peaks: dict[torch.dtype, float]) -> dict:
@@ -190,36 +220,55 @@ def part_b(cfg: BenchConfig, store: ActivationStore, peaks: dict[torch.dtype, fl
     del trainers
     part_a(cfg, peaks, verbose=False)  # again, after the steps: the best per dtype counts
     print(f"\n(b) dense steps: L={cfg.layers} d={cfg.d_model} F={cfg.features} B={cfg.batch}")
-    print(f"{'variant':22s} {'ms/step':>8s} {'tokens/s':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} "
-          f"{'peak':>7s} {'ratio':>6s}")
+    print(
+        f"{'variant':22s} {'ms/step':>8s} {'tokens/s':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} "
+        f"{'peak':>7s} {'ratio':>6s}"
+    )
     rows = {}
     for (act, cross, precision), seconds in times.items():
         flops = step_flops(cfg, cross)
         peak = peaks[torch.bfloat16 if precision == "bf16" else torch.float32]
         achieved = flops / seconds / 1e9
         name = f"{act} {'CLT' if cross else 'PLT'} {'bf16' if precision == 'bf16' else 'fp32'}"
-        rows[name] = {"tokens_per_s": cfg.batch / seconds, "gflops": achieved, "ratio": achieved / peak}
-        print(f"{name:22s} {seconds * 1e3:8.0f} {cfg.batch / seconds:9.0f} {flops / 1e9:10.1f} "
-              f"{achieved:8.1f} {peak:7.1f} {achieved / peak:6.2f}")
+        rows[name] = {
+            "tokens_per_s": cfg.batch / seconds,
+            "gflops": achieved,
+            "ratio": achieved / peak,
+        }
+        print(
+            f"{name:22s} {seconds * 1e3:8.0f} {cfg.batch / seconds:9.0f} {flops / 1e9:10.1f} "
+            f"{achieved:8.1f} {peak:7.1f} {achieved / peak:6.2f}"
+        )
     return rows
 
 
 def part_c(cfg: BenchConfig, store: ActivationStore) -> dict:
     """TopK/BatchTopK: tokens/s with the sparse and the dense decoder, and the speed-up."""
-    print(f"\n(c) TopK/BatchTopK, sparse vs dense decoder: L={cfg.layers} d={cfg.d_model} "
-          f"F={cfg.features} B={cfg.batch}")
+    print(
+        f"\n(c) TopK/BatchTopK, sparse vs dense decoder: L={cfg.layers} d={cfg.d_model} "
+        f"F={cfg.features} B={cfg.batch}"
+    )
     print(f"{'variant':16s} {'k':>4s} {'sparse tok/s':>13s} {'dense tok/s':>12s} {'speed-up':>9s}")
     rows = {}
     for k in cfg.topk_values:
-        variants = [(act, cross, sparse) for act in ("topk", "batchtopk") for cross in (True, False)
-                    for sparse in ("on", "off")]
-        trainers = {v: make_trainer(cfg, store, v[0], v[1], k=k, sparse=v[2], sparsity_lambda=0.0)
-                    for v in variants}
+        variants = [
+            (act, cross, sparse)
+            for act in ("topk", "batchtopk")
+            for cross in (True, False)
+            for sparse in ("on", "off")
+        ]
+        trainers = {
+            v: make_trainer(cfg, store, v[0], v[1], k=k, sparse=v[2], sparsity_lambda=0.0)
+            for v in variants
+        }
         times = best_step_times(trainers, cfg.steps, cfg.warmup)
         del trainers
         for act in ("topk", "batchtopk"):
             for cross in (True, False):
-                on, off = cfg.batch / times[(act, cross, "on")], cfg.batch / times[(act, cross, "off")]
+                on, off = (
+                    cfg.batch / times[(act, cross, "on")],
+                    cfg.batch / times[(act, cross, "off")],
+                )
                 name = f"{act} {'CLT' if cross else 'PLT'}"
                 rows[f"{name} k={k}"] = {"sparse": on, "dense": off, "speedup": on / off}
                 print(f"{name:16s} {k:4d} {on:13.0f} {off:12.0f} {on / off:9.2f}")
@@ -229,31 +278,64 @@ def part_c(cfg: BenchConfig, store: ActivationStore) -> dict:
 def part_d(cfg: BenchConfig, x: torch.Tensor, y: torch.Tensor) -> dict | None:
     """Ours (TopK PLT, CLTTrainer) against sparsify's TopK transcoders, same activations."""
     python = Path(cfg.sparsify_python)
-    print(f"\n(d) vs EleutherAI sparsify: TopK per-layer transcoders, L={cfg.layers} d={cfg.d_model} "
-          f"F={cfg.features} k={cfg.sparsify_k} B={cfg.batch}")
+    print(
+        f"\n(d) vs EleutherAI sparsify: TopK per-layer transcoders, L={cfg.layers} d={cfg.d_model} "
+        f"F={cfg.features} k={cfg.sparsify_k} B={cfg.batch}"
+    )
     if not python.exists():
-        print(f"skipped: {python} is missing (create it with bash experiments/sparsify/setup_venv.sh)")
+        print(
+            f"skipped: {python} is missing (create it with bash experiments/sparsify/setup_venv.sh)"
+        )
         return None
-    store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=cfg.batch)
+    store = ActivationStore.from_nnsight_activations(
+        {"inputs": x, "outputs": y}, batch_size=cfg.batch
+    )
     lr = 2e-4 / (cfg.features / 2**14) ** 0.5
-    ours = make_trainer(cfg, store, "topk", False, k=cfg.sparsify_k, learning_rate=lr,
-                        sparsity_lambda=0.0, grad_clip_norm=None, weight_decay=0.0,
-                        dead_after_tokens=10_000_000)
+    ours = make_trainer(
+        cfg,
+        store,
+        "topk",
+        False,
+        k=cfg.sparsify_k,
+        learning_rate=lr,
+        sparsity_lambda=0.0,
+        grad_clip_norm=None,
+        weight_decay=0.0,
+        dead_after_tokens=10_000_000,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "activations.safetensors"
         save_file({"inputs": x.contiguous(), "outputs": y.contiguous()}, str(data))
-        command = [str(python), str(SPARSIFY_SCRIPT), "--data", str(data), "--features", str(cfg.features),
-                   "--k", str(cfg.sparsify_k), "--batch", str(cfg.batch), "--threads", str(torch.get_num_threads())]
+        command = [
+            str(python),
+            str(SPARSIFY_SCRIPT),
+            "--data",
+            str(data),
+            "--features",
+            str(cfg.features),
+            "--k",
+            str(cfg.sparsify_k),
+            "--batch",
+            str(cfg.batch),
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
         # the same allocator setting as CLTTrainer's retain_freed_memory, for glibc's malloc there
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-        child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        env = {
+            **os.environ,
+            "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+            "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+        }
+        child = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         try:
             for line in child.stdout:  # sparsify prints which decoder it uses on import
                 if line.strip() == "ready":
                     break
                 print(f"sparsify: {line.strip()}")
             else:
-                print(f"skipped: sparsify did not start (exit code {child.wait()}; its stderr is above)")
+                print(f"skipped: sparsify did not start (exit code {child.wait()}; stderr above)")
                 return None
             theirs_times: list[float] = []
             ours_times: list[float] = []
@@ -262,7 +344,7 @@ def part_d(cfg: BenchConfig, x: torch.Tensor, y: torch.Tensor) -> dict | None:
                 child.stdin.write(f"run {count}\n")
                 child.stdin.flush()
                 reply = json.loads(child.stdout.readline())
-                theirs_times += reply["times"][cfg.warmup if round_index == 0 else 0:]
+                theirs_times += reply["times"][cfg.warmup if round_index == 0 else 0 :]
                 for i in range(count):
                     start = time.perf_counter()
                     ours.train_step(ours.bench_batches)
@@ -275,9 +357,13 @@ def part_d(cfg: BenchConfig, x: torch.Tensor, y: torch.Tensor) -> dict | None:
             child.wait(timeout=60)
     ours_rate, theirs_rate = cfg.batch / min(ours_times), cfg.batch / min(theirs_times)
     sparse = "sparse" if ours.model.uses_sparse_decode() else "dense"
+    rows = [
+        ("sparsify SparseCoder x L (eager decoder)", min(theirs_times), theirs_rate),
+        (f"clt CLTTrainer, TopK PLT ({sparse} decoder)", min(ours_times), ours_rate),
+    ]
     print(f"{'trainer':44s} {'ms/step':>8s} {'tokens/s':>9s}")
-    print(f"{'sparsify SparseCoder x L (eager decoder)':44s} {min(theirs_times) * 1e3:8.0f} {theirs_rate:9.0f}")
-    print(f"{f'clt CLTTrainer, TopK PLT ({sparse} decoder)':44s} {min(ours_times) * 1e3:8.0f} {ours_rate:9.0f}")
+    for name, seconds, rate in rows:
+        print(f"{name:44s} {seconds * 1e3:8.0f} {rate:9.0f}")
     print(f"ratio ours/theirs (tokens/s): {ours_rate / theirs_rate:.2f}")
     return {"ours": ours_rate, "theirs": theirs_rate, "ratio": ours_rate / theirs_rate}
 
@@ -290,11 +376,15 @@ def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)  # tables appear as they are measured
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    print(f"training benchmark: L={cfg.layers} d={cfg.d_model} F={cfg.features} B={cfg.batch} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__} device=cpu")
+    print(
+        f"training benchmark: L={cfg.layers} d={cfg.d_model} F={cfg.features} B={cfg.batch} "
+        f"threads={torch.get_num_threads()} torch={torch.__version__} device=cpu"
+    )
     started = time.perf_counter()
     x, y = synthetic_activations(cfg)
-    store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=cfg.batch)
+    store = ActivationStore.from_nnsight_activations(
+        {"inputs": x, "outputs": y}, batch_size=cfg.batch
+    )
     results: dict = {}
     peaks: dict[torch.dtype, float] = {}
     if "a" in cfg.parts or "b" in cfg.parts:

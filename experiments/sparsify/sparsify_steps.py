@@ -34,7 +34,7 @@ from transformers import get_linear_schedule_with_warmup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="safetensors file with inputs/outputs [T, L, d]")
+    parser.add_argument("--data", required=True, help="safetensors: inputs/outputs [T, L, d]")
     parser.add_argument("--features", type=int, required=True, help="num_latents per layer (F)")
     parser.add_argument("--k", type=int, required=True, help="active latents per token (TopK k)")
     parser.add_argument("--batch", type=int, required=True, help="tokens per step")

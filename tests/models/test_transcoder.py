@@ -240,14 +240,16 @@ def test_sparse_decode_normalized_gradient_of_feature_values(cross):
         torch.testing.assert_close(grads_s[name], grads_d[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("features", [8, 64], ids=["dense-z-grad", "sparse-z-grad"])
 @pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
-def test_sparse_decode_matches_dense_in_the_losses(cross):
+def test_sparse_decode_matches_dense_in_the_losses(cross, features):
     """compute_losses (reconstruction, sparsity, auxiliary top-k on dead features): same terms
-    and gradients on both paths."""
-    sparse, dense = _sparse_and_dense(activation_fn="topk", topk=2, cross_layer=cross)
+    and gradients on both paths (with F=64 the gradient of z stays below 1/8 nonzero)."""
+    sparse, dense = _sparse_and_dense(activation_fn="topk", topk=2, cross_layer=cross,
+                                      num_features=features)
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(16, L, D, generator=g), torch.randn(16, L, D, generator=g)
-    dead = torch.rand(L, 8, generator=g) < 0.5
+    dead = torch.rand(L, features, generator=g) < 0.5
     results = []
     for model in (sparse, dense):
         terms, _ = compute_losses(model, x, y, sparsity_coef=0.1, dead_mask=dead, k_aux=3)
@@ -286,7 +288,8 @@ def test_sparse_decode_under_bf16_autocast():
     results = []
     for model in (sparse, dense):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            terms, out = compute_losses(model, model.normalize_inputs(x), model.normalize_outputs(y))
+            x_std, y_std = model.normalize_inputs(x), model.normalize_outputs(y)
+            terms, out = compute_losses(model, x_std, y_std)
         terms.total.backward()
         results.append((out.reconstruction, _grads(model)))
     (rec_s, grads_s), (rec_d, grads_d) = results
@@ -305,6 +308,14 @@ def test_sparse_decode_choice():
                                          topk=9)).uses_sparse_decode(), "auto: only when F/k >= 8"
     assert not CrossLayerTranscoder(_cfg(num_features=64, activation_fn="topk", topk=8,
                                          sparse_decode="off")).uses_sparse_decode()
+    g = torch.Generator().manual_seed(11)
+    for density, sparse in ((0.5, False), (0.05, True)):  # 'auto' falls back above 1/8 nonzero
+        pre = torch.randn(32, L, 64, generator=g)
+        leaf = torch.relu(pre - torch.quantile(pre, 1 - density)).requires_grad_()
+        features = leaf * 1.0  # not a leaf: eligible for the sparse path
+        features.retain_grad()
+        auto["topk"].decode_normalized(features).sum().backward()
+        assert bool(features.grad[features == 0].any()) != sparse, density
     with pytest.raises(ConfigError, match="sparse_decode='on' needs activation_fn topk"):
         _cfg(activation_fn="jumprelu", sparse_decode="on")
     with pytest.raises(ConfigError, match="sparse_decode 'yes'"):
