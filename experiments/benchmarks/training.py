@@ -25,9 +25,11 @@ processes); the variants of one table run in rotation, step by step.
     transcoders (one `SparseCoder(transcode=True)` per layer, num_latents=F, k=--sparsify-k,
     Adam; the step of its trainer, see experiments/sparsify/sparsify_steps.py) and of a TopK PLT
     trained by `CLTTrainer` (same L, F, k, d, batch; AdamW with no weight decay = Adam, no
-    clipping, no penalty), on the same activations; the two alternate, `steps` steps at a time,
-    `rounds` times, with the same glibc malloc setting (CLTTrainer's `retain_freed_memory`; the
-    environment MALLOC_*_THRESHOLD_ for sparsify's process). Ratio ours/theirs (target >= 1).
+    clipping, no penalty), on the same activations; the two alternate in `rounds` blocks of
+    `warmup` untimed + `steps` timed steps, with the same glibc malloc setting (CLTTrainer's
+    `retain_freed_memory`; MALLOC_*_THRESHOLD_ in sparsify's environment). Ratio ours/theirs
+    (target >= 1). Other processes slow the 2-thread steps a lot (a busy core stalls every
+    parallel region): compare runs made while the machine is otherwise idle.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class BenchConfig(ConfigBase):
     warmup: int = 2
     """Untimed steps per variant first."""
     rounds: int = 2
-    """(d): alternations of `steps` steps of ours and of sparsify's."""
+    """(d): blocks of `warmup` + `steps` steps of each side in turn (warm-up steps untimed)."""
     bf16: bool = True
     """(b): also time the dense steps under bf16 autocast."""
     parts: str = "abcd"
@@ -339,16 +341,14 @@ def part_d(cfg: BenchConfig, x: torch.Tensor, y: torch.Tensor) -> dict | None:
                 return None
             theirs_times: list[float] = []
             ours_times: list[float] = []
-            for round_index in range(cfg.rounds):
-                count = cfg.steps + (cfg.warmup if round_index == 0 else 0)
-                child.stdin.write(f"run {count}\n")
+            for _ in range(cfg.rounds):  # blocks: each side's threads spin a while after it
+                child.stdin.write(f"run {cfg.warmup + cfg.steps}\n")
                 child.stdin.flush()
-                reply = json.loads(child.stdout.readline())
-                theirs_times += reply["times"][cfg.warmup if round_index == 0 else 0 :]
-                for i in range(count):
+                theirs_times += json.loads(child.stdout.readline())["times"][cfg.warmup :]
+                for i in range(cfg.warmup + cfg.steps):
                     start = time.perf_counter()
                     ours.train_step(ours.bench_batches)
-                    if round_index or i >= cfg.warmup:
+                    if i >= cfg.warmup:
                         ours_times.append(time.perf_counter() - start)
             child.stdin.write("quit\n")
             child.stdin.flush()
