@@ -34,7 +34,7 @@ float32 batches of ``--read-batch-size`` rows (`ActivationStore.batches`, what t
 Throughput is shard-file bytes / time (GB = 1e9 bytes); the files are in the page cache, so these
 are warm reads (memory bandwidth, page faults and copies, not the disk).
 
-Duration on the 2-core CPU of the development machine: about 2.5 minutes with the defaults
+Duration on the 2-core CPU of the development machine: about 3 minutes with the defaults
 (SmolLM2-135M de-quantised from its GGUF file: ~20 s; 4630 tokens in 5 batches of 8 windows;
 ~8 s per variant and repeat with 2 threads), about 10 s with ``--model tiny-llama``. Timings on
 this shared virtual machine vary by ~10 % between runs (memory bandwidth by up to 3x), hence
