@@ -49,8 +49,6 @@ import dataclasses
 import itertools
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +60,7 @@ from clt.data.corpus import DEFAULT_CORPUS, load_texts
 from clt.nnsight.extractors import ActivationExtractor, pad_windows
 from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
 from clt.training.data import ActivationStore
+from timing import rotated_min_s
 
 
 @dataclasses.dataclass
@@ -90,22 +89,6 @@ class BenchConfig(ConfigBase):
     """Folder for the stores (default: a temporary folder, removed at the end)."""
     threads: int = 0
     """torch intra-op threads (0: keep torch's default)."""
-
-
-def rotated_min_s(variants: dict[str, Callable[[], object]], repeats: int, *, warm_up: bool = True,
-                  after: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Best wall time (s) of each variant, run in rotation (after one untimed round); `after(name)` untimed."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(repeats + int(warm_up)):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            if round_ or not warm_up:
-                times[name].append(elapsed)
-            if after is not None:
-                after(name)
-    return {name: min(values) for name, values in times.items()}
 
 
 def benchmark_windows(extractor: ActivationExtractor, tokens: int) -> tuple[list[str], list, int]:
@@ -167,7 +150,7 @@ def extraction_table(cfg: BenchConfig, work: Path) -> tuple[dict[str, float], Ac
     with torch.no_grad():  # warm up on one batch: first-call allocations, nnsight's first trace
         model(input_ids=padded[0][0], attention_mask=padded[0][1])
     extractor.activations(batches[0], dtype=torch.float16)
-    timings = rotated_min_s(variants, cfg.repeats, warm_up=False, after=cleanup)
+    timings = rotated_min_s(variants, cfg.repeats, warm_up=0, after=cleanup)
     store = last["store"]
     if store.n_tokens != stored:
         raise RuntimeError(f"the extraction stored {store.n_tokens} tokens, expected {stored}")

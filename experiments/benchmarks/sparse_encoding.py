@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
-from collections.abc import Callable
 
 import torch
 
 from clt.config.base import ConfigBase
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.sparse import SparseCLTEncoder, TranscoderWeights, random_transcoders
+from timing import rotated_min_s
 
 
 @dataclasses.dataclass
@@ -67,19 +66,6 @@ def manual_loop(
         act = act * (act >= threshold)
         out[layer] = torch.topk(act, top_k, dim=-1)
     return out
-
-
-def interleaved_min_ms(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time (ms) of each variant (least disturbed by other processes), run in rotation."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * min(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -130,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"top_k={cfg.top_k} threads={torch.get_num_threads()} device=cpu"
     )
     with torch.no_grad():
-        timings = interleaved_min_ms(variants, cfg.repeats)
+        timings = {name: 1000 * s for name, s in rotated_min_s(variants, cfg.repeats).items()}
     loop = timings["manual per-layer loop"]
     for name, ms in timings.items():
         print(f"{name:32s} {ms:8.2f} ms  ratio to loop {ms / loop:5.2f}")

@@ -55,6 +55,7 @@ from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.training.data import ActivationStore
 from clt.training.trainer import CLTTrainer
+from timing import rotated_min_s
 
 SPARSIFY_SCRIPT = Path(__file__).resolve().parents[1] / "sparsify" / "sparsify_steps.py"
 
@@ -153,16 +154,8 @@ def step_flops(cfg: BenchConfig, cross: bool) -> float:
 
 def best_step_times(trainers: dict[str, CLTTrainer], steps: int, warmup: int) -> dict[str, float]:
     """Best seconds per `train_step` of each trainer, the trainers stepping in rotation."""
-    for trainer in trainers.values():
-        for _ in range(warmup):
-            trainer.train_step(trainer.bench_batches)
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    for _ in range(steps):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            trainer.train_step(trainer.bench_batches)
-            times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
+    steppers = {name: functools.partial(trainer.train_step, trainer.bench_batches) for name, trainer in trainers.items()}
+    return rotated_min_s(steppers, steps, warm_up=warmup)
 
 
 def matmul_gflops(

@@ -13,6 +13,7 @@ def test_benchmark_runs(capsys, monkeypatch) -> None:
     spec = importlib.util.spec_from_file_location("sparse_encoding_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports its sibling `timing`
     spec.loader.exec_module(module)
     timings = module.main(
         [
