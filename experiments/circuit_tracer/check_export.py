@@ -54,25 +54,11 @@ TOL = 1e-4
 
 def _transcoder(overrides: dict, layers: list[int], seed: int):
     from clt.config.transcoder import CLTConfig
+    from clt.models.perturb import randomize_parameters
     from clt.models.transcoder import CrossLayerTranscoder
 
-    cfg = CLTConfig(num_features=F, num_layers=len(layers), d_model=D, layers=layers, seed=seed,
-                    **overrides)
-    model = CrossLayerTranscoder(cfg)
-    g = torch.Generator().manual_seed(seed)
-    L = cfg.num_layers
-    with torch.no_grad():
-        model.b_enc.normal_(0, 0.3, generator=g)
-        model.b_dec.normal_(0, 0.3, generator=g)
-        if cfg.skip_connection:
-            model.W_skip.normal_(0, 0.2, generator=g)
-        if cfg.activation_fn == "jumprelu":
-            model.log_threshold.uniform_(-3, -0.5, generator=g)
-        if cfg.activation_fn == "batchtopk":
-            model.batchtopk.threshold.copy_(torch.rand(L, generator=g) * 0.3)
-    model.set_normalization(torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5,
-                            torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5)
-    return model.eval()
+    cfg = CLTConfig(num_features=F, num_layers=len(layers), d_model=D, layers=layers, seed=seed, **overrides)
+    return randomize_parameters(CrossLayerTranscoder(cfg), seed)
 
 
 def _graph():

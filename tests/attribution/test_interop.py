@@ -30,6 +30,7 @@ from clt.attribution.interop import (
 from clt.config.attribution import AttributionConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.export import export_circuit_tracer, load_circuit_tracer
+from clt.models.perturb import randomize_parameters
 from clt.models.transcoder import CheckpointError, CrossLayerTranscoder
 
 F, D = 8, 16
@@ -53,22 +54,7 @@ def _transcoder(*, layers=(0, 1, 2), stats: bool = True, seed: int = 0,
     """A random transcoder with biases, thresholds, skip and standardisation all non-trivial."""
     cfg = CLTConfig(num_features=F, num_layers=len(layers), d_model=D, layers=list(layers),
                     seed=seed, **kw)
-    model = CrossLayerTranscoder(cfg)
-    g = torch.Generator().manual_seed(seed + 100)
-    L = cfg.num_layers
-    with torch.no_grad():
-        model.b_enc.normal_(0, 0.3, generator=g)
-        model.b_dec.normal_(0, 0.3, generator=g)
-        if cfg.skip_connection:
-            model.W_skip.normal_(0, 0.2, generator=g)
-        if cfg.activation_fn == "jumprelu":
-            model.log_threshold.copy_(torch.empty(L, F).uniform_(-3, -0.5, generator=g))
-        if cfg.activation_fn == "batchtopk":
-            model.batchtopk.threshold.copy_(torch.rand(L, generator=g) * 0.3)
-    if stats:
-        model.set_normalization(torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5,
-                                torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5)
-    return model.eval()
+    return randomize_parameters(CrossLayerTranscoder(cfg), seed + 100, standardisation=stats)
 
 
 # ---------------------------------------------------------------- circuit-tracer's reader, mirrored
