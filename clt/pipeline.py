@@ -11,7 +11,7 @@ from typing import Any
 
 from clt.config.extraction import ExtractionConfig
 from clt.files import atomic_write_text
-from clt.training.data import ActivationStore
+from clt.training.data import ActivationStore, writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ def run_extraction(cfg: ExtractionConfig, *, progress: bool = True) -> Activatio
     """Extract activations as `cfg` says into `cfg.output_dir`; writes the resolved config beside them."""
     from clt.nnsight.extractors import ActivationExtractor
 
+    writable_folder(cfg.output_dir)  # fail before the model loads
     extractor = ActivationExtractor(cfg.model, layers=cfg.layers, context_length=cfg.context_length,
                                     batch_size=cfg.batch_size, prepend_bos=cfg.prepend_bos,
                                     exclude_bos=cfg.exclude_bos, device=cfg.device)

@@ -54,6 +54,10 @@ def test_bad_values_give_one_line_and_exit_1(tmp_path):
     result = run_cli("extract", "--config", str(config), "--output-dir", str(tmp_path / "y"))
     assert result.returncode == 1 and "Did you mean 'max_tokens'" in result.stderr
     assert not (tmp_path / "y").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_cli("extract", "--model", "no-such/model", "--output-dir", str(blocker / "store"))
+    assert result.returncode == 1 and "is a file, not a folder" in result.stderr  # checked before the model loads
 
 
 def test_help_explains_every_option():
