@@ -115,16 +115,20 @@ def _model_for(transcoder: Any, model: Any, device: str = "cpu") -> tuple[Any, A
 
 
 def run_evaluation(transcoder: Any, store: ActivationStore, *, model: Any = None, replacement: bool = True,
-                   max_tokens: int = 4096, context_length: int = 64, device: str = "cpu",
+                   max_tokens: int = 4096, context_length: int | None = None, device: str = "cpu",
                    output_path: str | Path | None = None) -> EvaluationResult:
-    """Reconstruction metrics on `store` and (when a model is known) replacement-model metrics."""
+    """Reconstruction metrics on `store` and (when a model is known) replacement-model metrics.
+
+    The replacement metrics run on windows of `context_length` tokens (default: the store's own
+    extraction setting, so they match the windows the transcoder was trained on).
+    """
     from clt.training.metrics import reconstruction_metrics, replacement_metrics
 
     result = EvaluationResult(reconstruction_metrics(transcoder, store, max_tokens=max_tokens))
     if replacement and (model is not None or transcoder.cfg.model_name or store.model_name):
         lm, tokenizer = _model_for(transcoder, model or transcoder.cfg.model_name or store.model_name, device)
         result.replacement = replacement_metrics(lm, tokenizer, transcoder.to(device),
-                                                 context_length=context_length)
+                                                 context_length=context_length or store.extra.get("context_length", 64))
     if output_path is not None:
         atomic_write_text(json.dumps(result.as_dict(), indent=1), Path(output_path))
     return result
@@ -144,7 +148,6 @@ def run_training(extraction: ExtractionConfig, transcoder: Any, training: Any, *
     model = trainer.train(progress=progress)
     evaluation = run_evaluation(
         model, store, replacement=replacement and bool(store.model_name), device=training.device,
-        context_length=extraction.context_length,
         output_path=None if trainer.output_dir is None else trainer.output_dir / "eval.json")
     return TrainingResult(model, store, trainer.output_dir, trainer.history, evaluation.reconstruction,
                           evaluation.replacement)
