@@ -20,7 +20,6 @@ active entries as lists: the decoder sums the gathered decoder rows [J, d] of th
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 from collections.abc import Callable
@@ -235,17 +234,21 @@ class CrossLayerTranscoder(nn.Module):
         a = self.activate(z)
         return CLTOutput(a, z, self.decode_normalized(a, x_std))
 
+    def _select_active(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(layer, token, feature) of the entries TopK/BatchTopK keep in z [N, L, F], sorted by
+        (layer, token); distributed training overrides it with a selection across ranks."""
+        if self.cfg.activation_fn == "topk":
+            return topk_active(z, self.cfg.topk)
+        return batchtopk_active(z, self.cfg.topk, self.cfg.batchtopk_scope)
+
     def _forward_active(self, x_std: Tensor) -> CLTOutput:
         """TopK/BatchTopK forward that keeps the active entries as (layer, token, feature) lists:
         the decoder and every gradient use only those (see `_EncodeActive`)."""
         L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
         flat = x_std.reshape(-1, L, d)
-        n, k = flat.shape[0], self.cfg.topk
-        if self.cfg.activation_fn == "topk":
-            select = functools.partial(topk_active, k=k)
-        else:
-            select = functools.partial(batchtopk_active, k=k, scope=self.cfg.batchtopk_scope)
-        z, values, layer, rows, cols = _EncodeActive.apply(flat, self.W_enc, self.b_enc, select)
+        n = flat.shape[0]
+        z, values, layer, rows, cols = _EncodeActive.apply(flat, self.W_enc, self.b_enc,
+                                                           self._select_active)
         if self.cfg.activation_fn == "batchtopk":
             self.batchtopk.update_threshold_active(values.detach(), layer)
         features = z.new_zeros(n, L, F).index_put_((rows, layer, cols), values)
