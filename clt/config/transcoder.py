@@ -10,6 +10,8 @@ ACTIVATION_FNS = ("relu", "jumprelu", "topk", "batchtopk")
 BATCHTOPK_SCOPES = ("layer", "all")
 PARAM_DTYPES = ("float32", "float16", "bfloat16")
 SPARSE_DECODE = ("auto", "on", "off")
+ARCHITECTURES = ("transcoder", "molt")
+OUTPUT_SITES = ("mlp_out", "mlp_in")
 
 
 @dataclasses.dataclass
@@ -45,6 +47,19 @@ class CLTConfig(ConfigBase):
     faster steps at F/k = 16, 1.8-4x at F/k >= 32). ReLU/JumpReLU always decode densely."""
     skip_connection: bool = False
     """Add a learned linear skip term W_skip x_l to each layer's reconstruction."""
+    architecture: str = "transcoder"
+    """'transcoder': features with decoder vectors (CLT/PLT/SAE); 'molt': a sparse mixture of
+    linear transforms per layer, ŷ_l = Σ_i a_l,i U_i V_i x_l + b (clt.models.molt)."""
+    molt_ranks: list[int] = dataclasses.field(default_factory=lambda: [8])
+    """MOLT ranks, decreasing: group g holds N·2^g transforms of rank molt_ranks[g], so
+    num_features = N·(2^G − 1) for G ranks (as in Anthropic's MOLT note: few high-rank and many
+    low-rank transforms)."""
+    matryoshka_prefixes: list[int] | None = None
+    """Matryoshka: increasing prefix sizes m < num_features (the full size is implied); the loss
+    sums the reconstruction loss of the first m features of every layer over all prefixes."""
+    output_site: str = "mlp_out"
+    """What the transcoder reconstructs: 'mlp_out' (a transcoder) or 'mlp_in' (its own inputs:
+    an SAE). The trainer takes it from the store's output_site."""
     layers: list[int] | None = None
     """Model layer indices covered, increasing (default 0..num_layers-1; num_layers entries)."""
     model_name: str | None = None
@@ -79,6 +94,9 @@ class CLTConfig(ConfigBase):
         check(0 < self.batchtopk_momentum <= 1,
               f"batchtopk_momentum must be in (0, 1], got {self.batchtopk_momentum}")
         check(self.dtype in PARAM_DTYPES, f"dtype '{self.dtype}' is not one of {PARAM_DTYPES}")
+        self._check_architecture()
+        self._check_matryoshka()
+        self._check_output_site()
         self.layers = list(range(self.num_layers)) if self.layers is None else list(self.layers)
         check(len(self.layers) == self.num_layers,
               f"layers has {len(self.layers)} entries but num_layers is {self.num_layers}; "
@@ -86,3 +104,61 @@ class CLTConfig(ConfigBase):
         check(all(isinstance(i, int) and i >= 0 for i in self.layers)
               and all(a < b for a, b in zip(self.layers, self.layers[1:])),
               f"layers must be increasing non-negative integers, got {self.layers}")
+
+    def _check_architecture(self) -> None:
+        check(self.architecture in ARCHITECTURES,
+              f"architecture '{self.architecture}' is not one of {ARCHITECTURES}")
+        if self.architecture != "molt":
+            return
+        ranks = self.molt_ranks
+        check(isinstance(ranks, list) and len(ranks) > 0
+              and all(isinstance(r, int) and 1 <= r <= self.d_model for r in ranks)
+              and all(a > b for a, b in zip(ranks, ranks[1:])),
+              f"molt_ranks must be a non-empty decreasing list of ranks in [1, d_model="
+              f"{self.d_model}], got {ranks!r}")
+        groups = 2 ** len(ranks) - 1
+        check(self.num_features % groups == 0,
+              f"a MOLT with {len(ranks)} ranks has N·{groups} transforms (N, 2N, 4N, ... per rank); "
+              f"num_features={self.num_features} is not a multiple of {groups}: use "
+              f"{max(1, self.num_features // groups) * groups} or change molt_ranks")
+        check(not self.cross_layer,
+              "architecture='molt' is a per-layer replacement (each layer's transforms act on its "
+              "own input): set cross_layer=False")
+        check(not (self.activation_fn == "batchtopk" and self.batchtopk_scope == "all"),
+              "a MOLT's layers are independent mixtures: batchtopk_scope='all' would share one "
+              "budget across layers; use batchtopk_scope='layer'")
+        check(self.sparse_decode != "on",
+              "a MOLT has no sparse decoder path: use sparse_decode='auto' or 'off'")
+        check(self.matryoshka_prefixes is None,
+              "matryoshka_prefixes is for transcoders (architecture='transcoder'); a MOLT's "
+              "transforms have different ranks and no nested order: remove matryoshka_prefixes")
+
+    def _check_matryoshka(self) -> None:
+        prefixes = self.matryoshka_prefixes
+        if prefixes is None:
+            return
+        self.matryoshka_prefixes = prefixes = list(prefixes)
+        check(len(prefixes) > 0 and all(isinstance(m, int) and 0 < m < self.num_features
+                                        for m in prefixes)
+              and all(a < b for a, b in zip(prefixes, prefixes[1:])),
+              f"matryoshka_prefixes must be strictly increasing integers in [1, num_features="
+              f"{self.num_features}) (the full dictionary is implied), got {prefixes!r}; "
+              "e.g. [F // 8, F // 4, F // 2], or None to turn Matryoshka off")
+
+    def _check_output_site(self) -> None:
+        check(self.output_site in OUTPUT_SITES,
+              f"output_site '{self.output_site}' is not one of {OUTPUT_SITES}")
+        if self.output_site != "mlp_in":
+            return
+        sae = "output_site='mlp_in' (an SAE: the outputs are the layer's own inputs)"
+        check(not self.cross_layer, f"{sae} reconstructs each layer from its own features: set "
+                                    "cross_layer=False")
+        check(not self.skip_connection, f"{sae} with skip_connection would learn the identity "
+                                        "W_skip = I: set skip_connection=False")
+        check(self.architecture == "transcoder", f"{sae} needs architecture='transcoder' (a MOLT "
+                                                 "of the identity map is meaningless)")
+
+    @property
+    def is_sae(self) -> bool:
+        """True when the transcoder reconstructs its own inputs (output_site 'mlp_in')."""
+        return self.output_site == "mlp_in"

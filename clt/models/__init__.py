@@ -1,4 +1,4 @@
-"""Transcoders: the cross-layer (or per-layer) transcoder and its activation functions."""
+"""Dictionaries: the cross-layer (or per-layer) transcoder, SAE and MOLT modes, activations."""
 
 from clt.models.activations import (
     BatchTopK,
@@ -12,7 +12,13 @@ from clt.models.activations import (
     topk,
 )
 from clt.models.export import export_circuit_tracer, load_circuit_tracer
-from clt.models.transcoder import CheckpointError, CLTOutput, CrossLayerTranscoder
+from clt.models.molt import MixtureOfLinearTransforms
+from clt.models.transcoder import (
+    CheckpointError,
+    CLTOutput,
+    CrossLayerTranscoder,
+    UnsupportedDictionaryError,
+)
 
 __all__ = [
     "BatchTopK",
@@ -20,7 +26,9 @@ __all__ = [
     "CheckpointError",
     "CrossLayerTranscoder",
     "JumpReLUFunction",
+    "MixtureOfLinearTransforms",
     "StepFunction",
+    "UnsupportedDictionaryError",
     "batchtopk",
     "export_circuit_tracer",
     "jumprelu",

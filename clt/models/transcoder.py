@@ -44,6 +44,10 @@ class CheckpointError(ValueError):
     """A transcoder file is corrupt, truncated or does not match its config."""
 
 
+class UnsupportedDictionaryError(ValueError):
+    """This kind of dictionary (SAE, MOLT) cannot be used for the requested operation."""
+
+
 class CLTOutput(NamedTuple):
     """Result of a forward pass."""
 
@@ -59,8 +63,26 @@ class CLTOutput(NamedTuple):
 class CrossLayerTranscoder(nn.Module):
     """A cross-layer (or per-layer) transcoder; see the module docstring for the notation."""
 
+    architecture = "transcoder"
+    """`CLTConfig.architecture` this class implements (subclasses register their own)."""
+    _registry: dict[str, type[CrossLayerTranscoder]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        CrossLayerTranscoder._registry[cls.architecture] = cls
+
+    @classmethod
+    def from_config(cls, cfg: CLTConfig) -> CrossLayerTranscoder:
+        """A new dictionary of the class `cfg.architecture` names (transcoder or MOLT; importing
+        any clt.models module registers them all)."""
+        return CrossLayerTranscoder._registry[cfg.architecture](cfg)
+
     def __init__(self, cfg: CLTConfig) -> None:
         super().__init__()
+        if cfg.architecture != self.architecture:
+            raise ValueError(f"{type(self).__name__} implements architecture "
+                             f"'{self.architecture}', not '{cfg.architecture}'; build it with "
+                             "CrossLayerTranscoder.from_config(cfg)")
         self.cfg = cfg
         L, F, d = cfg.num_layers, cfg.num_features, cfg.d_model
         dtype = getattr(torch, cfg.dtype)
@@ -71,10 +93,7 @@ class CrossLayerTranscoder(nn.Module):
 
         self.W_enc = nn.Parameter(uniform((L, F, d), 1 / math.sqrt(d)))
         self.b_enc = nn.Parameter(torch.zeros(L, F, dtype=dtype))
-        dec_bound = 1 / math.sqrt(F * (L if cfg.cross_layer else 1))
-        self.W_dec = nn.ParameterList(
-            [nn.Parameter(uniform((F, self.num_targets(l), d), dec_bound)) for l in range(L)]
-        )
+        self._init_decoder(uniform)
         self.b_dec = nn.Parameter(torch.zeros(L, d, dtype=dtype))
         if cfg.activation_fn == "jumprelu":
             log_theta = math.log(cfg.jumprelu_threshold)
@@ -85,6 +104,14 @@ class CrossLayerTranscoder(nn.Module):
             self.W_skip = nn.Parameter(torch.zeros(L, d, d, dtype=dtype))
         for name in _STATS:
             self.register_buffer(name, torch.full((L, d), 1.0 if name.endswith("std") else 0.0))
+
+    def _init_decoder(self, uniform: Callable[[tuple[int, ...], float], Tensor]) -> None:
+        """Create the decoder parameters (W_dec per source layer)."""
+        L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
+        dec_bound = 1 / math.sqrt(F * (L if self.cfg.cross_layer else 1))
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(uniform((F, self.num_targets(l), d), dec_bound)) for l in range(L)]
+        )
 
     # ----------------------------------------------------------------- structure
 
@@ -108,9 +135,30 @@ class CrossLayerTranscoder(nn.Module):
         """‖W_dec,i^l‖ over all of feature i's target layers, [L, F]."""
         return torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in self.W_dec])
 
+    @property
+    def kind(self) -> str:
+        """Short name of the dictionary: CLT, PLT, SAE or MOLT."""
+        c = self.cfg
+        return "SAE" if c.is_sae else "MOLT" if c.architecture == "molt" else (
+            "CLT" if c.cross_layer else "PLT")
+
+    def require_mlp_replacement(self, purpose: str, *, linear: bool = True) -> None:
+        """Raise UnsupportedDictionaryError unless this dictionary replaces the MLPs (not an SAE)
+        and, with `linear`, its output is linear in the features (not a MOLT)."""
+        if self.cfg.is_sae:
+            raise UnsupportedDictionaryError(
+                f"{purpose} needs a transcoder of the MLP outputs, but this is an SAE "
+                "(output_site='mlp_in': it reconstructs the MLP inputs and replaces no MLP); "
+                "train a transcoder on a store extracted with output_site='mlp_out'")
+        if linear and self.cfg.architecture == "molt":
+            raise UnsupportedDictionaryError(
+                f"{purpose} needs outputs linear in the features, but a MOLT's output "
+                "Σ a_i U_i V_i x also depends on x through the transforms; use a transcoder "
+                "(architecture='transcoder', e.g. cross_layer=False with skip_connection=True)")
+
     def extra_repr(self) -> str:
         c = self.cfg
-        kind = "CLT" if c.cross_layer else "PLT"
+        kind = self.kind
         return f"{kind}: L={c.num_layers}, F={c.num_features}, d={c.d_model}, {c.activation_fn}"
 
     # ----------------------------------------------------------------- standardisation
@@ -191,22 +239,49 @@ class CrossLayerTranscoder(nn.Module):
         zero entries, the only ones TopK/BatchTopK pass back to the encoder.
         """
         self._check_shape(features, self.cfg.num_features, "num_features", "features")
+        return self._add_bias_and_skip(self._decode_features(features, x_std), x_std, bias)
+
+    def decode_features_normalized(self, features: Tensor, x_std: Tensor | None = None) -> Tensor:
+        """The features' part of the standardised reconstruction [..., L, d]: no b_dec, no skip."""
+        self._check_shape(features, self.cfg.num_features, "num_features", "features")
+        return self._decode_features(features, x_std)
+
+    def _decode_features(self, features: Tensor, x_std: Tensor | None, start: int = 0) -> Tensor:
+        """Σ over features [..., L, m] of their decoder rows start..start+m-1 (no bias, no skip)."""
         L, d = self.cfg.num_layers, self.cfg.d_model
-        batch_shape = features.shape[:-2]
+        batch_shape, m = features.shape[:-2], features.shape[-1]
+        rows = [w[start : start + m] for w in self.W_dec]
         out = None
         if self.uses_sparse_decode(features):
-            flat = features.reshape(-1, L, features.shape[-1])
-            out = _sparse_decode(flat, list(self.W_dec), d, force=self.cfg.sparse_decode == "on")
+            flat = features.reshape(-1, L, m)
+            out = _sparse_decode(flat, rows, d, force=self.cfg.sparse_decode == "on")
         if out is not None:
-            out = out.reshape(*batch_shape, L, d)
-        else:
-            dtype = self.W_enc.dtype
-            if torch.is_autocast_enabled(features.device.type):
-                dtype = torch.get_autocast_dtype(features.device.type)
-            flat = features.to(dtype).reshape(-1, L, features.shape[-1])
-            weights = [w.to(dtype) for w in self.W_dec]
-            out = _TriangularDecode.apply(d, flat, *weights).reshape(*batch_shape, L, d)
-        return self._add_bias_and_skip(out, x_std, bias)
+            return out.reshape(*batch_shape, L, d)
+        dtype = self.W_enc.dtype
+        if torch.is_autocast_enabled(features.device.type):
+            dtype = torch.get_autocast_dtype(features.device.type)
+        flat = features.to(dtype).reshape(-1, L, m)
+        weights = [w.to(dtype) for w in rows]
+        return _TriangularDecode.apply(d, flat, *weights).reshape(*batch_shape, L, d)
+
+    def prefix_reconstructions(self, features: Tensor, x_std: Tensor | None = None,
+                               sizes: list[int] | None = None) -> list[Tensor]:
+        """Standardised reconstructions [..., L, d] from the first m features of every layer, for
+        each m in `sizes` (increasing; default: the Matryoshka prefixes and F). Computed as
+        cumulative sums of the decodes of consecutive feature segments: one full decode in all."""
+        F = self.cfg.num_features
+        self._check_shape(features, F, "num_features", "features")
+        sizes = list(sizes if sizes is not None else [*(self.cfg.matryoshka_prefixes or []), F])
+        if not sizes or sizes[0] < 1 or sizes[-1] > F or any(a >= b for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(f"sizes must be increasing integers in [1, {F}], got {sizes}")
+        outs: list[Tensor] = []
+        total, start = None, 0
+        for m in sizes:
+            part = self._decode_features(features[..., start:m], x_std, start)
+            total = part if total is None else total + part
+            outs.append(self._add_bias_and_skip(total, x_std))
+            start = m
+        return outs
 
     def _add_bias_and_skip(self, out: Tensor, x_std: Tensor | None, bias: bool = True) -> Tensor:
         if bias:
@@ -215,11 +290,14 @@ class CrossLayerTranscoder(nn.Module):
             out = out + torch.einsum("...li,loi->...lo", x_std.to(out.dtype), self.W_skip)
         return out
 
+    def _decode_needs_inputs(self) -> bool:
+        return self.cfg.skip_connection
+
     def decode(self, features: Tensor, x: Tensor | None = None) -> Tensor:
         """Raw reconstruction [..., L, d] of features [..., L, F] (x: raw inputs, for the skip)."""
-        if self.cfg.skip_connection and x is None:
-            raise ValueError("this transcoder has a skip connection: call decode(features, x=x) "
-                             "with the raw inputs")
+        if self._decode_needs_inputs() and x is None:
+            raise ValueError(f"this {self.kind} reads its inputs when decoding (a skip connection "
+                             "or transforms): call decode(features, x=x) with the raw inputs")
         x_std = None if x is None else self.normalize_inputs(x)
         return self.denormalize_outputs(self.decode_normalized(features, x_std))
 
@@ -258,6 +336,16 @@ class CrossLayerTranscoder(nn.Module):
         batch = x_std.shape[:-2]
         out = self._add_bias_and_skip(out.view(*batch, L, d), x_std)
         return CLTOutput(features.view(*batch, L, F), z.view(*batch, L, F), out)
+
+    def forward_prefixes(self, x_std: Tensor) -> tuple[CLTOutput, list[Tensor]]:
+        """Forward pass on standardised inputs that also returns the standardised reconstruction
+        of every Matryoshka prefix (`prefix_reconstructions`; the last one is the full one)."""
+        self._check_shape(x_std, self.cfg.d_model, "d_model", "inputs x")
+        x_std = x_std.to(self.W_enc.dtype)
+        z = self._preactivations_normalized(x_std)
+        a = self.activate(z)
+        recons = self.prefix_reconstructions(a, x_std)
+        return CLTOutput(a, z, recons[-1]), recons
 
     def forward(self, x: Tensor) -> CLTOutput:
         """Forward pass on raw inputs x [..., L, d]; the reconstruction is in raw space."""
@@ -299,6 +387,31 @@ class CrossLayerTranscoder(nn.Module):
         for name in _STATS:
             getattr(new, name).fill_(1.0 if name.endswith("std") else 0.0)
         return new
+
+    # ----------------------------------------------------------------- truncation
+
+    @torch.no_grad()
+    def truncate(self, num_features: int) -> CrossLayerTranscoder:
+        """A standalone transcoder of the first `num_features` features of every layer (a
+        Matryoshka prefix): same biases, skip, thresholds and statistics, Matryoshka prefixes
+        below the new size kept. TopK keeps min(k, num_features) among the kept features."""
+        c = self.cfg
+        if c.architecture != "transcoder":
+            raise UnsupportedDictionaryError(
+                f"truncate works on transcoders; a {self.kind}'s features have no nested order")
+        if not (isinstance(num_features, int) and 0 < num_features <= c.num_features):
+            raise ValueError(f"num_features must be in [1, {c.num_features}], got {num_features!r}")
+        prefixes = [m for m in c.matryoshka_prefixes or [] if m < num_features] or None
+        cfg = c.replace(num_features=num_features, matryoshka_prefixes=prefixes,
+                        topk=min(c.topk, num_features))
+        small = CrossLayerTranscoder.from_config(cfg).to(self.b_dec.device)
+        state = {}
+        for name, value in self.state_dict().items():
+            if name in ("W_enc", "b_enc", "log_threshold") or name.startswith("W_dec."):
+                value = value[:, :num_features] if not name.startswith("W_dec.") else value[:num_features]
+            state[name] = value.clone()
+        small.load_state_dict(state)
+        return small.train(self.training)
 
     # ----------------------------------------------------------------- saving and loading
 
@@ -365,7 +478,7 @@ class CrossLayerTranscoder(nn.Module):
     @classmethod
     def _from_tensors(cls, cfg: CLTConfig, tensors: dict[str, Tensor],
                       device: str | torch.device | None, source: Path) -> CrossLayerTranscoder:
-        model = cls(cfg)
+        model = CrossLayerTranscoder.from_config(cfg)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -380,6 +493,9 @@ class CrossLayerTranscoder(nn.Module):
                                       "weights come from different transcoders")
         model.load_state_dict(tensors)
         return model if device is None else model.to(device)
+
+
+CrossLayerTranscoder._registry["transcoder"] = CrossLayerTranscoder
 
 
 class _TriangularDecode(torch.autograd.Function):
@@ -631,4 +747,4 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
                         corrupt="re-save the transcoder or copy the file again", missing_error=FileNotFoundError)
 
 
-__all__ = ["CLTOutput", "CheckpointError", "CrossLayerTranscoder"]
+__all__ = ["CLTOutput", "CheckpointError", "CrossLayerTranscoder", "UnsupportedDictionaryError"]

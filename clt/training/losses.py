@@ -3,10 +3,17 @@
 Shapes: features, preactivations [..., L, F]; reconstructions, targets [..., L, d];
 decoder norms and thresholds [L, F]. Each loss is a mean over tokens (the leading dims) of a
 sum over layers and features (or dimensions). `compute_losses` composes them for a model.
+
+Matryoshka (``CLTConfig.matryoshka_prefixes`` = m_1 < ... < m_k < F): the reconstruction term is
+Σ_{m ∈ {m_1..m_k, F}} Σ_l ‖ŷ_l^{(m)} − y_l‖², where ŷ^{(m)} decodes only the first m features of
+every layer (plus b_dec and the skip term), so each prefix is a transcoder on its own
+(`CrossLayerTranscoder.truncate`). The prefixes' FVUs come back in `LossTerms.metrics`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Callable, NamedTuple
 
 import torch
@@ -22,13 +29,17 @@ class LossTerms(NamedTuple):
     """The scalar loss terms of one step, each already multiplied by its coefficient."""
 
     reconstruction: Tensor
-    """Σ_l ‖ŷ_l − y_l‖², mean over tokens."""
+    """Σ_l ‖ŷ_l − y_l‖², mean over tokens (summed over the Matryoshka prefixes and the full
+    dictionary when there are prefixes)."""
     sparsity: Tensor
     """λ · Σ_l Σ_i tanh(c · a_l,i · ‖W_dec,i^l‖) (or the L1 form), mean over tokens."""
     preactivation: Tensor
     """Pre-activation penalty against dead JumpReLU features (0 when unused)."""
     auxiliary: Tensor
     """Auxiliary top-k loss for TopK/BatchTopK (0 when unused)."""
+    metrics: Mapping[str, Tensor] = MappingProxyType({})
+    """Logged quantities that are not loss terms: ``fvu_prefix_<m>`` for each Matryoshka
+    prefix m (FVU over all layers of the standardised targets, as the trainer's ``fvu``)."""
 
     @property
     def total(self) -> Tensor:
@@ -36,9 +47,10 @@ class LossTerms(NamedTuple):
         return self.reconstruction + self.sparsity + self.preactivation + self.auxiliary
 
     def as_dict(self) -> dict[str, float]:
-        """Terms and total as Python floats, for logging."""
-        values = {k: float(v.detach()) for k, v in self._asdict().items()}
-        return {**values, "total": float(self.total.detach())}
+        """Terms, total and metrics as Python floats, for logging."""
+        values = {k: float(v.detach()) for k, v in self._asdict().items() if k != "metrics"}
+        extra = {k: float(v.detach()) for k, v in self.metrics.items()}
+        return {**values, "total": float(self.total.detach()), **extra}
 
 
 def _tokens_mean(per_token: Tensor) -> Tensor:
@@ -105,7 +117,7 @@ def auxiliary_topk_loss(preactivations: Tensor, residual: Tensor, dead_mask: Ten
     """Gao et al. 2024: reconstruct the residual e = y − ŷ from the top-k_aux dead features.
 
     `decode` maps features [..., L, F] to outputs [..., L, d] without the decoder bias, e.g.
-    ``lambda a: clt.decode_normalized(a, bias=False)``; dead_mask is [L, F]. Returns
+    ``lambda a: clt.decode_features_normalized(a, x_std)``; dead_mask is [L, F]. Returns
     coefficient · mean‖e − ê‖² / mean‖e‖² (e detached); 0 when no feature is dead.
     """
     dead = dead_mask.to(device=preactivations.device, dtype=torch.bool)
@@ -130,14 +142,23 @@ def compute_losses(model: CrossLayerTranscoder, inputs: Tensor, targets: Tensor,
     """All loss terms on standardised inputs and targets [..., L, d]; returns (terms, output).
 
     The pre-activation term applies to JumpReLU models; the auxiliary term to TopK/BatchTopK
-    models when `dead_mask` is given and `k_aux` > 0.
+    models when `dead_mask` is given and `k_aux` > 0. With Matryoshka prefixes the
+    reconstruction term sums over the prefixes (module docstring).
     """
-    out = model.forward_normalized(inputs)
+    prefixes = model.cfg.matryoshka_prefixes or []
+    if prefixes:
+        out, recons = model.forward_prefixes(inputs)
+    else:
+        out = model.forward_normalized(inputs)
+        recons = [out.reconstruction]
     act = model.cfg.activation_fn
     use_pre = bool(preactivation_coef) and act == "jumprelu"
     norms = model.decoder_norms() if sparsity_coef or use_pre else None
     zero = out.reconstruction.new_zeros(())
-    recon = reconstruction_loss(out.reconstruction, targets)
+    recon = sum((reconstruction_loss(r, targets) for r in recons[1:]),
+                reconstruction_loss(recons[0], targets))
+    metrics = {f"fvu_prefix_{m}": fvu(r.float(), targets.float(), per_layer=False)
+               for m, r in zip(prefixes, recons)}
     sparse = zero
     if sparsity_coef:
         sparse = sparsity_loss(out.features, norms, coefficient=sparsity_coef, c=sparsity_c,
@@ -149,6 +170,6 @@ def compute_losses(model: CrossLayerTranscoder, inputs: Tensor, targets: Tensor,
     aux = zero
     if act in ("topk", "batchtopk") and dead_mask is not None and k_aux > 0:
         aux = auxiliary_topk_loss(out.preactivations, targets - out.reconstruction, dead_mask,
-                                  lambda a: model.decode_normalized(a, bias=False),
+                                  lambda a: model.decode_features_normalized(a, inputs),
                                   k_aux=k_aux, coefficient=aux_coef)
-    return LossTerms(recon, sparse, pre, aux), out
+    return LossTerms(recon, sparse, pre, aux, MappingProxyType(metrics)), out

@@ -10,7 +10,8 @@ import torch
 from clt.config.base import ConfigError
 from clt.config.transcoder import CLTConfig
 from clt.models import CheckpointError, CLTOutput, CrossLayerTranscoder
-from clt.training.losses import compute_losses, fvu, sparsity_lambda_at
+from clt.training.losses import compute_losses, fvu
+from planted import max_cosines, planted_dictionary, train_planted
 
 L, D = 3, 16
 ACTS = ("relu", "jumprelu", "topk", "batchtopk")
@@ -49,21 +50,7 @@ def _model(seed: int = 0, stats: bool = True, **kw) -> CrossLayerTranscoder:
 
 def _planted(cross: bool, seed: int = 0, ft: int = 24, p: float = 0.03):
     """True decoders D[l] [ft, L_out, D] (unit norm per feature) and a sampler of (x, y)."""
-    g = torch.Generator().manual_seed(seed)
-    enc = torch.randn(L, D, ft, generator=g)
-    enc /= enc.norm(dim=1, keepdim=True)
-    dec = [torch.randn(ft, L - l if cross else 1, D, generator=g) for l in range(L)]
-    dec = [w / w.flatten(1).norm(dim=1)[:, None, None] for w in dec]
-
-    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a = (torch.rand(n, L, ft, generator=g) < p) * (0.5 + torch.rand(n, L, ft, generator=g))
-        x = torch.einsum("nlf,ldf->nld", a, enc)
-        y = torch.zeros(n, L, D)
-        for l, w in enumerate(dec):
-            y[:, l : l + w.shape[1]] += torch.einsum("nf,fjd->njd", a[:, l], w)
-        return x, y
-
-    return dec, sample
+    return planted_dictionary(L, D, cross=cross, seed=seed, features=ft, p=p)
 
 
 @pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
@@ -74,32 +61,12 @@ def test_planted_dictionary_is_recovered(act, cross, one_thread):
     x, y = sample(64_000)
     cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn=act, cross_layer=cross,
                     topk=1 if act == "batchtopk" else 3)
-    model = CrossLayerTranscoder(cfg)
-    model.set_normalization(x.mean(0), x.std(0), y.mean(0), y.std(0))
-    xs, ys = model.normalize_inputs(x), model.normalize_outputs(y)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 2 * (1 - s / steps)))
-    g = torch.Generator().manual_seed(1)
-    for s in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        lam = sparsity_lambda_at(s, 1.0, steps // 10) if act in ("relu", "jumprelu") else 0.0
-        terms, _ = compute_losses(model, xs[idx], ys[idx], sparsity_coef=lam)
-        opt.zero_grad()
-        terms.total.backward()
-        opt.step()
-        sched.step()
-
-    model.eval()
+    model = train_planted(CrossLayerTranscoder(cfg), x, y, steps=steps, batch=batch,
+                          sparsity=1.0 if act in ("relu", "jumprelu") else 0.0)
     x_test, y_test = sample(4096)
     with torch.no_grad():
         per_layer_fvu = fvu(model(x_test).reconstruction, y_test)
-        folded = model.fold_normalization()
-        cos = []
-        for true, learned in zip(true_dec, folded.W_dec):
-            t = torch.nn.functional.normalize(true.flatten(1), dim=1)
-            w = torch.nn.functional.normalize(learned.flatten(1), dim=1)
-            cos.append((t @ w.T).max(dim=1).values)
-    mean_max_cos = torch.cat(cos).mean().item()
+        mean_max_cos = max_cosines(true_dec, model.fold_normalization().W_dec).mean().item()
     kind = "clt" if cross else "plt"
     assert mean_max_cos >= 0.9, f"{act}/{kind}: mean max cosine {mean_max_cos:.3f}"
     assert per_layer_fvu.max().item() <= 0.05, f"FVU per layer {per_layer_fvu.tolist()}"
