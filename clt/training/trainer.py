@@ -62,13 +62,14 @@ class CLTTrainer:
             raise ValueError(f"CLTConfig.layers {clt_config.layers} differ from the store's layers {store.layers}")
         if training_config.mixed_precision == "fp16" and not training_config.device.startswith("cuda"):
             raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' on CPU")
-        self.clt_config = clt_config.replace(layers=store.layers, model_name=clt_config.model_name or store.model_name)
+        self.clt_config = clt_config.replace(layers=store.layers, model_name=clt_config.model_name or store.model_name,
+                                             output_site=getattr(store, "output_site", clt_config.output_site))
         self.cfg, self.store, self.callbacks = training_config, store, callbacks or []
         self.device = torch.device(training_config.device)
         if training_config.retain_freed_memory and self.device.type == "cpu":
             _retain_freed_memory()
         self.output_dir = Path(training_config.output_dir) if training_config.output_dir else None
-        self.model = (model or CrossLayerTranscoder(self.clt_config)).to(self.device)
+        self.model = (model or CrossLayerTranscoder.from_config(self.clt_config)).to(self.device)
         stats = store.norm_stats()
         self.model.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
         c = training_config
