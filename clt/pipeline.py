@@ -32,7 +32,8 @@ def run_extraction(cfg: ExtractionConfig, *, progress: bool = True) -> Activatio
                                     exclude_bos=cfg.exclude_bos, device=cfg.device)
     store = extractor.extract(cfg.corpus, max_tokens=cfg.max_tokens, output_dir=cfg.output_dir,
                               store_dtype=cfg.store_dtype, shard_tokens=cfg.shard_tokens,
-                              text_field=cfg.text_field, progress=progress)
+                              text_field=cfg.text_field, progress=progress, compression=cfg.compression,
+                              output_site=cfg.output_site, writer_rank=cfg.writer_rank, num_writers=cfg.num_writers)
     cfg.save(Path(cfg.output_dir) / "extraction.yaml")
     return store
 

@@ -6,8 +6,8 @@ import dataclasses
 
 from clt.config.base import ConfigBase, check
 from clt.nnsight.models import DEFAULT_MODEL
-
-STORE_DTYPES = ("float16", "bfloat16", "float32")
+from clt.training.data import OUTPUT_SITES
+from clt.training.shards import COMPRESSIONS, STORE_DTYPES
 
 
 @dataclasses.dataclass
@@ -33,13 +33,24 @@ class ExtractionConfig(ConfigBase):
     exclude_bos: bool = True
     """Leave BOS positions out of the store (their activations are outliers)."""
     store_dtype: str = "float16"
-    """Precision of the stored activations: float16, bfloat16 or float32."""
+    """Precision of the stored activations: float16, bfloat16, float32 or int8 (symmetric codes with an
+    absmax scale per token and layer, about half of float16's bytes)."""
+    compression: str = "none"
+    """Lossless compression of each shard file: 'none' or 'zstd' (needs `pip install zstandard`)."""
+    output_site: str = "mlp_out"
+    """Training targets recorded: 'mlp_out' (MLP outputs: a transcoder) or 'mlp_in' (the MLP inputs
+    themselves, stored once: a transcoder trained on them is an SAE)."""
     shard_tokens: int = 8192
     """Tokens per shard file."""
     output_dir: str = "runs/store"
     """Folder of the activation store (an existing one is resumed)."""
     device: str = "cpu"
     """Device to run the model on."""
+    writer_rank: int = 0
+    """Index of this process among num_writers extraction processes filling one store (it takes
+    context windows writer_rank, writer_rank + num_writers, ...)."""
+    num_writers: int = 1
+    """Number of extraction processes writing disjoint shards of one store; the last to finish merges them."""
 
     def __post_init__(self) -> None:
         check(self.max_tokens > 0, f"max_tokens must be positive, got {self.max_tokens}")
@@ -47,4 +58,10 @@ class ExtractionConfig(ConfigBase):
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         check(self.shard_tokens > 0, f"shard_tokens must be positive, got {self.shard_tokens}")
         check(self.store_dtype in STORE_DTYPES, f"store_dtype '{self.store_dtype}' is not one of {STORE_DTYPES}")
+        check(self.compression in COMPRESSIONS, f"compression '{self.compression}' is not one of {COMPRESSIONS}")
+        check(self.output_site in OUTPUT_SITES, f"output_site '{self.output_site}' is not one of {OUTPUT_SITES}")
+        check(self.num_writers >= 1, f"num_writers must be at least 1, got {self.num_writers}")
+        check(0 <= self.writer_rank < self.num_writers,
+              f"writer_rank {self.writer_rank} is out of range for num_writers={self.num_writers}: "
+              f"use 0..{self.num_writers - 1}")
         check(self.layers is None or len(self.layers) > 0, "layers must be omitted (all) or a non-empty list")

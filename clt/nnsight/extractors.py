@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from clt.data.corpus import DEFAULT_CORPUS, TokenWindow, load_texts, token_windows
 from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
-from clt.training.data import ActivationStore, StoreError, StoreWriter
+from clt.training.data import MANIFEST, ActivationStore, StoreError, StoreWriter
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,14 @@ class ActivationExtractor:
         return token_windows(texts, self.tokenizer, self.context_length, prepend_bos=self.prepend_bos)
 
     @torch.no_grad()
-    def activations(self, windows: list[TokenWindow], *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """One nnsight trace over a batch of windows: inputs/outputs [n, L, d] of the kept positions, as `dtype`."""
+    def activations(self, windows: list[TokenWindow], *, dtype: torch.dtype = torch.float32,
+                    output_site: str = "mlp_out") -> dict[str, torch.Tensor]:
+        """One nnsight trace over a batch of windows: inputs/outputs [n, L, d] of the kept positions, as `dtype`.
+
+        With ``output_site='mlp_in'`` the MLP outputs are not recorded and ``outputs`` is ``inputs``.
+        """
+        if output_site not in ("mlp_out", "mlp_in"):
+            raise ValueError(f"unknown output_site '{output_site}'; use 'mlp_out' or 'mlp_in'")
         ids, mask = pad_windows(windows, self.pad_id)
         width = ids.shape[1]
         keep = mask.bool()
@@ -96,22 +102,24 @@ class ActivationExtractor:
         saved = []
         with self.lm.trace({"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}) as tracer:
             for mlp in self._mlps:
-                saved.append((mlp.input.save(), mlp.output.save()))
+                saved.append((mlp.input.save(), mlp.output.save() if output_site == "mlp_out" else None))
             tracer.stop()
         rows = keep.view(-1).nonzero().squeeze(1).to(self.device)
         shape = (len(rows), len(self.layers), self.d_model)
         inputs = torch.empty(shape, dtype=dtype, device=self.device)
-        outputs = torch.empty(shape, dtype=dtype, device=self.device)
+        outputs = torch.empty(shape, dtype=dtype, device=self.device) if output_site == "mlp_out" else inputs
         for i, (x, y) in enumerate(saved):  # gather the kept rows, then one converting copy per layer
             inputs.select(1, i).copy_(x.reshape(-1, self.d_model).index_select(0, rows))
-            outputs.select(1, i).copy_(_first(y).reshape(-1, self.d_model).index_select(0, rows))
+            if y is not None:
+                outputs.select(1, i).copy_(_first(y).reshape(-1, self.d_model).index_select(0, rows))
+        inputs = inputs.cpu()
         positions = torch.arange(width).expand(len(windows), width)[keep]
         window_ids = torch.tensor([hash_window(w) for w in windows]).unsqueeze(1).expand(-1, width)[keep]
-        return {"inputs": inputs.cpu(), "outputs": outputs.cpu(), "token_ids": ids[keep], "positions": positions,
-                "window_ids": window_ids}
+        return {"inputs": inputs, "outputs": inputs if output_site == "mlp_in" else outputs.cpu(),
+                "token_ids": ids[keep], "positions": positions, "window_ids": window_ids}
 
     def _stream(self, windows: Iterator[TokenWindow], max_tokens: int, done: int, progress: bool,
-                dtype: torch.dtype) -> Iterator[tuple[dict, int]]:
+                dtype: torch.dtype, output_site: str = "mlp_out") -> Iterator[tuple[dict, int]]:
         bar = tqdm(total=max_tokens, initial=done, unit="tok", desc="extracting", disable=not progress)
         consumed = 0
         try:
@@ -120,10 +128,12 @@ class ActivationExtractor:
                 if not chunk:
                     logger.warning("the corpus ran out after %d tokens (max_tokens=%d)", done, max_tokens)
                     break
-                batch = self.activations(chunk, dtype=dtype)
+                batch = self.activations(chunk, dtype=dtype, output_site=output_site)
                 consumed += len(chunk)
                 take = min(max_tokens - done, batch["inputs"].shape[0])
                 batch = {k: v[:take] for k, v in batch.items()}
+                if output_site == "mlp_in":
+                    batch["outputs"] = batch["inputs"]
                 done += take
                 bar.update(take)
                 yield batch, consumed
@@ -143,38 +153,75 @@ class ActivationExtractor:
         text_field: str = "text",
         progress: bool = True,
         write_behind: bool | None = None,
+        compression: str = "none",
+        output_site: str = "mlp_out",
+        writer_rank: int = 0,
+        num_writers: int = 1,
     ) -> ActivationStore:
         """Extract up to `max_tokens` tokens into a store (on disk when `output_dir` is given).
 
         A disk store that already holds part of the same extraction is resumed from its manifest.
         `write_behind` writes each batch in a thread while the next one is traced; by default it is
         on when the model runs on an accelerator (on a CPU the thread competes with the forward pass).
+        With ``num_writers > 1`` this process is writer `writer_rank` of a store filled by several:
+        it takes windows writer_rank, writer_rank + num_writers, ... of those one process would read,
+        and the last writer to finish merges the parts (the merged store holds the same rows).
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if num_writers < 1 or not 0 <= writer_rank < num_writers:
+            raise ValueError(f"writer_rank {writer_rank} is out of range for num_writers={num_writers}: "
+                             f"use 0..{max(num_writers, 1) - 1}")
         windows = self.windows(source, text_field=text_field)
         if output_dir is None:
-            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress, _dtype(store_dtype))]
+            if num_writers > 1:
+                raise ValueError("several writers share one store folder: pass output_dir")
+            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress, _dtype(store_dtype), output_site)]
             if not parts:
                 raise StoreError("the corpus produced no tokens")
             merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             return ActivationStore.from_nnsight_activations(
-                {**merged, "layers": self.layers, "model_name": self.model_name}, batch_size, normalize)
+                {**merged, "layers": self.layers, "model_name": self.model_name, "output_site": output_site},
+                batch_size, normalize)
+        if num_writers > 1:
+            if (Path(output_dir) / MANIFEST).is_file():
+                logger.info("%s is already merged", output_dir)
+                return ActivationStore.open(output_dir, batch_size=batch_size, normalize=normalize)
+            windows, max_tokens = self._share(windows, max_tokens, writer_rank, num_writers)
         writer = StoreWriter(output_dir, layers=self.layers, d_model=self.d_model, model_name=self.model_name,
-                             dtype=store_dtype, shard_tokens=shard_tokens, extra=self._settings(source))
+                             dtype=store_dtype, shard_tokens=shard_tokens, extra=self._settings(source),
+                             compression=compression, output_site=output_site,
+                             part=(writer_rank, num_writers) if num_writers > 1 else None)
         if writer.manifest["extra"] != self._settings(source):
             raise StoreError(f"cannot resume {output_dir}: it was extracted with {writer.manifest['extra']}, "
                              f"this run uses {self._settings(source)}; use a new output folder")
         skipped = writer.state.get("windows_done", 0)
         if writer.complete and writer.n_tokens >= max_tokens:
             logger.info("%s already holds %d tokens", output_dir, writer.n_tokens)
-            return ActivationStore.open(output_dir, batch_size=batch_size, normalize=normalize)
+            return writer.finish(batch_size=batch_size, normalize=normalize)
         writer.manifest["complete"] = False
         stream = self._stream(itertools.islice(windows, skipped, None), max_tokens, writer.n_tokens, progress,
-                              _dtype(store_dtype))
+                              _dtype(store_dtype), output_site)
         behind = self.device.type != "cpu" if write_behind is None else write_behind
         consumed = _write(writer, stream, skipped, behind=behind)
         return writer.finish(batch_size=batch_size, normalize=normalize, state={"windows_done": skipped + consumed})
+
+    def _share(self, windows: Iterator[TokenWindow], max_tokens: int, rank: int,
+               count: int) -> tuple[Iterator[TokenWindow], int]:
+        """Writer `rank`'s windows (rank, rank + count, ...) of those one process reads for `max_tokens`, and its tokens."""
+        bos_dropped = int(self.prepend_bos and self.exclude_bos)
+        mine, budget, total = [], 0, 0
+        for index, window in enumerate(windows):
+            if total >= max_tokens:
+                break
+            kept = min(len(window.token_ids) - bos_dropped, max_tokens - total)
+            total += kept
+            if index % count == rank:
+                mine.append(window)
+                budget += kept
+        if budget == 0:
+            raise StoreError(f"writer {rank} of {count} gets no tokens ({total} in all): use fewer writers")
+        return iter(mine), budget
 
     def _settings(self, source: Any) -> dict[str, Any]:
         corpus = source if isinstance(source, str) else str(source) if isinstance(source, Path) else type(source).__name__
@@ -234,10 +281,13 @@ def _first(output: Any) -> torch.Tensor:
 
 
 def _dtype(name: str) -> torch.dtype:
+    """The dtype activations are extracted in for a store of dtype `name` (int8 is quantised from float32)."""
     from clt.training.data import DTYPES
 
+    if name == "int8":
+        return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype '{name}'; use one of {sorted(DTYPES)}")
+        raise ValueError(f"unknown dtype '{name}'; use one of {[*DTYPES, 'int8']}")
     return DTYPES[name]
 
 

@@ -249,3 +249,36 @@ def test_smollm2_extraction_equals_forward_hooks(smollm2):
         x, y = captured[layer]
         assert (got["inputs"][:, i] - x[mask]).abs().max() <= 1e-5
         assert (got["outputs"][:, i] - y[mask]).abs().max() <= 1e-5
+
+
+def test_mlp_input_store_targets_are_the_inputs_of_forward_hooks(tiny, tmp_path):
+    name, model, tokenizer = tiny
+    extractor = ActivationExtractor(name, model=model, tokenizer=tokenizer, layers=[0, 2], context_length=24)
+    store = extractor.extract(TEXTS, max_tokens=10_000, store_dtype="float32", output_dir=tmp_path / "s",
+                              output_site="mlp_in", shard_tokens=30, progress=False)
+    windows = list(token_windows(TEXTS, tokenizer, 24))
+    captured, mask = hook_reference(model, windows, [0, 2], extractor.pad_id)
+    mask[:, 0] = False
+    inputs, outputs = store.tensors()
+    assert store.output_site == "mlp_in" and store.n_tokens == int(mask.sum())
+    assert torch.equal(inputs, outputs)
+    for i, layer in enumerate([0, 2]):
+        assert (inputs[:, i] - captured[layer][0][mask]).abs().max() <= 1e-5
+        assert (outputs[:, i] - captured[layer][1][mask]).abs().max() > 1e-2  # not the MLP outputs
+    reopened = ActivationStore.open(tmp_path / "s")
+    assert reopened.output_site == "mlp_in" and torch.equal(reopened.tensors()[1], inputs)
+
+
+def test_int8_zstd_extraction_is_within_half_a_step_of_float32(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32, batch_size=4)
+    exact = extractor.extract(max_tokens=400, store_dtype="float32", progress=False)
+    packed = extractor.extract(max_tokens=400, store_dtype="int8", compression="zstd", output_dir=tmp_path / "s",
+                               shard_tokens=150, progress=False)
+    assert packed.dtype == "int8" and packed.compression == "zstd" and len(packed.shards) > 1
+    for a, b in zip(exact.tensors(), packed.tensors()):
+        step = a.abs().amax(-1, keepdim=True) / 127
+        assert bool(((a - b).abs() <= step / 2 * (1 + 1e-5)).all())
+    with pytest.raises(StoreError, match="cannot resume .*its dtype is 'int8'"):
+        extractor.extract(max_tokens=500, store_dtype="float16", compression="zstd", output_dir=tmp_path / "s",
+                          progress=False)

@@ -217,7 +217,7 @@ def test_store_of_other_layers_or_width_is_refused(tmp_path):
             StoreWriter(tmp_path / "s", **settings)
     other = write_store(tmp_path / "other", make_activations(n=100, d=4))  # a shard of another width
     (tmp_path / "other" / "shard_00000.safetensors").replace(tmp_path / "s" / "shard_00000.safetensors")
-    with pytest.raises(StoreError, match=r"shard 0 has shape \(60, 3, 4\), expected \(60, 3, 8\): the store is"):
+    with pytest.raises(StoreError, match=r"shard 0 has inputs of shape \(60, 3, 4\), expected \(60, 3, 8\): the store is"):
         ActivationStore.open(tmp_path / "s").shard(0)
     assert other.d_model == 4
 
