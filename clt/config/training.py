@@ -8,6 +8,7 @@ from clt.config.base import ConfigBase, check
 
 SPARSITY_KINDS = ("tanh", "l1")
 PRECISIONS = ("no", "bf16", "fp16")
+PARALLEL_MODES = ("data", "features")
 
 
 @dataclasses.dataclass
@@ -51,7 +52,13 @@ class TrainingConfig(ConfigBase):
     mixed_precision: str = "no"
     """'no', 'bf16' (autocast, CPU or GPU) or 'fp16' (autocast + GradScaler, GPU only)."""
     device: str = "cpu"
-    """Device to train on."""
+    """Device to train on ('cuda' under torchrun: each rank's LOCAL_RANK GPU)."""
+    parallel: str = "data"
+    """Under torchrun with several ranks: 'data' (each rank takes 1/W of every batch, gradients
+    averaged) or 'features' (each rank holds F/W features of every layer; see
+    clt.training.distributed). Ignored in a single process."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a rank waits for the others in a collective before the run fails."""
     retain_freed_memory: bool = True
     """On CPU with glibc: keep freed blocks of up to 1 GiB in the process heap (mallopt) instead
     of unmapping them, so each step does not page-fault its large tensors again (~10% faster
@@ -80,6 +87,8 @@ class TrainingConfig(ConfigBase):
         check(self.grad_accumulation_steps >= 1, "grad_accumulation_steps must be >= 1")
         check(self.batch_size % self.grad_accumulation_steps == 0,
               f"batch_size {self.batch_size} must be divisible by grad_accumulation_steps {self.grad_accumulation_steps}")
+        check(self.parallel in PARALLEL_MODES, f"parallel '{self.parallel}' is not one of {PARALLEL_MODES}")
+        check(self.dist_timeout_s > 0, f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
         check(self.mixed_precision in PRECISIONS, f"mixed_precision '{self.mixed_precision}' is not one of {PRECISIONS}")
         check(0.0 <= self.lr_decay_start <= 1.0, f"lr_decay_start must be in [0, 1], got {self.lr_decay_start}")
         check(len(self.adam_betas) == 2, f"adam_betas must be two numbers, got {self.adam_betas}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -14,14 +16,24 @@ class FeatureActivity:
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor) -> None:
-        """Record a batch of feature activations [..., L, F]."""
+    def update(self, features: torch.Tensor,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Record a batch of feature activations [..., L, F]; returns how many entries fired (a tensor).
+
+        `reduce` sums a tensor over the ranks that hold the other rows of the batch (data
+        parallel), so that the counts are those of the whole batch.
+        """
         active = (features.detach() != 0).reshape(-1, *features.shape[-2:])
-        fired = active.any(0)
-        self.fire_count += active.sum(0)
-        self.tokens_since_fired = torch.where(fired, torch.zeros_like(self.tokens_since_fired),
-                                              self.tokens_since_fired + active.shape[0])
-        self.tokens_seen += active.shape[0]
+        counts = active.sum(0)
+        tokens = torch.tensor(active.shape[0], device=counts.device)
+        if reduce is not None:
+            packed = reduce(torch.cat([counts.reshape(-1), tokens.view(1)]))
+            counts, tokens = packed[:-1].view_as(counts), packed[-1]
+        self.fire_count += counts
+        self.tokens_since_fired = torch.where(counts > 0, torch.zeros_like(self.tokens_since_fired),
+                                              self.tokens_since_fired + tokens)
+        self.tokens_seen += tokens
+        return counts.sum()
 
     def dead_mask(self, after_tokens: int) -> torch.Tensor:
         """Features that have not fired in the last `after_tokens` tokens, [L, F] bool."""

@@ -45,22 +45,29 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(directory: Path, step: int, model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer,
+def save_checkpoint(directory: Path, step: int, model: CrossLayerTranscoder,
+                    optimizer_state: tuple[dict[str, torch.Tensor], list[dict[str, Any]]],
                     tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically (optimizer_state: `optimizer_tensors`) and keep the newest `keep`."""
     final = directory / f"step_{step:08d}"
     tmp = directory / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "transcoder")
-    opt_tensors, groups = optimizer_tensors(optimizer)
+    opt_tensors, groups = optimizer_state
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in list_checkpoints(directory)[:-keep]:
+    if final.exists():  # the same step again (a resumed run's end): swap by renames, never delete first
+        old = directory / f".old_step_{step:08d}"
         shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    for stale in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -26,14 +27,17 @@ from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.training.activity import FeatureActivity
+from clt.training import distributed
 from clt.training.checkpoint import (
     CheckpointMismatchError,
     list_checkpoints,
     load_checkpoint,
     load_optimizer_tensors,
+    optimizer_tensors,
     save_checkpoint,
 )
-from clt.training.data import ActivationStore
+from clt.training.data import ActivationBatch, ActivationStore
+from clt.training.distributed import DistributedTranscoder
 from clt.training.losses import compute_losses, fvu, sparsity_lambda_at
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,13 @@ class CLTTrainer:
         callbacks: list[StepCallback] | None = None,
     ) -> None:
         store = activation_store
+        c = training_config
+        self.dist = distributed.init_distributed(c.parallel, c.device, c.dist_timeout_s)
+        if self.dist is not None:
+            distributed.check_agreement(
+                self.dist, {"transcoder": clt_config.to_dict(), "training": c.to_dict(), "store_tokens": store.n_tokens,
+                            "store_layers": store.layers},
+                distributed.split_problems(self.dist, clt_config, c.batch_size // c.grad_accumulation_steps))
         if clt_config.num_layers != store.num_layers or clt_config.d_model != store.d_model:
             raise ValueError(
                 f"the transcoder expects {clt_config.num_layers} layers of width {clt_config.d_model} but the store "
@@ -65,27 +76,32 @@ class CLTTrainer:
         self.clt_config = clt_config.replace(layers=store.layers, model_name=clt_config.model_name or store.model_name,
                                              output_site=getattr(store, "output_site", clt_config.output_site))
         self.cfg, self.store, self.callbacks = training_config, store, callbacks or []
-        self.device = torch.device(training_config.device)
+        self.device = torch.device(distributed.local_device(c.device) if self.dist else c.device)
         if training_config.retain_freed_memory and self.device.type == "cpu":
             _retain_freed_memory()
         self.output_dir = Path(training_config.output_dir) if training_config.output_dir else None
         self.model = (model or CrossLayerTranscoder.from_config(self.clt_config)).to(self.device)
+        if self.dist is not None:
+            self.model = DistributedTranscoder.from_full(self.model, self.dist)
         stats = store.norm_stats()
         self.model.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
-        c = training_config
         params = list(self.model.parameters())
         # one fused kernel per step instead of ~10 passes over every parameter (CPU and CUDA)
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, betas=tuple(c.adam_betas),
                                            weight_decay=c.weight_decay, fused=fused or None)
         self.scaler = torch.amp.GradScaler("cuda") if c.mixed_precision == "fp16" else None
-        self.activity = FeatureActivity(self.clt_config.num_layers, self.clt_config.num_features, self.device)
+        self.activity = FeatureActivity(self.clt_config.num_layers, self.model.cfg.num_features, self.device)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.step = 0
         self.history: list[dict[str, float]] = []
         if self.output_dir is not None and c.resume:
             checkpoints = list_checkpoints(self.output_dir / "checkpoints")
-            if checkpoints:
-                self.load_checkpoint(checkpoints[-1])
+            latest = checkpoints[-1] if checkpoints else None
+            if self.dist is not None:
+                latest = distributed.broadcast_path(latest, self.dist.world_size)
+            if latest is not None:
+                self.load_checkpoint(latest)
 
     # schedules -----------------------------------------------------------------------------
 
@@ -119,60 +135,102 @@ class CLTTrainer:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         return profile(activities=activities, record_shapes=True)
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, progress and checkpoints (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
+
     def train_step(self, batches: Any) -> dict[str, float]:
         """One optimiser step over `grad_accumulation_steps` micro-batches; returns its metrics."""
+        return _floats(self._step(batches))
+
+    def _step(self, batches: Any) -> dict[str, Any]:
+        """`train_step` with the metrics left as tensors: converting them syncs with the device."""
         c, model = self.cfg, self.model
         lr, lam = self.lr_at(self.step), self.sparsity_lambda_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         k_aux = min(c.aux_k, self.clt_config.num_features)
-        for _ in range(c.grad_accumulation_steps):
+        accumulation = c.grad_accumulation_steps
+        data_parallel = self.dist is not None and not self.dist.sharded
+        for _ in range(accumulation):
             batch = next(batches)
-            _check_finite(batch, self.step + 1, self.clt_config.layers or list(range(self.clt_config.num_layers)))
+            self._check_batch(batch)
             x, y = model.normalize_inputs(batch.inputs), model.normalize_outputs(batch.outputs)
             dead = self.activity.dead_mask(c.dead_after_tokens)
             with self._autocast():
                 terms, out = compute_losses(model, x, y, sparsity_coef=lam, sparsity_c=c.sparsity_c,
                                             sparsity_kind=c.sparsity_kind, preactivation_coef=c.preactivation_coef,
                                             dead_mask=dead, k_aux=k_aux, aux_coef=c.aux_coef)
-            loss = terms.total / c.grad_accumulation_steps
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {float(loss)} at step {self.step}; lower learning_rate, enable grad_clip_norm, "
-                    "or check the store for outliers (the last checkpoint is intact)")
+            loss = terms.total / accumulation
+            self._check_loss(loss)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            fired_before = int(self.activity.fire_count.sum())
-            self.activity.update(out.features)
-            l0 = (int(self.activity.fire_count.sum()) - fired_before) / out.features[..., 0, 0].numel()
-            for name, value in terms.as_dict().items():
-                sums[name] = sums.get(name, 0.0) + value / c.grad_accumulation_steps
-            sums["fvu"] = sums.get("fvu", 0.0) + float(fvu(out.reconstruction.float(), y, per_layer=False)) / c.grad_accumulation_steps
-            sums["l0"] = sums.get("l0", 0.0) + l0 / c.grad_accumulation_steps
+            fired = self.activity.update(out.features, distributed.all_reduce_sum if data_parallel else None)
+            tokens = out.features[..., 0, 0].numel() * (self.dist.world_size if data_parallel else 1)
+            for name, value in _term_tensors(terms).items():
+                _accumulate(sums, name, value.detach().double() / accumulation)
+            _accumulate(sums, "fvu", self._fvu(out.reconstruction.float(), y) / accumulation)
+            _accumulate(sums, "l0", fired.double() / tokens / accumulation)
+        if self.dist is not None:
+            model.sync_gradients()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if c.grad_clip_norm:
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip_norm))
+            clip = model.clip_grad_norm if self.dist is not None else functools.partial(
+                torch.nn.utils.clip_grad_norm_, model.parameters())
+            sums["grad_norm"] = clip(c.grad_clip_norm).detach().double()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.step += 1
-        sums.update(step=self.step, lr=lr, sparsity_lambda=lam,
-                    dead_fraction=float(self.activity.dead_mask(c.dead_after_tokens).float().mean()))
+        sums["dead_fraction"] = self.activity.dead_mask(c.dead_after_tokens).float().mean().double()
+        if self.dist is not None:
+            sums = model.reduce_metrics(sums)
+        dead_fraction = sums.pop("dead_fraction")
+        sums.update(step=self.step, lr=lr, sparsity_lambda=lam, dead_fraction=dead_fraction)
         return sums
+
+    def _fvu(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.dist is not None and not self.dist.sharded:
+            return distributed.global_fvu(reconstruction, target)
+        return fvu(reconstruction, target, per_layer=False).double()
+
+    def _check_batch(self, batch: ActivationBatch) -> None:
+        """Raise on NaN/inf at once on the CPU; on an accelerator note it and raise at the next log step."""
+        if self.device.type == "cpu":
+            _check_finite(batch, self.step + 1, self.clt_config.layers or list(range(self.clt_config.num_layers)))
+        else:
+            self._nonfinite |= ~(torch.isfinite(batch.inputs).all() & torch.isfinite(batch.outputs).all())
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        if self.device.type != "cpu":
+            self._nonfinite |= ~torch.isfinite(loss.detach())
+        elif not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {float(loss)} at step {self.step}; lower learning_rate, enable grad_clip_norm, "
+                "or check the store for outliers (the last checkpoint is intact)")
+
+    def _raise_if_nonfinite(self) -> None:
+        if bool(self._nonfinite):
+            raise FloatingPointError(
+                f"a batch or the loss held NaN/inf before step {self.step}: the store is corrupt or training "
+                "diverged (lower learning_rate, enable grad_clip_norm, re-extract the store); the last checkpoint "
+                "is intact")
 
     def train(self, *, progress: bool = True) -> CrossLayerTranscoder:
         """Train to `training_steps` (resuming if a checkpoint was loaded); returns the transcoder."""
         c = self.cfg
         micro = c.batch_size // c.grad_accumulation_steps
-        batches = self.store.batches(micro, seed=c.seed, start=self.step * c.grad_accumulation_steps, device=self.device)
-        self._log = self._open_log()
-        self._wandb_run = self._wandb()
+        batches = self._batches(micro)
+        self._log = self._open_log() if self.is_main else None
+        self._wandb_run = self._wandb() if self.is_main else None
         self._clock = (time.perf_counter(), self.step)
-        bar = tqdm(total=c.training_steps, initial=self.step, desc="training", unit="step", disable=not progress)
+        bar = tqdm(total=c.training_steps, initial=self.step, desc="training", unit="step",
+                   disable=not progress or not self.is_main)
         try:
             if c.profile_steps:
                 with self._profiler() as profiler:
@@ -183,19 +241,42 @@ class CLTTrainer:
             bar.close()
             if self._log is not None:
                 self._log.close()
+        self._raise_if_nonfinite()
         if self.output_dir is not None:
             self.save_checkpoint()
-            self.model.save_pretrained(self.output_dir / "transcoder")
+        model = self.model.whole(to_all=True) if isinstance(self.model, DistributedTranscoder) else self.model
+        if self.output_dir is not None and self.is_main:
+            model.save_pretrained(self.output_dir / "transcoder")
             self.clt_config.save(self.output_dir / "clt_config.yaml")
             self.cfg.save(self.output_dir / "training_config.yaml")
-        return self.model
+        return model
+
+    def _batches(self, micro: int) -> Iterator[ActivationBatch]:
+        """This rank's micro-batches from the store's stream (its rows of each one in data parallel); on
+        an accelerator they travel in the store's precision from pinned memory without blocking."""
+        c = self.cfg
+        split = {}
+        if self.dist is not None and not self.dist.sharded:
+            split = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+        start = self.step * c.grad_accumulation_steps
+        if self.device.type != "cuda":
+            yield from self.store.batches(micro, seed=c.seed, start=start, device=self.device, **split)
+            return
+        dtype = getattr(torch, self.store.dtype, torch.float32)
+        for batch in self.store.batches(micro, seed=c.seed, start=start, device="cpu", dtype=dtype, **split):
+            yield ActivationBatch(batch.inputs.pin_memory().to(self.device, non_blocking=True),
+                                  batch.outputs.pin_memory().to(self.device, non_blocking=True))
 
     def _run(self, batches: Any, until: int, bar: Any) -> None:
         c = self.cfg
         while self.step < until:
-            metrics = self.train_step(batches)
+            metrics = self._step(batches)
             bar.update(1)
-            if self.step % c.log_every == 0 or self.step == c.training_steps:
+            log = self.step % c.log_every == 0 or self.step == c.training_steps
+            if log or self.callbacks:
+                self._raise_if_nonfinite()
+                metrics = _floats(metrics)
+            if log:
                 self._record(metrics)
                 bar.set_postfix(loss=f"{metrics['total']:.4g}", fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}")
             for callback in self.callbacks:
@@ -216,12 +297,27 @@ class CLTTrainer:
     # checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write a resumable checkpoint of the current step into output_dir/checkpoints."""
+        """Write a resumable checkpoint of the current step into output_dir/checkpoints (whole dictionary,
+        written by rank 0 whatever the world size)."""
         if self.output_dir is None:
             raise ValueError("set TrainingConfig.output_dir to save checkpoints")
-        tensors = {**{f"activity.{k}": v for k, v in self.activity.state().items()}, "rng": torch.get_rng_state()}
+        self._raise_if_nonfinite()
+        directory = self.output_dir / "checkpoints"
+        model, activity = self.model, self.activity.state()
+        opt_tensors, groups = optimizer_tensors(self.optimizer)
+        if isinstance(model, DistributedTranscoder):
+            opt_tensors = distributed.gather_state(opt_tensors, self.dist, model.parameter_names())
+            activity = distributed.gather_state(activity, self.dist)
+            model = model.whole()
+        if not self.is_main:
+            distributed.barrier()
+            return directory / f"step_{self.step:08d}"
+        tensors = {**{f"activity.{k}": v for k, v in activity.items()}, "rng": torch.get_rng_state()}
         state = {"history": self.history, "training_config": self.cfg.to_dict(), "store_tokens": self.store.n_tokens}
-        return save_checkpoint(self.output_dir / "checkpoints", self.step, self.model, self.optimizer, tensors, state)
+        path = save_checkpoint(directory, self.step, model, (opt_tensors, groups), tensors, state)
+        if self.dist is not None:
+            distributed.barrier()
+        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from a checkpoint folder written by `save_checkpoint`."""
@@ -234,9 +330,15 @@ class CLTTrainer:
             raise CheckpointMismatchError(
                 f"checkpoint {path} was trained on a store of {state.get('store_tokens')} tokens, this store has "
                 f"{self.store.n_tokens}; resume with the same store or start in a new output_dir")
-        self.model.load_state_dict(model.state_dict())
+        weights = model.state_dict()
+        activity = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("activity.")}
+        if isinstance(self.model, DistributedTranscoder):
+            weights = distributed.shard_state(weights, self.dist)
+            opt_tensors = distributed.shard_state(opt_tensors, self.dist, self.model.parameter_names())
+            activity = distributed.shard_state(activity, self.dist)
+        self.model.load_state_dict(weights)
         load_optimizer_tensors(self.optimizer, opt_tensors, state["param_groups"])
-        self.activity.load_state({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("activity.")})
+        self.activity.load_state(activity)
         torch.set_rng_state(tensors["rng"])
         self.step, self.history = state["step"], state.get("history", [])
         logger.info("resumed from %s at step %d", path, self.step)
@@ -268,6 +370,21 @@ class CLTTrainer:
             (self.output_dir / "profile.txt").write_text(table)
             profiler.export_chrome_trace(str(self.output_dir / "profile_trace.json"))
         logger.info("profile of %d steps:\n%s", self.cfg.profile_steps, table)
+
+
+def _term_tensors(terms: Any) -> dict[str, torch.Tensor]:
+    """`LossTerms.as_dict` without the device sync: terms, total, then the logged extras."""
+    values = {k: v for k, v in terms._asdict().items() if isinstance(v, torch.Tensor)}
+    return {**values, "total": terms.total, **getattr(terms, "metrics", {})}
+
+
+def _accumulate(sums: dict[str, Any], name: str, value: torch.Tensor) -> None:
+    sums[name] = sums[name] + value if name in sums else value
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metrics as Python numbers (one device sync)."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
 
 def _retain_freed_memory() -> None:
