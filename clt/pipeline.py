@@ -147,11 +147,31 @@ def run_training(extraction: ExtractionConfig, transcoder: Any, training: Any, *
                                     model_name=store.model_name)
     trainer = CLTTrainer(transcoder, training, store)
     model = trainer.train(progress=progress)
+    if not trainer.is_main:  # under torchrun rank 0 evaluates and reports
+        return TrainingResult(model, store, trainer.output_dir, trainer.history, None)
     evaluation = run_evaluation(
         model, store, replacement=replacement and bool(store.model_name), device=training.device,
         output_path=None if trainer.output_dir is None else trainer.output_dir / "eval.json")
     return TrainingResult(model, store, trainer.output_dir, trainer.history, evaluation.reconstruction,
                           evaluation.replacement)
+
+
+def run_streaming(extraction: ExtractionConfig, transcoder: Any, training: Any, *, replacement: bool = True,
+                  progress: bool = True, timeout: float = 600.0) -> TrainingResult:
+    """Extract in a background thread and train on the store while it is being written, then evaluate.
+
+    Training starts after the first shard (normalisation statistics from the shards present then) and
+    reads epoch 0 in the order the shards are written; see `ActivationStore.open(follow=...)`.
+    """
+    from clt.nnsight.extractors import BackgroundExtraction
+
+    producer = BackgroundExtraction(lambda: run_extraction(extraction, progress=False))
+    producer.start()
+    store = ActivationStore.open(extraction.output_dir, batch_size=training.batch_size, follow=producer,
+                                 timeout=timeout)
+    result = run_training(extraction, transcoder, training, store=store, replacement=replacement, progress=progress)
+    producer.result()
+    return result
 
 
 @dataclasses.dataclass

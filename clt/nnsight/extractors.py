@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,33 @@ class ActivationExtractor:
         store = self.extract(dataset_path, max_tokens=max_tokens, store_dtype=store_dtype, **kwargs)
         data = store.shard(0)
         return {**data, "layers": list(self.layers), "model_name": self.model_name}
+
+
+class BackgroundExtraction(threading.Thread):
+    """Runs an extraction (a callable returning its store) in a daemon thread, as the producer a
+    followed store watches (``ActivationStore.open(path, follow=producer)``); `error` holds its failure."""
+
+    def __init__(self, extract: Callable[[], ActivationStore]) -> None:
+        super().__init__(name="clt-extraction", daemon=True)
+        self._extract = extract
+        self.store: ActivationStore | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Run the extraction, keeping its store or its error."""
+        try:
+            self.store = self._extract()
+        except BaseException as err:  # reported by the follower and by `result`
+            self.error = err
+            logger.error("the background extraction failed: %r", err)
+
+    def result(self) -> ActivationStore:
+        """Wait for the extraction and return its store (re-raising its error)."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.store is not None
+        return self.store
 
 
 def _write(writer: StoreWriter, stream: Iterator[tuple[dict, int]], skipped: int, *, behind: bool) -> int:

@@ -266,8 +266,8 @@ class ActivationStore:
 
     @property
     def following(self) -> bool:
-        """Whether the store is still being written (opened with `follow` and not complete yet)."""
-        return self._follow is not None
+        """Whether the store is still being written (opened with `follow`, and its manifest not complete)."""
+        return not self._refresh()
 
     def nbytes(self) -> int:
         """Bytes used by the activations and statistics on disk (or by the activations in memory)."""

@@ -1,0 +1,128 @@
+"""Following a store while it is written: batches wait for shards, producer failures, streaming training."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from clt.config.extraction import ExtractionConfig
+from clt.config.training import TrainingConfig
+from clt.config.transcoder import CLTConfig
+from clt.training.data import ActivationStore, StoreError, StoreWriter
+
+
+def rows(n=360, layers=2, d=6):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, layers, d, generator=g)
+    x[:, 0, 0] = torch.arange(n, dtype=torch.float32)  # row id, read back from any batch
+    return x, torch.randn(n, layers, d, generator=g)
+
+
+class SlowProducer(threading.Thread):
+    """Writes `x, y` in shards of 40 rows, pausing between them; fails after `fail_after` shards if set."""
+
+    def __init__(self, path, x, y, pause=0.05, fail_after=None):
+        super().__init__(daemon=True)
+        self.path, self.x, self.y, self.pause, self.fail_after = path, x, y, pause, fail_after
+        self.error = None
+        self.finished_at = None
+
+    def run(self):
+        try:
+            writer = StoreWriter(self.path, layers=[0, 1], d_model=6, dtype="float32", shard_tokens=40)
+            for k, lo in enumerate(range(0, len(self.x), 40)):
+                if self.fail_after is not None and k == self.fail_after:
+                    raise RuntimeError("simulated extraction failure")
+                n = len(self.x[lo : lo + 40])
+                writer.add(self.x[lo : lo + 40], self.y[lo : lo + 40], token_ids=torch.arange(n),
+                           positions=torch.zeros(n), window_ids=torch.zeros(n))
+                writer.flush({"rows": lo + n})
+                time.sleep(self.pause)
+            writer.finish()
+            self.finished_at = time.monotonic()
+        except BaseException as err:
+            self.error = err
+
+
+def test_followed_store_yields_batches_before_the_producer_ends_and_covers_each_row_once(tmp_path):
+    x, y = rows()
+    producer = SlowProducer(tmp_path / "s", x, y)
+    producer.start()
+    store = ActivationStore.open(tmp_path / "s", follow=producer, shuffle_shards=3)
+    assert store.following and store.n_tokens < 360
+    first_batch_at, seen = None, []
+    batches = store.batches(30, seed=4)
+    for _ in range(12):  # one epoch of 360 rows
+        batch = next(batches)
+        first_batch_at = first_batch_at or time.monotonic()
+        seen += batch.inputs[:, 0, 0].long().tolist()
+        assert torch.equal(batch.outputs, y[batch.inputs[:, 0, 0].long()])
+    producer.join(10)
+    assert producer.error is None and first_batch_at < producer.finished_at
+    assert sorted(seen) == list(range(360)) and seen != list(range(360))  # every row once, shuffled
+    assert not store.following and store.n_tokens == 360
+    nxt = next(batches)  # epoch 1 goes on over the whole store
+    assert nxt.inputs.shape == (30, 2, 6)
+    again = ActivationStore.open(tmp_path / "s", follow=True, shuffle_shards=3)  # complete: same order
+    replay = [b.inputs[:, 0, 0].long().tolist() for b, _ in zip(again.batches(30, seed=4), range(12))]
+    assert sum(replay, []) == seen
+    resumed = next(ActivationStore.open(tmp_path / "s", follow=True, shuffle_shards=3).batches(30, seed=4, start=5))
+    assert resumed.inputs[:, 0, 0].long().tolist() == seen[150:180]
+
+
+def test_producer_failure_and_silence_give_clear_errors(tmp_path):
+    x, y = rows()
+    producer = SlowProducer(tmp_path / "s", x, y, pause=0.01, fail_after=2)
+    producer.start()
+    store = ActivationStore.open(tmp_path / "s", follow=producer, shuffle_shards=1)
+    with pytest.raises(StoreError, match="stopped before finishing it .*simulated extraction failure.*resume"):
+        batches = store.batches(40)
+        for _ in range(20):
+            next(batches)
+    assert store.n_tokens == 80  # what was written stays readable
+    stalled = ActivationStore.open(tmp_path / "s", follow=True, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="got no new shard within 0.3 s"):
+        stalled.tensors()
+    assert time.monotonic() - started < 5
+    with pytest.raises(StoreError, match="no shard of .* was written within 0.2 s"):
+        ActivationStore.open(tmp_path / "empty", follow=True, timeout=0.2)
+    with pytest.raises(StoreError, match="follow must be True or the producer"):
+        ActivationStore.open(tmp_path / "s", follow="yes")
+
+
+def test_streaming_extraction_trains_while_extracting_on_the_same_tokens(tmp_path, monkeypatch):
+    from clt.nnsight.extractors import ActivationExtractor
+    from clt.pipeline import run_streaming, run_training
+
+    extraction = ExtractionConfig(model="tiny-llama", max_tokens=1024, context_length=32, batch_size=2,
+                                  shard_tokens=128, output_dir=str(tmp_path / "streamed"))
+    clt = CLTConfig(num_features=16, num_layers=1, d_model=1, activation_fn="topk", topk=4)
+    training = TrainingConfig(batch_size=64, training_steps=16, learning_rate=1e-3, log_every=1, lr_warmup_steps=0)
+    following_at_step = []
+    original_gather, original_activations = ActivationStore._gather, ActivationExtractor.activations
+
+    def gather(self, *args, **kwargs):
+        following_at_step.append(self.following)
+        return original_gather(self, *args, **kwargs)
+
+    def slow_activations(self, *args, **kwargs):  # a slower model, so that training catches up with extraction
+        time.sleep(0.03)
+        return original_activations(self, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationStore, "_gather", gather)
+    monkeypatch.setattr(ActivationExtractor, "activations", slow_activations)
+    streamed = run_streaming(extraction, clt, training, replacement=False, progress=False)
+    monkeypatch.setattr(ActivationStore, "_gather", original_gather)
+    offline = run_training(extraction.replace(output_dir=str(tmp_path / "offline")), clt, training,
+                           replacement=False, progress=False)
+    assert following_at_step[0] and not streamed.store.following  # consumed while the producer was writing
+    assert len(following_at_step) == 16
+    for result in (streamed, offline):
+        assert result.history[-1]["step"] == 16 and result.store.n_tokens == 1024  # 16 x 64 tokens, one epoch
+    for a, b in zip(streamed.store.tensors(), offline.store.tensors()):
+        assert torch.equal(a, b)
+    assert streamed.reconstruction.n_tokens == offline.reconstruction.n_tokens
