@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,8 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         output_dir=str(Path(training.output_dir) / "store")), section["extraction"])
     transcoder = config_from_args(CLTConfig, args, {"num_layers": 1, "d_model": 1, "seed": training.seed,
                                                     **section["transcoder"]})
+    if args.store is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun every rank would extract into the same folder: run `clt extract` first, "
+                          "then `torchrun --nproc_per_node N -m clt.cli train --store FOLDER ...`")
     result = run_training(extraction, transcoder, training, store_path=args.store)
-    print(result.summary())
+    if result.reconstruction is not None:  # rank 0 (or the only process) reports
+        print(result.summary())
     return 0
 
 
@@ -264,7 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `clt` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 logs
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from clt.config.training import PARALLEL_MODES
 from clt.config.transcoder import CLTConfig
 from clt.models.activations import BatchTopK
 from clt.models.transcoder import CrossLayerTranscoder
 
-from clt.config.training import PARALLEL_MODES
 _SHARD_DIMS = {"W_enc": 1, "b_enc": 1, "log_threshold": 1, "fire_count": 1, "tokens_since_fired": 1}
 
 
@@ -109,9 +110,10 @@ def split_problems(ctx: Dist, cfg: CLTConfig, micro_batch: int) -> list[str]:
     """What keeps `ctx` from splitting this transcoder or micro-batch (empty when it can)."""
     w = ctx.world_size
     if not ctx.sharded:
-        return ([] if micro_batch % w == 0 else
-                [f"the micro-batch of {micro_batch} rows (batch_size / grad_accumulation_steps) is not divisible "
-                 f"by the world size {w}; use a batch_size that is a multiple of {w * (micro_batch // w + 1)}"])
+        if micro_batch % w == 0:
+            return []
+        return [(f"the micro-batch of {micro_batch} rows (batch_size / grad_accumulation_steps) is not divisible "
+                 f"by the world size {w}; make batch_size / grad_accumulation_steps a multiple of {w}")]
     problems = []
     if cfg.num_features % w:
         problems.append(f"num_features={cfg.num_features} is not divisible by the world size {w}; use "
@@ -388,6 +390,39 @@ def barrier() -> None:
     dist.barrier()
 
 
+def run_local(fn: Callable[..., None], args: tuple = (), *, world_size: int = 2, timeout_s: float = 600.0,
+              threads: int = 1) -> None:
+    """Run fn(rank, *args) in `world_size` spawned processes with torchrun's env vars for a local gloo group
+    (tests, benchmarks); raises if a rank fails, kills them all after `timeout_s`."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_local_rank, args=(world_size, port, threads, fn, args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish on {world_size} ranks in {timeout_s} s")
+
+
+def _local_rank(rank: int, world_size: int, port: int, threads: int, fn: Callable[..., None], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    try:
+        fn(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def memory_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of this rank's parameters and optimizer state."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -397,4 +432,5 @@ def memory_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> in
 
 
 __all__ = ["PARALLEL_MODES", "Dist", "DistributedError", "DistributedTranscoder", "check_agreement",
-           "gather_state", "global_fvu", "init_distributed", "local_device", "shard_state"]
+           "gather_state", "global_fvu", "init_distributed", "local_device", "memory_bytes", "run_local",
+           "shard_state"]

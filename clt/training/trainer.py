@@ -17,8 +17,9 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.training.activity import FeatureActivity
 from clt.training import distributed
+from clt.training.activity import FeatureActivity
 from clt.training.checkpoint import (
     CheckpointMismatchError,
     list_checkpoints,

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from clt.config.training import TrainingConfig
@@ -24,7 +21,7 @@ from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.training.checkpoint import list_checkpoints
 from clt.training.data import ActivationStore
-from clt.training.distributed import DistributedError
+from clt.training.distributed import DistributedError, run_local
 from clt.training.trainer import CLTTrainer
 
 TOL = 1e-5
@@ -63,9 +60,10 @@ def clt_config(**options) -> CLTConfig:
 
 
 def training_config(parallel: str = "data", **options) -> TrainingConfig:
-    values = dict(learning_rate=1e-2, batch_size=64, grad_accumulation_steps=2, training_steps=6, lr_warmup_steps=1,
-                  sparsity_lambda=1e-2, sparsity_warmup_steps=2, dead_after_tokens=10**9, log_every=1,
-                  grad_clip_norm=0.5, parallel=parallel, dist_timeout_s=30, retain_freed_memory=False)
+    values = {"learning_rate": 1e-2, "batch_size": 64, "grad_accumulation_steps": 2, "training_steps": 6,
+              "lr_warmup_steps": 1, "sparsity_lambda": 1e-2, "sparsity_warmup_steps": 2, "dead_after_tokens": 10**9,
+              "log_every": 1, "grad_clip_norm": 0.5, "parallel": parallel, "dist_timeout_s": 30,
+              "retain_freed_memory": False}
     return TrainingConfig(**{**values, **options})
 
 
@@ -131,30 +129,9 @@ def _job_kill(rank: int, out: Path) -> None:
 JOBS = {"all": _job_all, "kill": _job_kill}
 
 
-def _worker(rank: int, world: int, port: int, out: str, job: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        JOBS[job](rank, Path(out))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def spawn(job: str, out: Path, world: int = 2, timeout: float = 150.0) -> None:
-    """Run `job` on `world` spawned gloo ranks; raises if one fails, kills them all after `timeout`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_worker, args=(world, port, str(out), job), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise TimeoutError(f"distributed job {job!r} did not finish in {timeout} s")
+def spawn(job: str, out: Path, timeout: float = 150.0) -> None:
+    """Run `job` on 2 spawned gloo ranks; raises if one fails or it runs past `timeout`."""
+    run_local(JOBS[job], (out,), world_size=2, timeout_s=timeout)
 
 
 # ------------------------------------------------------------------------------ the parent side
@@ -191,7 +168,7 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_match_one_process(two_ranks, name):
-    parallel, options = SCENARIOS[name]
+    _, options = SCENARIOS[name]
     reference = single(clt_config(**options), training_config())
     weights = load_file(str(two_ranks / name / "weights.safetensors"))
     history = json.loads((two_ranks / name / "history.json").read_text())
@@ -232,7 +209,7 @@ def test_checkpoint_of_one_process_resumes_on_two_ranks(two_ranks):
 
 
 def test_killed_rank_leaves_a_resumable_checkpoint(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises((torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException)):
         spawn("kill", tmp_path, timeout=90)
     assert [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")] == ["step_00000004"]
     cfg = clt_config(activation_fn="relu")
@@ -241,3 +218,27 @@ def test_killed_rank_leaves_a_resumable_checkpoint(tmp_path):
     resumed.train(progress=False)
     whole = single(cfg, resume_config(tmp_path / "whole"))
     assert max_weight_error(whole.model.state_dict(), resumed.model) < TOL
+
+
+def test_cli_train_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m clt.cli train --store ...`: one summary, one log, the same transcoder as one process."""
+    import subprocess
+    import sys
+
+    make_store().save(tmp_path / "store")
+    flags = ["train", "--store", str(tmp_path / "store"), "--num-features", "16", "--activation-fn", "relu",
+             "--batch-size", "32", "--training-steps", "4", "--log-every", "2", "--parallel", "features"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "clt.cli", *flags,
+                          "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("FVU") == 1
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
+    from clt.cli import main
+
+    assert main([*flags, "--output-dir", str(tmp_path / "one")]) == 0
+    two = CrossLayerTranscoder.from_pretrained(tmp_path / "two" / "transcoder")
+    one = CrossLayerTranscoder.from_pretrained(tmp_path / "one" / "transcoder")
+    assert max_weight_error(two.state_dict(), one) < TOL
