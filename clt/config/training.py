@@ -35,6 +35,13 @@ class TrainingConfig(ConfigBase):
     """k of the auxiliary top-k loss on dead features (TopK/BatchTopK; capped at num_features)."""
     aux_coef: float = 1 / 32
     """Coefficient of the auxiliary top-k loss."""
+    kl_coef: float = 0.0
+    """Coefficient of the end-to-end term KL(model ‖ model with the reconstructions spliced into every
+    covered MLP) on token windows rebuilt from the store (0: off; needs the language model)."""
+    kl_every: int = 1
+    """Add the KL term every this many optimiser steps."""
+    kl_windows: int = 4
+    """Store token windows per KL evaluation."""
     dead_after_tokens: int = 100_000
     """A feature that has not fired in this many training tokens counts as dead."""
     lr_warmup_steps: int = 100
@@ -93,4 +100,7 @@ class TrainingConfig(ConfigBase):
         check(0.0 <= self.lr_decay_start <= 1.0, f"lr_decay_start must be in [0, 1], got {self.lr_decay_start}")
         check(len(self.adam_betas) == 2, f"adam_betas must be two numbers, got {self.adam_betas}")
         check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        check(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
+        check(self.kl_every >= 1, f"kl_every must be >= 1, got {self.kl_every}")
+        check(self.kl_windows >= 1, f"kl_windows must be >= 1, got {self.kl_windows}")
         check(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm must be positive or None")

@@ -113,12 +113,16 @@ def _layer_features(transcoder: CrossLayerTranscoder, layer: int, x: torch.Tenso
     return w.activate(z)[..., layer, :]
 
 
-def _spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscoder, ids: torch.Tensor,
-                    mask: torch.Tensor, mode: str, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits with the covered MLP outputs replaced ('replace'), zeroed ('zero') or kept ('none');
-    positions where `keep` [B, T] is true keep the model's own outputs."""
+def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscoder, ids: torch.Tensor,
+                   mask: torch.Tensor, mode: str, keep: torch.Tensor | None = None, *,
+                   grad: bool = False) -> torch.Tensor:
+    """Logits [B, T, V] with the covered MLP outputs replaced ('replace'), zeroed ('zero') or kept
+    ('none'); positions where `keep` [B, T] is true keep the model's own outputs. With `grad` the
+    logits stay differentiable w.r.t. the transcoder (through the frozen model)."""
+    if mode not in ("none", "replace", "zero"):
+        raise ValueError(f"mode must be 'none', 'replace' or 'zero', got {mode!r}")
     L = transcoder.cfg.num_layers
-    with torch.no_grad(), lm.trace({"input_ids": ids, "attention_mask": mask}):
+    with torch.set_grad_enabled(grad), lm.trace({"input_ids": ids, "attention_mask": mask}):
         pending: torch.Tensor | None = None
         for l, path in enumerate(mlp_paths):
             mlp = _envoy(lm, path)
@@ -130,7 +134,8 @@ def _spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTransco
                 contrib = torch.einsum("...f,fjd->...jd", a, transcoder.W_dec[l])
                 if pending is None:
                     pending = contrib.new_zeros(*contrib.shape[:-2], L, contrib.shape[-1])
-                pending[..., l : l + contrib.shape[-2], :] += contrib
+                pending = pending.index_add(-2, torch.arange(l, l + contrib.shape[-2], device=contrib.device),
+                                            contrib)
                 y_std = pending[..., l, :] + transcoder.b_dec[l]
                 if transcoder.cfg.skip_connection:
                     x_std = (x - transcoder.input_mean[l]) / transcoder.input_std[l]
@@ -138,7 +143,45 @@ def _spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTransco
                 y = (y_std * transcoder.output_std[l] + transcoder.output_mean[l]).to(mlp.output.dtype)
                 mlp.output = _spliced(mlp.output, y, keep)
         logits = lm.output.logits.save()
-    return logits.float()
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def next_token_kl(logp: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Σ over positions where `valid` [B, T] of KL(p ‖ q), from log-probabilities [B, T, V]."""
+    p, q = logp[valid], logq[valid]
+    return (p.exp() * (p - q)).sum()
+
+
+def language_model(model: Any, tokenizer: Any, transcoder: CrossLayerTranscoder) -> tuple[Any, list[str]]:
+    """(nnsight LanguageModel, MLP module paths of the transcoder's layers); errors if they do not fit."""
+    import warnings
+
+    from nnsight import LanguageModel
+
+    from clt.nnsight.models import find_layout
+
+    layout = find_layout(model)
+    cfg = transcoder.cfg
+    if cfg.d_model != layout.d_model or max(cfg.layers) >= layout.num_layers:
+        raise ValueError(
+            f"the transcoder (layers {cfg.layers}, d_model {cfg.d_model}) does not fit the model "
+            f"({layout.num_layers} layers, d_model {layout.d_model}); use a transcoder trained on this model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = LanguageModel(model, tokenizer=tokenizer)
+    return lm, [layout.mlp_paths[layer] for layer in cfg.layers]
+
+
+def bos_keep_mask(mask: torch.Tensor, prepend_bos: bool, keep_bos: bool) -> torch.Tensor:
+    """[B, T] bool: true at position 0 when a prepended BOS keeps the model's own MLP outputs."""
+    keep = torch.zeros_like(mask, dtype=torch.bool)
+    keep[:, 0] = prepend_bos and keep_bos
+    return keep
+
+
+def next_token_valid(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: positions whose next token exists (both in the attention mask)."""
+    return (mask[:, 1:] * mask[:, :-1]).bool()
 
 
 def _spliced(original: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -154,24 +197,11 @@ def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTransc
     With `keep_bos` (default) the BOS position keeps the model's own MLP outputs in both the
     replaced and the zero-ablated run: stores leave BOS out, so a transcoder never sees its
     (outlier) activations, and attribution treats it the same way (`zero_bos`)."""
-    import warnings
-
-    from nnsight import LanguageModel
-
     from clt.data.corpus import load_texts, token_windows
-    from clt.nnsight.models import find_layout
+    from clt.nnsight.extractors import pad_windows
 
-    layout = find_layout(model)
-    cfg = transcoder.cfg
-    if cfg.d_model != layout.d_model or max(cfg.layers) >= layout.num_layers:
-        raise ValueError(
-            f"the transcoder (layers {cfg.layers}, d_model {cfg.d_model}) does not fit the model "
-            f"({layout.num_layers} layers, d_model {layout.d_model}); use a transcoder trained on this model")
     transcoder = transcoder.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lm = LanguageModel(model, tokenizer=tokenizer)
-    mlp_paths = [layout.mlp_paths[layer] for layer in cfg.layers]
+    lm, mlp_paths = language_model(model, tokenizer, transcoder)
     windows = []
     for window in token_windows(load_texts(texts if texts is not None else "pydoc"), tokenizer, context_length,
                                 prepend_bos=prepend_bos):
@@ -184,26 +214,19 @@ def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTransc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     for lo in range(0, len(windows), batch_size):
-        chunk = windows[lo : lo + batch_size]
-        width = max(len(w.token_ids) for w in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, w in enumerate(chunk):
-            ids[row, : len(w.token_ids)] = torch.tensor(w.token_ids)
-            mask[row, : len(w.token_ids)] = 1
+        ids, mask = pad_windows(windows[lo : lo + batch_size], pad)
         ids, mask = ids.to(device), mask.to(device)
-        keep = torch.zeros_like(mask, dtype=torch.bool)
-        keep[:, 0] = prepend_bos and keep_bos
-        logp = {mode: _spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode, keep).log_softmax(-1)
+        keep = bos_keep_mask(mask, prepend_bos, keep_bos)
+        logp = {mode: spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode, keep).log_softmax(-1)
                 for mode in ("none", "replace", "zero")}
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        valid = next_token_valid(mask)
         targets = ids[:, 1:]
         for mode, key in (("none", "ce_original"), ("replace", "ce_replaced"), ("zero", "ce_zero_ablated")):
             nll = -logp[mode][:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             sums[key] += float(nll[valid].sum())
-        p, q = logp["none"][:, :-1][valid], logp["replace"][:, :-1][valid]
-        sums["kl"] += float((p.exp() * (p - q)).sum())
-        sums["top1"] += float((p.argmax(-1) == q.argmax(-1)).sum())
+        p, q = logp["none"][:, :-1], logp["replace"][:, :-1]
+        sums["kl"] += float(next_token_kl(p, q, valid))
+        sums["top1"] += float((p[valid].argmax(-1) == q[valid].argmax(-1)).sum())
         count += int(valid.sum())
     if count == 0:
         raise ValueError("no positions to evaluate: give texts of at least two tokens")

@@ -64,6 +64,7 @@ class CLTTrainer:
             distributed.check_agreement(
                 self.dist, {"transcoder": clt_config.to_dict(), "training": c.to_dict(), "store_tokens": store.n_tokens,
                             "store_layers": store.layers},
+        language_model: tuple[Any, Any] | None = None,
                 distributed.split_problems(self.dist, clt_config, c.batch_size // c.grad_accumulation_steps))
         if clt_config.num_layers != store.num_layers or clt_config.d_model != store.d_model:
             raise ValueError(
@@ -104,6 +105,7 @@ class CLTTrainer:
             if latest is not None:
                 self.load_checkpoint(latest)
 
+        self.kl = _kl_objective(training_config, language_model, store, self.model)
     # schedules -----------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
@@ -182,6 +184,8 @@ class CLTTrainer:
             clip = model.clip_grad_norm if self.dist is not None else functools.partial(
                 torch.nn.utils.clip_grad_norm_, model.parameters())
             sums["grad_norm"] = clip(c.grad_clip_norm).detach().double()
+        if self.kl is not None and self.step % c.kl_every == 0:
+            sums["kl"] = self.kl.step(model, self.step, c.kl_coef, self.scaler)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -381,6 +385,19 @@ def _term_tensors(terms: Any) -> dict[str, torch.Tensor]:
 
 def _accumulate(sums: dict[str, Any], name: str, value: torch.Tensor) -> None:
     sums[name] = sums[name] + value if name in sums else value
+def _kl_objective(cfg: TrainingConfig, language_model: tuple[Any, Any] | None, store: ActivationStore,
+                  model: CrossLayerTranscoder) -> Any:
+    """The end-to-end KL term (`clt.training.e2e`) when kl_coef > 0."""
+    if not cfg.kl_coef:
+        return None
+    if language_model is None:
+        raise ValueError("kl_coef > 0 needs the language model: pass CLTTrainer(..., language_model=(model, "
+                         "tokenizer)), or set kl_coef=0")
+    from clt.training.e2e import KLObjective
+
+    return KLObjective(*language_model, store, model, windows_per_step=cfg.kl_windows, seed=cfg.seed)
+
+
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
