@@ -7,7 +7,10 @@ environment variables when not yet initialised; gloo on CPU, NCCL on CUDA). W ra
   micro-batch (the global stream is the one-process stream). Gradients are averaged with one
   all-reduce of a flat buffer. BatchTopK keeps the k·N largest activations of the *global*
   batch: each rank all-gathers its top candidates and keeps what reaches the global k·N-th
-  value. Feature activity (dead features, L0) and logged metrics are global.
+  value. Feature activity (dead features, L0) and logged metrics are global. The auxiliary
+  top-k loss divides by each rank's own residual norm (a mean of per-rank ratios), so with dead
+  features it differs slightly from one process; every other term is a mean over tokens and
+  matches it.
 - features: every rank reads the whole batch and holds F/W features of every layer
   (`DistributedTranscoder`, a CrossLayerTranscoder of F/W features): encoder rows, decoder rows,
   thresholds and their AdamW moments. The decoders' partial sums are all-reduced (forward:
@@ -18,6 +21,8 @@ environment variables when not yet initialised; gloo on CPU, NCCL on CUDA). W ra
   gradient norm clips. The auxiliary top-k loss takes the top k_aux dead features *of each
   shard* (up to W·k_aux in all), so with dead features it differs from one process.
 
+A rank that fails leaves the others waiting in a collective until `dist_timeout_s` (torchrun
+stops them at once); the last checkpoint stays intact, as checkpoints are written atomically.
 Selection keeps every entry at or above the global threshold: exact ties at the k-th value
 keep a few more than k (one process keeps exactly k), which continuous activations never hit.
 Checkpoints always hold the whole dictionary (`gather_state` on rank 0), so a run resumes on
@@ -173,18 +178,23 @@ def _shard(t: Tensor, dim: int | None, ctx: Dist) -> Tensor:
     return t.narrow(dim, ctx.rank * size, size).clone()
 
 
+def _comm_device() -> torch.device | None:
+    """Where collectives need their tensors: this rank's GPU under NCCL, anywhere under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+
 def _gather(t: Tensor, dim: int | None, ctx: Dist, to_all: bool) -> Tensor | None:
     """The whole of a tensor split along `dim` (on rank 0 or, with `to_all`, on every rank)."""
     if dim is None or not ctx.sharded or t.ndim == 0:
         return t
-    t = t.contiguous()
+    home, t = t.device, t.to(_comm_device() or t.device).contiguous()
     if to_all:
         parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
         dist.all_gather(parts, t)
-        return torch.cat(parts, dim)
+        return torch.cat(parts, dim).to(home)
     parts = [torch.empty_like(t) for _ in range(ctx.world_size)] if ctx.is_main else None
     dist.gather(t, parts, dst=0)
-    return torch.cat(parts, dim) if ctx.is_main else None
+    return torch.cat(parts, dim).to(home) if ctx.is_main else None
 
 
 def shard_state(state: dict[str, Tensor], ctx: Dist, names: dict[int, str] | None = None) -> dict[str, Tensor]:
@@ -369,7 +379,7 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 def _all_gather_json(value: Any, world_size: int) -> list[Any]:
     """Every rank's JSON-able value, in rank order (sent as UTF-8 bytes: no pickle)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    device = _comm_device()
     data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=device)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
     dist.all_gather(sizes, torch.tensor([data.numel()], device=device))

@@ -6,6 +6,14 @@ store's deterministic stream at position ``step · accumulation``; losses from
 `clt.training.losses.compute_losses`; gradients clipped; AdamW steps. Everything a resumed run
 needs (weights, optimiser moments, feature-activity counters, RNG) is in the checkpoint, so a run
 resumed at step N reproduces the uninterrupted run bit for bit on CPU.
+
+Under torchrun with several ranks (`TrainingConfig.parallel`, see `clt.training.distributed`)
+`self.model` is this rank's `DistributedTranscoder`; `train()` returns the whole transcoder on
+every rank, and only rank 0 writes the log, progress bar, checkpoints and final transcoder.
+Metrics stay tensors until a log step (or a callback) needs them, so an accelerator is synced
+once per log step; NaN/inf batches are then reported at the next log step or checkpoint (at
+once on the CPU). On CUDA, batches travel from pinned memory without blocking, in the store's
+precision (float16/bfloat16 stores) until they are standardised in float32.
 """
 
 from __future__ import annotations
@@ -64,7 +72,6 @@ class CLTTrainer:
             distributed.check_agreement(
                 self.dist, {"transcoder": clt_config.to_dict(), "training": c.to_dict(), "store_tokens": store.n_tokens,
                             "store_layers": store.layers},
-        language_model: tuple[Any, Any] | None = None,
                 distributed.split_problems(self.dist, clt_config, c.batch_size // c.grad_accumulation_steps))
         if clt_config.num_layers != store.num_layers or clt_config.d_model != store.d_model:
             raise ValueError(
@@ -105,7 +112,6 @@ class CLTTrainer:
             if latest is not None:
                 self.load_checkpoint(latest)
 
-        self.kl = _kl_objective(training_config, language_model, store, self.model)
     # schedules -----------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
@@ -184,8 +190,6 @@ class CLTTrainer:
             clip = model.clip_grad_norm if self.dist is not None else functools.partial(
                 torch.nn.utils.clip_grad_norm_, model.parameters())
             sums["grad_norm"] = clip(c.grad_clip_norm).detach().double()
-        if self.kl is not None and self.step % c.kl_every == 0:
-            sums["kl"] = self.kl.step(model, self.step, c.kl_coef, self.scaler)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -267,7 +271,7 @@ class CLTTrainer:
         if self.device.type != "cuda":
             yield from self.store.batches(micro, seed=c.seed, start=start, device=self.device, **split)
             return
-        dtype = getattr(torch, self.store.dtype, torch.float32)
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.store.dtype, torch.float32)
         for batch in self.store.batches(micro, seed=c.seed, start=start, device="cpu", dtype=dtype, **split):
             yield ActivationBatch(batch.inputs.pin_memory().to(self.device, non_blocking=True),
                                   batch.outputs.pin_memory().to(self.device, non_blocking=True))
@@ -385,19 +389,6 @@ def _term_tensors(terms: Any) -> dict[str, torch.Tensor]:
 
 def _accumulate(sums: dict[str, Any], name: str, value: torch.Tensor) -> None:
     sums[name] = sums[name] + value if name in sums else value
-def _kl_objective(cfg: TrainingConfig, language_model: tuple[Any, Any] | None, store: ActivationStore,
-                  model: CrossLayerTranscoder) -> Any:
-    """The end-to-end KL term (`clt.training.e2e`) when kl_coef > 0."""
-    if not cfg.kl_coef:
-        return None
-    if language_model is None:
-        raise ValueError("kl_coef > 0 needs the language model: pass CLTTrainer(..., language_model=(model, "
-                         "tokenizer)), or set kl_coef=0")
-    from clt.training.e2e import KLObjective
-
-    return KLObjective(*language_model, store, model, windows_per_step=cfg.kl_windows, seed=cfg.seed)
-
-
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
