@@ -102,15 +102,18 @@ def test_streaming_extraction_trains_while_extracting_on_the_same_tokens(tmp_pat
                                   shard_tokens=128, output_dir=str(tmp_path / "streamed"))
     clt = CLTConfig(num_features=16, num_layers=1, d_model=1, activation_fn="topk", topk=4)
     training = TrainingConfig(batch_size=64, training_steps=16, learning_rate=1e-3, log_every=1, lr_warmup_steps=0)
-    following_at_step = []
+    following_at_step, traced, consumed = [], [], threading.Event()
     original_gather, original_activations = ActivationStore._gather, ActivationExtractor.activations
 
     def gather(self, *args, **kwargs):
         following_at_step.append(self.following)
+        consumed.set()
         return original_gather(self, *args, **kwargs)
 
-    def slow_activations(self, *args, **kwargs):  # a slower model, so that training catches up with extraction
-        time.sleep(0.03)
+    def slow_activations(self, *args, **kwargs):  # after the first shards, a model slower than training
+        traced.append(1)
+        if len(traced) > 12:  # > 512 tokens: the first group of 4 shards is written, training can start
+            consumed.wait(30)
         return original_activations(self, *args, **kwargs)
 
     monkeypatch.setattr(ActivationStore, "_gather", gather)
