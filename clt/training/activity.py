@@ -25,7 +25,7 @@ class FeatureActivity:
         """
         active = (features.detach() != 0).reshape(-1, *features.shape[-2:])
         counts = active.sum(0)
-        tokens = torch.tensor(active.shape[0], device=counts.device)
+        tokens = torch.full((), active.shape[0], dtype=counts.dtype, device=counts.device)  # no host copy
         if reduce is not None:
             packed = reduce(torch.cat([counts.reshape(-1), tokens.view(1)]))
             counts, tokens = packed[:-1].view_as(counts), packed[-1]

@@ -346,10 +346,8 @@ class DistributedTranscoder(CrossLayerTranscoder):
         names = list(metrics)
         summed = {"sparsity", "preactivation", "l0"} if self.ctx.sharded else set()
         values = torch.stack([torch.as_tensor(metrics[k]).detach().double().to(self.W_enc.device) for k in names])
-        scale = torch.tensor([1.0 if k in summed else 1 / self.ctx.world_size for k in names],
-                             dtype=torch.float64, device=values.device)
         dist.all_reduce(values)
-        out = dict(zip(names, values * scale))
+        out = {k: v if k in summed else v / self.ctx.world_size for k, v in zip(names, values.unbind())}
         if self.ctx.sharded and "total" in out:
             out["total"] = sum(out[k] for k in ("reconstruction", "sparsity", "preactivation", "auxiliary") if k in out)
         return out
@@ -365,8 +363,8 @@ def global_fvu(reconstruction: Tensor, target: Tensor) -> Tensor:
     """Overall FVU of rows split across ranks (sums of squares and of targets all-reduced), float64."""
     err = (reconstruction.detach().double() - target.detach().double()).reshape(-1, *target.shape[-2:])
     t = target.detach().double().reshape(err.shape)
-    parts = torch.cat([err.square().sum().view(1), t.square().sum().view(1),
-                       t.new_tensor([t.shape[0]]), t.sum(0).reshape(-1)])
+    count = torch.full((1,), t.shape[0], dtype=t.dtype, device=t.device)  # a fill, not a host copy
+    parts = torch.cat([err.square().sum().view(1), t.square().sum().view(1), count, t.sum(0).reshape(-1)])
     dist.all_reduce(parts)
     resid, sq, n, sums = parts[0], parts[1], parts[2], parts[3:]
     return resid / (sq - sums.square().sum() / n).clamp_min(torch.finfo(torch.float64).tiny)

@@ -244,7 +244,8 @@ class CLTTrainer:
             if c.profile_steps:
                 with self._profiler() as profiler:
                     self._run(batches, min(self.step + c.profile_steps, c.training_steps), bar)
-                self._write_profile(profiler)
+                if self.is_main:
+                    self._write_profile(profiler)
             self._run(batches, c.training_steps, bar)
         finally:
             bar.close()
