@@ -250,7 +250,7 @@ class BackgroundExtraction(threading.Thread):
         """Run the extraction, keeping its store or its error."""
         try:
             self.store = self._extract()
-        except BaseException as err:  # reported by the follower and by `result`
+        except Exception as err:  # reported by the follower and by `result`
             self.error = err
             logger.error("the background extraction failed: %r", err)
 

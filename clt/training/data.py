@@ -44,8 +44,17 @@ from typing import Any, NamedTuple
 import torch
 
 from clt.files import atomic_save_tensors, atomic_write_text, read_tensors
-from clt.training.shards import (COMPRESSIONS, FLOAT_DTYPES, STORE_DTYPES, decode, encode, load_shard, save_shard,
-                                 shard_name, zstandard)
+from clt.training.shards import (
+    COMPRESSIONS,
+    FLOAT_DTYPES,
+    STORE_DTYPES,
+    decode,
+    encode,
+    load_shard,
+    save_shard,
+    shard_name,
+    zstandard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +373,7 @@ class ActivationStore:
         if epoch == 0 and self._written_order:
             first = 0
             while True:
-                self._wait_until(lambda: len(self.shards) >= first + w)
+                self._wait_until(lambda needed=first + w: len(self.shards) >= needed)
                 if first >= len(self.shards):
                     return
                 yield list(range(first, min(first + w, len(self.shards))))

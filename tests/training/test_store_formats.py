@@ -91,7 +91,6 @@ def test_corrupt_or_truncated_zstd_shard_gives_a_clear_error(tmp_path):
 
 def test_bytes_per_token_of_each_format(tmp_path):
     x, y = activations(n=256, layers=2, d=128)
-    x, y = x.clamp(-500, 500), y
     sizes = {}
     for dtype, compression in (("float16", "none"), ("int8", "none"), ("float16", "zstd"), ("int8", "zstd")):
         store = write(tmp_path / f"{dtype}-{compression}", x, y, dtype=dtype, compression=compression, shard=256)

@@ -43,7 +43,7 @@ class SlowProducer(threading.Thread):
                 time.sleep(self.pause)
             writer.finish()
             self.finished_at = time.monotonic()
-        except BaseException as err:
+        except Exception as err:
             self.error = err
 
 
@@ -68,7 +68,7 @@ def test_followed_store_yields_batches_before_the_producer_ends_and_covers_each_
     assert nxt.inputs.shape == (30, 2, 6)
     again = ActivationStore.open(tmp_path / "s", follow=True, shuffle_shards=3)  # complete: same order
     replay = [b.inputs[:, 0, 0].long().tolist() for b, _ in zip(again.batches(30, seed=4), range(12))]
-    assert sum(replay, []) == seen
+    assert [row for batch in replay for row in batch] == seen
     resumed = next(ActivationStore.open(tmp_path / "s", follow=True, shuffle_shards=3).batches(30, seed=4, start=5))
     assert resumed.inputs[:, 0, 0].long().tolist() == seen[150:180]
 
