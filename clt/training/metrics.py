@@ -130,20 +130,34 @@ def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscod
                 mlp.output = _spliced(mlp.output, torch.zeros_like(mlp.output), keep)
             elif mode == "replace":
                 x = mlp.input
+                x_std = (x.to(transcoder.W_enc.dtype) - transcoder.input_mean[l]) / transcoder.input_std[l]
                 a = _layer_features(transcoder, l, x)
-                contrib = torch.einsum("...f,fjd->...jd", a, transcoder.W_dec[l])
-                if pending is None:
-                    pending = contrib.new_zeros(*contrib.shape[:-2], L, contrib.shape[-1])
-                pending = pending.index_add(-2, torch.arange(l, l + contrib.shape[-2], device=contrib.device),
-                                            contrib)
-                y_std = pending[..., l, :] + transcoder.b_dec[l]
+                if transcoder.cfg.architecture == "molt":
+                    y_std = _molt_layer_output(transcoder, l, a, x_std) + transcoder.b_dec[l]
+                else:
+                    contrib = torch.einsum("...f,fjd->...jd", a, transcoder.W_dec[l])
+                    if pending is None:
+                        pending = contrib.new_zeros(*contrib.shape[:-2], L, contrib.shape[-1])
+                    pending = pending.index_add(-2, torch.arange(l, l + contrib.shape[-2], device=contrib.device),
+                                                contrib)
+                    y_std = pending[..., l, :] + transcoder.b_dec[l]
                 if transcoder.cfg.skip_connection:
-                    x_std = (x - transcoder.input_mean[l]) / transcoder.input_std[l]
                     y_std = y_std + x_std @ transcoder.W_skip[l].T
                 y = (y_std * transcoder.output_std[l] + transcoder.output_mean[l]).to(mlp.output.dtype)
                 mlp.output = _spliced(mlp.output, y, keep)
         logits = lm.output.logits.save()
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _molt_layer_output(molt: Any, layer: int, gates: torch.Tensor, x_std: torch.Tensor) -> torch.Tensor:
+    """Σ_i a_i U_iᵀ V_i x̃ [..., d] of one MOLT layer (`clt.models.molt`) from its gates [..., F]."""
+    out = None
+    for g, (U, V) in enumerate(zip(molt.U, molt.V)):
+        a = gates[..., molt.group_starts[g] : molt.group_starts[g + 1]]
+        h = torch.einsum("...d,krd->...kr", x_std, V[layer]) * a[..., None]
+        part = torch.einsum("...kr,krd->...d", h, U[layer])
+        out = part if out is None else out + part
+    return out
 
 
 def next_token_kl(logp: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -160,6 +174,7 @@ def language_model(model: Any, tokenizer: Any, transcoder: CrossLayerTranscoder)
 
     from clt.nnsight.models import find_layout
 
+    transcoder.require_mlp_replacement("splicing into the model", linear=False)
     layout = find_layout(model)
     cfg = transcoder.cfg
     if cfg.d_model != layout.d_model or max(cfg.layers) >= layout.num_layers:

@@ -163,3 +163,40 @@ def test_kl_needs_the_model_and_store_metadata(setup):
     bare = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y})
     with pytest.raises(StoreError, match="token_ids/positions/window_ids"):
         CLTTrainer(cfg, TrainingConfig(kl_coef=0.1), bare, language_model=(model, tokenizer))
+
+
+def test_molt_splice_equals_its_own_forward_in_plain_hooks(setup):
+    """A MOLT is per-layer: hooks that run its forward on the layer's input alone give the same KL."""
+    model, tokenizer, store, _ = setup
+    molt = CrossLayerTranscoder.from_config(CLTConfig(
+        num_features=14, num_layers=store.num_layers, d_model=store.d_model, architecture="molt",
+        cross_layer=False, molt_ranks=[4, 2, 1], activation_fn="relu", model_name=store.model_name))
+    stats = store.norm_stats()
+    molt.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
+    with torch.no_grad():
+        for U in molt.U:
+            U.mul_(300)  # a MOLT starts with small outputs: make the splice matter
+    windows = [w for w in store_windows(store, tokenizer) if len(w.token_ids) == 24][:3]
+    ids = torch.tensor([w.token_ids for w in windows])
+
+    def hook(layer):
+        def splice(module, args, output):
+            x = torch.zeros(*args[0].shape[:-1], store.num_layers, store.d_model)
+            x[..., layer, :] = args[0]
+            y = molt(x).reconstruction[..., layer, :]
+            return torch.cat([output[:, :1], y[:, 1:]], dim=1)
+        return splice
+
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.log_softmax(-1)
+        handles = [layer.mlp.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+        try:
+            logq = model(input_ids=ids).logits.log_softmax(-1)
+        finally:
+            for h in handles:
+                h.remove()
+    p, q = logp[:, :-1], logq[:, :-1]
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    kl = float(KLObjective(model, tokenizer, store, molt).loss(molt, windows))
+    assert expected > 1e-4
+    assert kl == pytest.approx(expected, abs=1e-6, rel=1e-5)
