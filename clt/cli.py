@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a cross-layer (or per-layer) transcoder",
         description="Train a transcoder on an activation store (--store), or extract one first from --model over "
                     "--dataset. Accepts the flags of the original train_clt.py; --config reads a YAML file with "
-                    "sections extraction:, transcoder:, training: (see experiments/).")
+                    "sections extraction:, transcoder:, training: (see experiments/). Several processes: "
+                    "`torchrun --nproc_per_node N -m clt.cli train --store FOLDER --parallel data|features ...` "
+                    "(see experiments/configs/).")
     train.add_argument("--config", help="YAML/JSON file with extraction/transcoder/training sections")
     train.add_argument("--store", help="existing activation store folder (skips extraction)")
     train.add_argument("--model", help="model to extract from (default: smollm2-135m)")

@@ -40,6 +40,7 @@ SCENARIOS = {
     "features-jumprelu-plt": ("features", {"activation_fn": "jumprelu", "cross_layer": False}),
     "features-topk-sparse": ("features", {"activation_fn": "topk", "sparse_decode": "on"}),
     "features-topk-dense": ("features", {"activation_fn": "topk", "sparse_decode": "off"}),
+    "features-topk-k-above-shard": ("features", {"activation_fn": "topk", "topk": 10}),  # k > F/W = 8
     "features-batchtopk-sparse": ("features", {"activation_fn": "batchtopk", "sparse_decode": "on"}),
     "features-batchtopk-dense-plt": ("features", {"activation_fn": "batchtopk", "sparse_decode": "off",
                                                   "cross_layer": False}),
