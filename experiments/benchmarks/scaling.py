@@ -35,6 +35,16 @@ from clt.training.distributed import memory_bytes, run_local
 from clt.training.trainer import CLTTrainer
 
 
+def dictionary_bytes(layers: int, features: int, d_model: int, *, cross_layer: bool = True, world_size: int = 1,
+                     jumprelu: bool = True, grads: bool = False) -> int:
+    """Bytes per rank of a float32 transcoder's parameters + AdamW moments (+ gradients) under feature sharding:
+    W_enc, b_enc, θ and the decoders split over the ranks, b_dec replicated (the estimate of experiments/configs)."""
+    pairs = layers * (layers + 1) // 2 if cross_layer else layers
+    sharded = features * (layers * d_model + layers + pairs * d_model + (layers if jumprelu else 0)) // world_size
+    copies = 4 if grads else 3
+    return 4 * copies * (sharded + layers * d_model)
+
+
 def _store(spec: dict) -> ActivationStore:
     g = torch.Generator().manual_seed(0)
     n, L, d = spec["tokens"], spec["layers"], spec["d_model"]
@@ -81,7 +91,7 @@ def run(spec: dict) -> dict[str, dict]:
     return results
 
 
-def report(results: dict[str, dict]) -> str:
+def report(spec: dict, results: dict[str, dict]) -> str:
     """A table and the ratios 2 ranks / 1 process."""
     lines = [f"{'variant':28s} {'tokens/s':>10s} {'dict MB/rank':>13s} {'peak RSS MB':>12s}"]
     for name, r in results.items():
@@ -89,15 +99,17 @@ def report(results: dict[str, dict]) -> str:
                      f"{r['peak_rss_bytes'] / 2**20:12.1f}")
     one, one_thread = results["1 process, 2 threads"], results["1 process, 1 thread"]
     sharded, data = results["2 ranks, feature sharding"], results["2 ranks, data parallel"]
-    lines += [
-        f"memory per rank, feature sharding 2 ranks / 1 process: "
-        f"{sharded['dictionary_bytes'] / one['dictionary_bytes']:.3f} (target <= 0.55); "
-        f"peak RSS {sharded['peak_rss_bytes'] / one['peak_rss_bytes']:.3f}",
-        f"tokens/s data parallel 2 ranks / 1 process: {data['tokens_per_s'] / one['tokens_per_s']:.2f} "
-        f"(2 threads), {data['tokens_per_s'] / one_thread['tokens_per_s']:.2f} (1 thread)",
-        f"tokens/s feature sharding 2 ranks / 1 process: {sharded['tokens_per_s'] / one['tokens_per_s']:.2f} "
-        f"(2 threads), {sharded['tokens_per_s'] / one_thread['tokens_per_s']:.2f} (1 thread)",
-    ]
+    predicted = [dictionary_bytes(spec["layers"], spec["features"], spec["d_model"], world_size=w,
+                                  jumprelu=spec["activation"] == "jumprelu") for w in (1, 2)]
+    mb = 2**20
+    lines.append(f"dictionary_bytes() predicts {predicted[0] / mb:.1f} / {predicted[1] / mb:.1f} MB per rank at "
+                 f"1 / 2 ranks (measured {one['dictionary_bytes'] / mb:.1f} / {sharded['dictionary_bytes'] / mb:.1f})")
+    lines.append(f"memory per rank, feature sharding 2 ranks / 1 process: "
+                 f"{sharded['dictionary_bytes'] / one['dictionary_bytes']:.3f} (target <= 0.55); "
+                 f"peak RSS {sharded['peak_rss_bytes'] / one['peak_rss_bytes']:.3f}")
+    for name, r in (("data parallel", data), ("feature sharding", sharded)):
+        lines.append(f"tokens/s {name} 2 ranks / 1 process: {r['tokens_per_s'] / one['tokens_per_s']:.2f} "
+                     f"(2 threads), {r['tokens_per_s'] / one_thread['tokens_per_s']:.2f} (1 thread)")
     return "\n".join(lines)
 
 
@@ -118,7 +130,7 @@ def main() -> None:
                                           "warmup", "steps")}
     results = run(spec)
     print(json.dumps(spec))
-    print(report(results))
+    print(report(spec, results))
     if args.output:
         Path(args.output).write_text(json.dumps({"spec": spec, "results": results}, indent=1))
 
