@@ -64,6 +64,7 @@ class CLTTrainer:
         *,
         model: CrossLayerTranscoder | None = None,
         callbacks: list[StepCallback] | None = None,
+        language_model: tuple[Any, Any] | None = None,
     ) -> None:
         store = activation_store
         c = training_config
@@ -105,6 +106,7 @@ class CLTTrainer:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.kl = _kl_objective(training_config, language_model, store, self.model)
         if self.output_dir is not None and c.resume:
             checkpoints = list_checkpoints(self.output_dir / "checkpoints")
             latest = checkpoints[-1] if checkpoints else None
@@ -183,6 +185,8 @@ class CLTTrainer:
                 _accumulate(sums, name, value.detach().double() / accumulation)
             _accumulate(sums, "fvu", self._fvu(out.reconstruction.float(), y) / accumulation)
             _accumulate(sums, "l0", fired.double() / tokens / accumulation)
+        if self.kl is not None and self.step % c.kl_every == 0:
+            sums["kl"] = self.kl.step(model, self.step, c.kl_coef, self.scaler)
         if self.dist is not None:
             model.sync_gradients()
         if self.scaler:
@@ -381,6 +385,19 @@ class CLTTrainer:
             (self.output_dir / "profile.txt").write_text(table)
             profiler.export_chrome_trace(str(self.output_dir / "profile_trace.json"))
         logger.info("profile of %d steps:\n%s", self.cfg.profile_steps, table)
+
+
+def _kl_objective(cfg: TrainingConfig, language_model: tuple[Any, Any] | None, store: ActivationStore,
+                  model: CrossLayerTranscoder) -> Any:
+    """The end-to-end KL term (`clt.training.e2e`) when kl_coef > 0."""
+    if not cfg.kl_coef:
+        return None
+    if language_model is None:
+        raise ValueError("kl_coef > 0 needs the language model: pass CLTTrainer(..., language_model=(model, "
+                         "tokenizer)), or set kl_coef=0")
+    from clt.training.e2e import KLObjective
+
+    return KLObjective(*language_model, store, model, windows_per_step=cfg.kl_windows, seed=cfg.seed)
 
 
 def _term_tensors(terms: Any) -> dict[str, torch.Tensor]:
