@@ -231,6 +231,7 @@ class ActivationStore:
         `follow` (True, or the producer: a thread or process with ``is_alive()``) opens a store that
         is still being written: it waits for the first shard, and `batches`/`tensors` then wait for
         the rest, raising StoreError when the producer has died or no shard came for `timeout` s.
+        `manifest` names another manifest file, e.g. one writer's part (``manifest.part0of2.json``).
         """
         path = Path(path)
         if follow is not False:
