@@ -145,7 +145,11 @@ def run_training(extraction: ExtractionConfig, transcoder: Any, training: Any, *
                  else run_extraction(extraction, progress=progress))
     transcoder = transcoder.replace(num_layers=store.num_layers, d_model=store.d_model, layers=store.layers,
                                     model_name=store.model_name)
-    trainer = CLTTrainer(transcoder, training, store)
+    if training.kl_coef and not store.model_name:
+        raise ValueError("kl_coef > 0 needs the language model, but the store records none; train with CLTTrainer("
+                         "..., language_model=(model, tokenizer)) or set kl_coef=0")
+    language_model = _model_for(None, store.model_name, training.device) if training.kl_coef else None
+    trainer = CLTTrainer(transcoder, training, store, language_model=language_model)
     model = trainer.train(progress=progress)
     if not trainer.is_main:  # under torchrun rank 0 evaluates and reports
         return TrainingResult(model, store, trainer.output_dir, trainer.history, None)

@@ -6,6 +6,7 @@ plotly is imported when a figure is built, not when this package is imported.
 from clt.viz.figures import (
     feature_card_figure,
     layer_metrics_figure,
+    pareto_figure,
     read_metrics,
     save_figure_html,
     training_curves_figure,
@@ -18,6 +19,7 @@ __all__ = [
     "graph_figure",
     "graph_html",
     "layer_metrics_figure",
+    "pareto_figure",
     "read_metrics",
     "save_figure_html",
     "save_graph_html",

@@ -204,6 +204,36 @@ def layer_metrics_figure(fvu_per_layer: Sequence[float] | ReconstructionMetrics,
     return fig
 
 
+def pareto_figure(rows: Iterable[Mapping[str, Any]], *, x: str = "L0", y: str = "FVU",
+                  label: str = "dictionary", title: str = "Sparsity vs reconstruction") -> go.Figure:
+    """FVU against L0 (or any two numeric keys), one trace per dictionary type: a point, or a line
+    through a sweep's points in order of x; rows missing x or y are left out."""
+    import plotly.graph_objects as go
+
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if label not in row:
+            raise ValueError(f"a row has no {label!r} key: give each row its dictionary's name")
+        values = row.get(x), row.get(y)
+        if all(isinstance(v, (int, float)) and v == v for v in values):
+            groups.setdefault(str(row[label]), []).append((float(values[0]), float(values[1])))
+    if not groups:
+        raise ValueError(f"no row has numbers for both {x!r} and {y!r}")
+    fig = go.Figure()
+    for name, points in groups.items():
+        points.sort()
+        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=token_label(name),
+                                 mode="lines+markers" if len(points) > 1 else "markers", marker={"size": 10},
+                                 hovertemplate=f"{token_label(name)}<br>{x} %{{x:.3g}}<br>{y} %{{y:.4g}}"
+                                               "<extra></extra>"))
+    fig.update_layout(title={"text": title}, xaxis_title=f"{x} (active features per token, all layers)"
+                      if x == "L0" else x, yaxis_title=y, plot_bgcolor="white", height=520,
+                      legend={"title": {"text": label}})
+    fig.update_xaxes(showgrid=True, gridcolor="#eee")
+    fig.update_yaxes(showgrid=True, gridcolor="#eee")
+    return fig
+
+
 def save_figure_html(fig: go.Figure, path: str | Path) -> Path:
     """Write a figure as a standalone HTML page, plotly.js inline (atomically); opens offline."""
     path = Path(path)
@@ -213,5 +243,5 @@ def save_figure_html(fig: go.Figure, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["feature_card_figure", "layer_metrics_figure", "read_metrics", "save_figure_html",
+__all__ = ["feature_card_figure", "layer_metrics_figure", "pareto_figure", "read_metrics", "save_figure_html",
            "training_curves_figure"]
