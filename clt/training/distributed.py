@@ -244,6 +244,32 @@ class DistributedTranscoder(CrossLayerTranscoder):
         part.load_state_dict(shard_state(model.state_dict(), ctx))
         return part.to(model.W_enc.device)
 
+    @classmethod
+    def build(cls, cfg: CLTConfig, ctx: Dist, model: CrossLayerTranscoder | None = None) -> DistributedTranscoder:
+        """This rank's part of `model` or of a new transcoder from `cfg`; with feature sharding only rank 0
+        builds the whole new dictionary (on the host) and scatters the parts, so no other rank ever holds it."""
+        if model is not None or not ctx.sharded:
+            return cls.from_full(model or CrossLayerTranscoder.from_config(cfg), ctx)
+        whole = CrossLayerTranscoder.from_config(cfg).state_dict() if ctx.is_main else {}
+        part = cls(cfg, ctx)
+        state = part.state_dict()
+        device = _comm_device()
+        for name in sorted(state):
+            mine = state[name].to(device or state[name].device)
+            dim = shard_dim(name)
+            if dim is None:
+                if ctx.is_main:
+                    mine.copy_(whole[name])
+                dist.broadcast(mine, src=0)
+            else:
+                parts = None
+                if ctx.is_main:
+                    parts = [p.to(mine.device).contiguous() for p in whole[name].chunk(ctx.world_size, dim)]
+                dist.scatter(mine, parts, src=0)
+            state[name].copy_(mine)
+            whole.pop(name, None)
+        return part
+
     def whole(self, *, to_all: bool = False) -> CrossLayerTranscoder | None:
         """The whole transcoder gathered from every rank (on rank 0, or everywhere with `to_all`)."""
         state = gather_state(self.state_dict(), self.ctx, to_all=to_all)

@@ -90,9 +90,10 @@ class CLTTrainer:
         if training_config.retain_freed_memory and self.device.type == "cpu":
             _retain_freed_memory()
         self.output_dir = Path(training_config.output_dir) if training_config.output_dir else None
-        self.model = model or CrossLayerTranscoder.from_config(self.clt_config)
-        if self.dist is not None:  # shard where it was built: no device holds the whole dictionary
-            self.model = DistributedTranscoder.from_full(self.model, self.dist)
+        if self.dist is None:
+            self.model = model or CrossLayerTranscoder.from_config(self.clt_config)
+        else:  # sharded on the host before it moves: no device (and one host process) holds the whole dictionary
+            self.model = DistributedTranscoder.build(self.clt_config, self.dist, model)
         self.model = self.model.to(self.device)
         stats = store.norm_stats()
         self.model.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)

@@ -9,7 +9,7 @@ same configs; only the world size, `parallel` and the threads per process change
 (a) memory: bytes of parameters + AdamW moments per rank (`memory_bytes`, after training, so the
     moments exist) with feature sharding on 2 ranks over 1 process (target ratio <= 0.55; b_dec
     and W_skip are replicated, so it is slightly above 0.5), and the peak RSS of each process
-    (it includes torch itself and the whole dictionary built once at start before it is sharded).
+    (it includes torch itself; rank 0 also builds the whole dictionary once before scattering it).
 (b) throughput: global tokens per second over `--steps` timed steps after `--warmup`, for
     1 process with 2 threads and with 1 thread, and 2 ranks with 1 thread each in data parallel
     and in feature sharding. Ratios are 2 ranks over 1 process (2 threads: the whole machine) and
@@ -87,7 +87,8 @@ def run(spec: dict) -> dict[str, dict]:
             ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
             results[name] = {"tokens_per_s": ranks[0]["tokens_per_s"],
                              "dictionary_bytes": max(r["dictionary_bytes"] for r in ranks),
-                             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks)}
+                             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+                             "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks]}
     return results
 
 
@@ -106,7 +107,9 @@ def report(spec: dict, results: dict[str, dict]) -> str:
                  f"1 / 2 ranks (measured {one['dictionary_bytes'] / mb:.1f} / {sharded['dictionary_bytes'] / mb:.1f})")
     lines.append(f"memory per rank, feature sharding 2 ranks / 1 process: "
                  f"{sharded['dictionary_bytes'] / one['dictionary_bytes']:.3f} (target <= 0.55); "
-                 f"peak RSS {sharded['peak_rss_bytes'] / one['peak_rss_bytes']:.3f}")
+                 f"peak RSS {sharded['peak_rss_bytes'] / one['peak_rss_bytes']:.3f} (per rank: "
+                 + ", ".join(f"{b / one['peak_rss_bytes']:.3f}" for b in sharded["peak_rss_bytes_per_rank"])
+                 + "; rank 0 builds the whole dictionary once)")
     for name, r in (("data parallel", data), ("feature sharding", sharded)):
         lines.append(f"tokens/s {name} 2 ranks / 1 process: {r['tokens_per_s'] / one['tokens_per_s']:.2f} "
                      f"(2 threads), {r['tokens_per_s'] / one_thread['tokens_per_s']:.2f} (1 thread)")
