@@ -130,8 +130,10 @@ def split_problems(ctx: Dist, cfg: CLTConfig, micro_batch: int) -> list[str]:
 
 
 def _all_reduce(t: Tensor, op: Any = dist.ReduceOp.SUM) -> Tensor:
-    """All-reduce, half-precision tensors in float32 (gloo has no bf16 sums; partial sums keep precision)."""
-    wide = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).contiguous()
+    """All-reduced copy of `t`, half-precision tensors summed in float32 (gloo has no bf16 sums; partial sums
+    keep their precision)."""
+    half = t.dtype in (torch.float16, torch.bfloat16)
+    wide = t.to(torch.float32 if half else t.dtype, copy=True).contiguous()
     dist.all_reduce(wide, op=op)
     return wide.to(t.dtype)
 
