@@ -110,6 +110,9 @@ class CLTConfig(ConfigBase):
               f"architecture '{self.architecture}' is not one of {ARCHITECTURES}")
         if self.architecture != "molt":
             return
+        check(not self.cross_layer,
+              "architecture='molt' is a per-layer replacement (each layer's transforms act on its "
+              "own input): set cross_layer=False")
         ranks = self.molt_ranks
         check(isinstance(ranks, list) and len(ranks) > 0
               and all(isinstance(r, int) and 1 <= r <= self.d_model for r in ranks)
@@ -121,9 +124,6 @@ class CLTConfig(ConfigBase):
               f"a MOLT with {len(ranks)} ranks has N·{groups} transforms (N, 2N, 4N, ... per rank); "
               f"num_features={self.num_features} is not a multiple of {groups}: use "
               f"{max(1, self.num_features // groups) * groups} or change molt_ranks")
-        check(not self.cross_layer,
-              "architecture='molt' is a per-layer replacement (each layer's transforms act on its "
-              "own input): set cross_layer=False")
         check(not (self.activation_fn == "batchtopk" and self.batchtopk_scope == "all"),
               "a MOLT's layers are independent mixtures: batchtopk_scope='all' would share one "
               "budget across layers; use batchtopk_scope='layer'")

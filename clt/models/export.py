@@ -33,6 +33,10 @@ for transcoder sets only, keeps negative pre-activations when fewer than k are p
 ValueError. circuit-tracer's CLT loader reads no skip weights, so a CLT with a skip connection
 raises ValueError too.
 
+SAEs (``output_site='mlp_in'``) and MOLTs have no circuit-tracer transcoder format and raise
+UnsupportedDictionaryError; a Matryoshka transcoder is a plain one (its prefixes are kept in
+``clt_config``).
+
 circuit-tracer needs a transcoder at every model layer 0..M-1; layers this transcoder does not
 cover are written with zero weights (features that never fire), so their MLP outputs become
 error terms there, as in this project's ReplacementModel.
@@ -86,6 +90,7 @@ def export_circuit_tracer(transcoder: CrossLayerTranscoder, out_dir: str | Path,
     with circuit-tracer files is only replaced with ``overwrite=True``.
     """
     cfg = transcoder.cfg
+    transcoder.require_mlp_replacement("circuit-tracer's transcoder formats")
     _check_exportable(cfg)
     layers = list(cfg.layers)
     M = max(layers) + 1 if num_model_layers is None else num_model_layers

@@ -14,10 +14,11 @@ Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 def planted_dictionary(layers: int, d: int, *, cross: bool, seed: int = 0, features: int = 24,
                        p: float = 0.03, skip: torch.Tensor | None = None,
-                       sae: bool = False) -> tuple[list[torch.Tensor], Sampler]:
+                       sae: bool = False, noise: float = 0.0) -> tuple[list[torch.Tensor], Sampler]:
     """True decoders D[l] [features, L_out, d] (unit norm per feature) and a sampler of (x, y).
 
-    x_l = Σ_i a_l,i E_l,i with sparse a (each feature on with probability p, value in [0.5, 1.5]);
+    x_l = Σ_i a_l,i E_l,i + noise·N(0, I) with sparse a (each feature on with probability p,
+    value in [0.5, 1.5]);
     y_l' = Σ_{l ≤ l'} a_l D[l→l'] (CLT) or a_l D[l] (PLT), plus x_l' skip[l']ᵀ when `skip`
     [L, d, d] is given; with `sae` the targets are the inputs (y = x, decoders = encoders).
     """
@@ -33,6 +34,8 @@ def planted_dictionary(layers: int, d: int, *, cross: bool, seed: int = 0, featu
         a = (torch.rand(n, layers, features, generator=g) < p) * (
             0.5 + torch.rand(n, layers, features, generator=g))
         x = torch.einsum("nlf,ldf->nld", a, enc)
+        if noise:
+            x = x + noise * torch.randn(x.shape, generator=g)
         if sae:
             return x, x.clone()
         y = torch.zeros(n, layers, d)
@@ -74,3 +77,34 @@ def train_planted(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor,
         opt.step()
         sched.step()
     return model.eval()
+
+
+def planted_transforms(layers: int, d: int, *, transforms: int = 4, rank: int = 2,
+                       p: float = 0.15, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Sampler]:
+    """Planted MOLT: x ~ N(0, I), gates a_i = relu(e_i·x − t) (orthonormal e_i, each on with
+    probability p, so no two transforms always fire together),
+    y_l = Σ_i a_l,i U_l,iᵀ V_l,i x_l. Returns U, V [L, transforms, rank, d], the gates of
+    inputs x [n, L, d] → a [n, L, transforms], and a sampler."""
+    g = torch.Generator().manual_seed(seed)
+    gate_dirs = torch.linalg.qr(torch.randn(layers, d, transforms, generator=g))[0].transpose(1, 2)
+    U = torch.randn(layers, transforms, rank, d, generator=g) / d**0.5
+    V = torch.randn(layers, transforms, rank, d, generator=g) / d**0.5
+    t = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - p)))
+
+    def gates(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.einsum("nld,lkd->nlk", x, gate_dirs) - t)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, layers, d, generator=g)
+        h = torch.einsum("nld,lkrd->nlkr", x, V) * gates(x)[..., None]
+        return x, torch.einsum("nlkr,lkro->nlo", h, U)
+
+    return U, V, gates, sample
+
+
+def subspace_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the largest principal angle between the column spaces of a and b ([d, r] each,
+    orthonormalised here): 1 when the subspaces coincide."""
+    qa, qb = torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]
+    return float(torch.linalg.svdvals(qa.T @ qb).min())
