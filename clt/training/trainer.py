@@ -396,6 +396,9 @@ def _kl_objective(cfg: TrainingConfig, language_model: tuple[Any, Any] | None, s
     if language_model is None:
         raise ValueError("kl_coef > 0 needs the language model: pass CLTTrainer(..., language_model=(model, "
                          "tokenizer)), or set kl_coef=0")
+    if isinstance(model, DistributedTranscoder):
+        raise ValueError("kl_coef > 0 is not supported under torchrun with several ranks yet; train with the "
+                         "KL term in one process, or set kl_coef=0")
     from clt.training.e2e import KLObjective
 
     return KLObjective(*language_model, store, model, windows_per_step=cfg.kl_windows, seed=cfg.seed)
