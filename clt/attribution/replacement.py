@@ -74,6 +74,7 @@ class ReplacementModel:
         self.model = model
         self.transcoder = transcoder
         self.tokenizer = tokenizer
+        transcoder.require_mlp_replacement("attribution (the local replacement model)")
         self.layout: ModelLayout = find_layout(model)
         cfg = transcoder.cfg
         if cfg.d_model != self.layout.d_model or max(cfg.layers) >= self.layout.num_layers:

@@ -358,3 +358,56 @@ def test_save_load_round_trip_is_exact(tmp_path, kw):
         assert torch.equal(back.state_dict()[name], value), name
     x = torch.randn(5, L, D)
     assert torch.equal(back.eval()(x).reconstruction, model.eval()(x).reconstruction)
+
+
+# ---------------------------------------------------------------- attribution and replacement
+
+
+def _for_model(model, **kw) -> CrossLayerTranscoder:
+    layers = model.config.num_hidden_layers
+    cfg = CLTConfig(**{"num_features": 6, "num_layers": layers, "d_model": model.config.hidden_size,
+                       "cross_layer": False, "activation_fn": "relu", **kw})
+    return _random(cfg)
+
+
+def test_attribution_refuses_sae_and_molt_and_metrics_refuse_sae(tiny_llama):
+    from clt.attribution import ReplacementModel, attribute
+    from clt.training.metrics import replacement_metrics
+
+    model, tokenizer = tiny_llama
+    sae = _for_model(model, output_site="mlp_in")
+    molt = _for_model(model, architecture="molt", molt_ranks=[2])
+    for dictionary, match in ((sae, "this is an SAE"), (molt, "linear in the features")):
+        with pytest.raises(UnsupportedDictionaryError, match=match):
+            ReplacementModel(model, dictionary, tokenizer)
+        with pytest.raises(UnsupportedDictionaryError, match=match):
+            attribute("The cat sat", model, dictionary, tokenizer=tokenizer, progress=False)
+    with pytest.raises(UnsupportedDictionaryError, match="this is an SAE"):
+        replacement_metrics(model, tokenizer, sae, ["The cat sat on the mat."], max_windows=1)
+
+
+def test_replacement_metrics_splice_a_molt(tiny_llama):
+    """A MOLT whose gates are constant (W_enc = 0, relu(b_enc) = c) is the linear map Σ c_i T_i:
+    spliced into the model it must give the metrics of a skip transcoder with that W_skip and
+    no active features."""
+    from clt.training.metrics import replacement_metrics
+
+    model, tokenizer = tiny_llama
+    molt = _for_model(model, architecture="molt", molt_ranks=[2])
+    skip = _for_model(model, skip_connection=True)
+    with torch.no_grad():
+        molt.W_enc.zero_()
+        molt.b_enc.copy_(torch.rand_like(molt.b_enc) + 0.1)
+        for l in range(molt.cfg.num_layers):
+            skip.W_skip[l] = torch.einsum("f,foi->oi", molt.b_enc[l], molt.transforms(l))
+        skip.b_enc.fill_(-1.0)
+        skip.W_enc.zero_()  # no feature ever fires
+        skip.b_dec.copy_(molt.b_dec)
+        for name in ("input_mean", "input_std", "output_mean", "output_std"):
+            getattr(skip, name).copy_(getattr(molt, name))
+    texts = ["The cat sat on the mat. The dog lay on the rug."]
+    got = replacement_metrics(model, tokenizer, molt, texts, max_windows=2)
+    want = replacement_metrics(model, tokenizer, skip, texts, max_windows=2)
+    assert got.kl > 1e-4, "the splice changed the model"
+    for key, value in want.as_dict().items():
+        assert getattr(got, key) == pytest.approx(value, rel=1e-4, abs=1e-5), key
