@@ -6,6 +6,7 @@ All token text is HTML-escaped (`token_label`) before it reaches a figure.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -215,7 +216,7 @@ def pareto_figure(rows: Iterable[Mapping[str, Any]], *, x: str = "L0", y: str = 
         if label not in row:
             raise ValueError(f"a row has no {label!r} key: give each row its dictionary's name")
         values = row.get(x), row.get(y)
-        if all(isinstance(v, (int, float)) and v == v for v in values):
+        if all(isinstance(v, (int, float)) and not math.isnan(v) for v in values):
             groups.setdefault(str(row[label]), []).append((float(values[0]), float(values[1])))
     if not groups:
         raise ValueError(f"no row has numbers for both {x!r} and {y!r}")

@@ -90,7 +90,7 @@ def clt_by_hand(clt: CrossLayerTranscoder):
 
 
 def test_store_windows_are_the_extracted_windows(setup):
-    model, tokenizer, store, extractor = setup
+    _, tokenizer, store, extractor = setup
     rebuilt = store_windows(store, tokenizer)
     expected = [w.token_ids for w in extractor.windows()][: len(rebuilt)]
     assert [w.token_ids for w in rebuilt[:-1]] == expected[:-1]
