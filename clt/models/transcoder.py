@@ -68,8 +68,11 @@ class CrossLayerTranscoder(nn.Module):
     _registry: dict[str, type[CrossLayerTranscoder]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
+        """A subclass that sets its own `architecture` registers for `from_config`; one that
+        does not (e.g. a distributed wrapper) leaves the registry alone."""
         super().__init_subclass__(**kwargs)
-        CrossLayerTranscoder._registry[cls.architecture] = cls
+        if "architecture" in cls.__dict__:
+            CrossLayerTranscoder._registry[cls.architecture] = cls
 
     @classmethod
     def from_config(cls, cfg: CLTConfig) -> CrossLayerTranscoder:

@@ -197,6 +197,7 @@ CASES = {
     "clt-relu": dict(cross_layer=True, activation="relu"),
     "plt-jumprelu": dict(cross_layer=False, activation="jumprelu"),
     "clt-skip": dict(cross_layer=True, activation="relu", skip=True),
+    "plt-skip": dict(cross_layer=False, activation="jumprelu", skip=True),
 }
 
 

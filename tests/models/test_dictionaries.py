@@ -25,15 +25,6 @@ from planted import (
 L, D = 3, 16
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops run much faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _random(cfg: CLTConfig, seed: int = 0) -> CrossLayerTranscoder:
     """A dictionary with random biases, thresholds and standardisation (eval mode)."""
     from clt.models.perturb import randomize_parameters
@@ -83,6 +74,12 @@ def test_from_config_builds_each_kind_and_refuses_a_mismatched_class():
         CrossLayerTranscoder(_molt_cfg())
     sae = CrossLayerTranscoder.from_config(plain.replace(output_site="mlp_in", cross_layer=False))
     assert sae.kind == "SAE" and "SAE" in repr(sae)
+
+    class Wrapper(CrossLayerTranscoder):  # sets no architecture of its own: registers nothing
+        pass
+
+    assert type(CrossLayerTranscoder.from_config(plain)) is CrossLayerTranscoder
+    assert Wrapper(plain).kind == "CLT"
 
 
 # ---------------------------------------------------------------- Matryoshka

@@ -17,15 +17,6 @@ L, D = 3, 16
 ACTS = ("relu", "jumprelu", "topk", "batchtopk")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops run much faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(**kw) -> CLTConfig:
     return CLTConfig(**{"num_features": 8, "num_layers": L, "d_model": D, **kw})
 
