@@ -24,7 +24,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -65,7 +65,7 @@ class CrossLayerTranscoder(nn.Module):
 
     architecture = "transcoder"
     """`CLTConfig.architecture` this class implements (subclasses register their own)."""
-    _registry: dict[str, type[CrossLayerTranscoder]] = {}
+    _registry: ClassVar[dict[str, type[CrossLayerTranscoder]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         """A subclass that sets its own `architecture` registers for `from_config`; one that

@@ -12,9 +12,9 @@ every layer (plus b_dec and the skip term), so each prefix is a transcoder on it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

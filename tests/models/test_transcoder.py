@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from planted import max_cosines, planted_dictionary, train_planted
 
 from clt.config.base import ConfigError
 from clt.config.transcoder import CLTConfig
 from clt.models import CheckpointError, CLTOutput, CrossLayerTranscoder
 from clt.training.losses import compute_losses, fvu
-from planted import max_cosines, planted_dictionary, train_planted
 
 L, D = 3, 16
 ACTS = ("relu", "jumprelu", "topk", "batchtopk")
