@@ -91,15 +91,21 @@ class MixtureOfLinearTransforms(CrossLayerTranscoder):
             raise UnsupportedDictionaryError("a MOLT decodes all its transforms together; it has "
                                              "no Matryoshka prefixes")
         self._check_shape(x_std, self.cfg.d_model, "d_model", "inputs x")
+        return torch.stack([self.layer_output(l, features[..., l, :], x_std[..., l, :])
+                            for l in range(self.cfg.num_layers)], dim=-2)
+
+    def layer_output(self, layer: int, gates: Tensor, x_std: Tensor) -> Tensor:
+        """Σ_i a_i T_i x̃ [..., d] of one layer from its gates [..., F] and standardised input
+        x̃ [..., d] (no bias, no skip; in the autocast dtype when autocast is on)."""
         dtype = self.W_enc.dtype
-        if torch.is_autocast_enabled(features.device.type):
-            dtype = torch.get_autocast_dtype(features.device.type)
-        a, x = features.to(dtype), x_std.to(dtype)
+        if torch.is_autocast_enabled(gates.device.type):
+            dtype = torch.get_autocast_dtype(gates.device.type)
+        a, x = gates.to(dtype), x_std.to(dtype)
         out = None
         for g, (U, V) in enumerate(zip(self.U, self.V)):
-            gates = a[..., self.group_starts[g] : self.group_starts[g + 1]]
-            h = torch.einsum("...ld,lkrd->...lkr", x, V.to(dtype)) * gates[..., None]
-            part = torch.einsum("...lkr,lkrd->...ld", h, U.to(dtype))
+            h = torch.einsum("...d,krd->...kr", x, V[layer].to(dtype))
+            h = h * a[..., self.group_starts[g] : self.group_starts[g + 1], None]
+            part = torch.einsum("...kr,krd->...d", h, U[layer].to(dtype))
             out = part if out is None else out + part
         return out
 

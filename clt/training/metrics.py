@@ -133,7 +133,7 @@ def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscod
                 x_std = (x.to(transcoder.W_enc.dtype) - transcoder.input_mean[l]) / transcoder.input_std[l]
                 a = _layer_features(transcoder, l, x)
                 if transcoder.cfg.architecture == "molt":
-                    y_std = _molt_layer_output(transcoder, l, a, x_std) + transcoder.b_dec[l]
+                    y_std = transcoder.layer_output(l, a, x_std) + transcoder.b_dec[l]
                 else:
                     contrib = torch.einsum("...f,fjd->...jd", a, transcoder.W_dec[l])
                     if pending is None:
@@ -147,17 +147,6 @@ def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscod
                 mlp.output = _spliced(mlp.output, y, keep)
         logits = lm.output.logits.save()
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _molt_layer_output(molt: Any, layer: int, gates: torch.Tensor, x_std: torch.Tensor) -> torch.Tensor:
-    """Σ_i a_i U_iᵀ V_i x̃ [..., d] of one MOLT layer (`clt.models.molt`) from its gates [..., F]."""
-    out = None
-    for g, (U, V) in enumerate(zip(molt.U, molt.V)):
-        a = gates[..., molt.group_starts[g] : molt.group_starts[g + 1]]
-        h = torch.einsum("...d,krd->...kr", x_std, V[layer]) * a[..., None]
-        part = torch.einsum("...kr,krd->...d", h, U[layer])
-        out = part if out is None else out + part
-    return out
 
 
 def next_token_kl(logp: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
