@@ -225,6 +225,7 @@ def auto_label(card: FeatureCard, n: int = 3) -> str:
 def output_logit_effects(transcoder: CrossLayerTranscoder, unembedding: torch.Tensor,
                          final_norm_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Direct logit effect [L, F, vocab] of each feature's total decoder write (mean logit removed)."""
+    transcoder.require_mlp_replacement("a feature's direct logit effect")
     folded = transcoder.fold_normalization()
     with torch.no_grad():
         total = torch.stack([w.sum(1) for w in folded.W_dec])  # [L, F, d]: summed over target layers

@@ -381,12 +381,6 @@ class DistributedTranscoder(CrossLayerTranscoder):
         return out
 
 
-# A subclass is no architecture of its own: CrossLayerTranscoder.from_config keeps building plain transcoders.
-_registry = getattr(CrossLayerTranscoder, "_registry", {})
-if _registry.get(getattr(CrossLayerTranscoder, "architecture", None)) is DistributedTranscoder:
-    _registry[CrossLayerTranscoder.architecture] = CrossLayerTranscoder
-
-
 def global_fvu(reconstruction: Tensor, target: Tensor) -> Tensor:
     """Overall FVU of rows split across ranks (sums of squares and of targets all-reduced), float64."""
     err = (reconstruction.detach().double() - target.detach().double()).reshape(-1, *target.shape[-2:])

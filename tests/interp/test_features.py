@@ -7,7 +7,7 @@ import torch
 
 from clt.config.transcoder import CLTConfig
 from clt.interp import FeatureCards, build_feature_cards, output_logit_effects, unembedding_of
-from clt.models.transcoder import CrossLayerTranscoder
+from clt.models.transcoder import CrossLayerTranscoder, UnsupportedDictionaryError
 from clt.nnsight.extractors import ActivationExtractor
 
 
@@ -105,3 +105,10 @@ def test_logit_effects_shape(setup):
     effects = output_logit_effects(tc, unembedding, norm_weight)
     assert effects.shape == (tc.cfg.num_layers, tc.cfg.num_features, unembedding.shape[0])
     torch.testing.assert_close(effects.mean(-1), torch.zeros(effects.shape[:2]), atol=1e-5, rtol=0)
+
+
+def test_logit_effects_refuse_an_sae(setup):
+    store, tc, model, tokenizer = setup
+    sae = CrossLayerTranscoder(tc.cfg.replace(output_site="mlp_in", cross_layer=False, skip_connection=False))
+    with pytest.raises(UnsupportedDictionaryError, match="this is an SAE"):
+        output_logit_effects(sae, *unembedding_of(model))

@@ -37,7 +37,7 @@ def held_out(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fvu(reconstruction: torch.Tensor, y: torch.Tensor) -> float:
-    return float((reconstruction - y).square().sum() / (y - y.mean(0)).square().sum())
+    return float((reconstruction.detach() - y).square().sum() / (y - y.mean(0)).square().sum())
 
 
 def test_jumprelu_matches_the_per_layer_l0_on_held_out_tokens(trained):
