@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT = "clt.attribution.Graph"
-VERSION = 1
+VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 wrote every tensor dense
 NODE_KINDS = ("feature", "error", "token", "logit")
 
 
@@ -229,7 +230,7 @@ class Graph:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise GraphFileError(f"not a graph file (expected format '{FORMAT}'); write graphs with "
                                  "Graph.save")
-        if data.get("version") != VERSION:
+        if data.get("version") not in _READABLE_VERSIONS:
             raise GraphFileError(f"graph file version {data.get('version')} is not supported "
                                  f"(this is version {VERSION})")
         try:
@@ -358,16 +359,34 @@ _TENSORS = ("features", "activations", "adjacency", "logit_probabilities")
 
 
 def _encode(t: Tensor) -> dict[str, Any]:
+    """dtype, shape and base64 little-endian bytes; a mostly-zero tensor as a bit mask of its
+    nonzero entries plus their values in row-major order (an attribution graph's adjacency is
+    ~75 % zeros, so this makes the file ~3.5x smaller)."""
     array = t.detach().cpu().contiguous().numpy()
-    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-    return {"dtype": str(array.dtype), "shape": list(array.shape),
-            "data": base64.b64encode(data).decode("ascii")}
+    spec: dict[str, Any] = {"dtype": str(array.dtype), "shape": list(array.shape)}
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    nonzero = little != 0
+    if array.size and array.dtype.kind in "fiu" and nonzero.sum() * array.itemsize + array.size / 8 < 0.75 * array.nbytes:
+        spec["nonzero_mask"] = base64.b64encode(np.packbits(nonzero.reshape(-1)).tobytes()).decode("ascii")
+        little = little[nonzero]
+    spec["data"] = base64.b64encode(little.tobytes()).decode("ascii")
+    return spec
 
 
 def _decode(spec: dict[str, Any]) -> Tensor:
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
-    raw = base64.b64decode(spec["data"], validate=True)
-    array = np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
+    values = np.frombuffer(base64.b64decode(spec["data"], validate=True), dtype=dtype)
+    shape = tuple(spec["shape"])
+    if "nonzero_mask" in spec:
+        size = int(np.prod(shape))
+        bits = np.frombuffer(base64.b64decode(spec["nonzero_mask"], validate=True), dtype=np.uint8)
+        mask = np.unpackbits(bits, count=size).astype(bool) if bits.size * 8 >= size else None
+        if mask is None or int(mask.sum()) != values.size:
+            raise ValueError(f"the nonzero mask of a {list(shape)} tensor does not match its {values.size} values")
+        dense = np.zeros(size, dtype=dtype)
+        dense[mask] = values
+        values = dense
+    array = values.reshape(shape)
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
 
 

@@ -9,6 +9,8 @@ target's input by exactly the edge weight, and removing all of them leaves the c
 
 from __future__ import annotations
 
+import base64
+
 import torch
 from torch import nn
 
@@ -367,6 +369,23 @@ def test_graph_json_round_trip_and_bad_files(tiny_llama, tmp_path):
         Graph.load(tmp_path / "other.json")
     with pytest.raises(FileNotFoundError):
         Graph.load(tmp_path / "missing.json")
+
+
+def test_graph_file_stores_the_adjacency_sparsely_and_reads_dense_version_1_files(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    graph = attribute(PROMPT, model, random_transcoder(model), tokenizer=tokenizer, progress=False)
+    data = graph.to_dict()
+    adjacency = data["tensors"]["adjacency"]
+    assert "nonzero_mask" in adjacency  # mostly zeros: a bit mask plus the nonzero values
+    n_values = len(base64.b64decode(adjacency["data"])) // 4
+    assert n_values == int((graph.adjacency != 0).sum()) < graph.adjacency.numel() // 2
+    dense = {**data, "version": 1, "tensors": {**data["tensors"], "adjacency": {
+        "dtype": "float32", "shape": list(graph.adjacency.shape),
+        "data": base64.b64encode(graph.adjacency.numpy().astype("<f4").tobytes()).decode()}}}
+    assert torch.equal(Graph.from_dict(dense).adjacency, graph.adjacency)
+    broken = {**data, "tensors": {**data["tensors"], "adjacency": {**adjacency, "data": adjacency["data"][:16]}}}
+    with pytest.raises(GraphFileError, match="nonzero mask .* does not match"):
+        Graph.from_dict(broken)
 
 
 def test_neuronpedia_export_has_consistent_nodes_and_links(tiny_llama, tmp_path):

@@ -220,15 +220,3 @@ def test_store_of_other_layers_or_width_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"shard 0 has inputs of shape \(60, 3, 4\), expected \(60, 3, 8\): the store is"):
         ActivationStore.open(tmp_path / "s").shard(0)
     assert other.d_model == 4
-
-
-def test_transcoder_of_other_layers_or_width_is_refused():
-    from clt.config.training import TrainingConfig
-    from clt.config.transcoder import CLTConfig
-    from clt.training.trainer import CLTTrainer
-
-    store = ActivationStore.from_nnsight_activations(make_activations())  # 3 layers of width 8
-    for num_layers, d_model in ((2, 8), (3, 16)):
-        message = "expects .* but the store holds 3 layers of width 8; set num_layers=3, d_model=8"
-        with pytest.raises(ValueError, match=message):
-            CLTTrainer(CLTConfig(num_features=8, num_layers=num_layers, d_model=d_model), TrainingConfig(), store)

@@ -108,7 +108,7 @@ def test_kl_equals_plain_hook_splicing(setup):
     ids = torch.tensor([w.token_ids for w in windows])
     expected = hooked_kl(model, ids, clt_by_hand(clt)).detach()
     assert float(expected) > 1e-3  # far from trivially zero (the tiny model is insensitive)
-    assert float(kl) == pytest.approx(float(expected), abs=1e-5, rel=1e-5)
+    assert float(kl.detach()) == pytest.approx(float(expected), abs=1e-5, rel=1e-5)
 
 
 def test_kl_gradient_matches_finite_differences(setup):
@@ -194,6 +194,6 @@ def test_molt_splice_equals_its_own_forward_in_plain_hooks(setup):
 
     with torch.no_grad():
         expected = float(hooked_kl(model, ids, layer_output))
-    kl = float(KLObjective(model, tokenizer, store, molt).loss(molt, windows))
+    kl = float(KLObjective(model, tokenizer, store, molt).loss(molt, windows).detach())
     assert expected > 1e-4
     assert kl == pytest.approx(expected, abs=1e-6, rel=1e-5)

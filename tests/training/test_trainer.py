@@ -178,3 +178,13 @@ def test_nan_in_a_batch_names_layer_and_step_and_keeps_the_checkpoint(tmp_path):
     assert checkpoint.name == "step_00000004"
     for name, value in CrossLayerTranscoder.from_pretrained(checkpoint / "transcoder").state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_transcoder_of_other_layers_or_width_is_refused():
+    g = torch.Generator().manual_seed(0)
+    store = ActivationStore.from_nnsight_activations(
+        {"inputs": torch.randn(50, 3, 8, generator=g), "outputs": torch.randn(50, 3, 8, generator=g)})
+    for num_layers, d_model in ((2, 8), (3, 16)):
+        message = "expects .* but the store holds 3 layers of width 8; set num_layers=3, d_model=8"
+        with pytest.raises(ValueError, match=message):
+            CLTTrainer(CLTConfig(num_features=8, num_layers=num_layers, d_model=d_model), TrainingConfig(), store)
