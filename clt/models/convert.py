@@ -58,7 +58,7 @@ def convert_to_jumprelu(transcoder: CrossLayerTranscoder, store: Any, *, calibra
     target_l0 = selected.float().sum(-1).mean(0)  # [L]
     theta = _mean_smallest_selected(z, selected, batch_size, never_selected_threshold)
     scale = torch.stack([_bisect_scale(z[:, l], theta[l], float(target_l0[l]), max_iters)
-                         for l in range(c.num_layers)])
+                         for l in range(c.num_layers)]).to(theta.device)
     new = CrossLayerTranscoder(c.replace(activation_fn="jumprelu", sparse_decode="auto")).to(device)
     state = {k: v for k, v in transcoder.state_dict().items() if not k.startswith("batchtopk.")}
     missing, unexpected = new.load_state_dict(state, strict=False)

@@ -66,7 +66,8 @@ class MixtureOfLinearTransforms(CrossLayerTranscoder):
         for U, V in zip(self.U, self.V):
             gram_u = torch.einsum("lkrd,lksd->lkrs", U, U)
             gram_v = torch.einsum("lkrd,lksd->lkrs", V, V)
-            norms.append((gram_u * gram_v).sum((-2, -1)).clamp_min(0).sqrt())
+            # clamped above 0: sqrt's gradient at an all-zero transform would be inf·0 = NaN
+            norms.append((gram_u * gram_v).sum((-2, -1)).clamp_min(torch.finfo(U.dtype).tiny).sqrt())
         return torch.cat(norms, dim=1)
 
     def transforms(self, layer: int) -> Tensor:

@@ -7,7 +7,9 @@ sum over layers and features (or dimensions). `compute_losses` composes them for
 Matryoshka (``CLTConfig.matryoshka_prefixes`` = m_1 < ... < m_k < F): the reconstruction term is
 Σ_{m ∈ {m_1..m_k, F}} Σ_l ‖ŷ_l^{(m)} − y_l‖², where ŷ^{(m)} decodes only the first m features of
 every layer (plus b_dec and the skip term), so each prefix is a transcoder on its own
-(`CrossLayerTranscoder.truncate`). The prefixes' FVUs come back in `LossTerms.metrics`.
+(`CrossLayerTranscoder.truncate`) — exactly for ReLU, JumpReLU and BatchTopK (inference threshold);
+for TopK the prefix keeps the first m of the top k over all F features, while `truncate(m)` picks
+the top k within the first m. The prefixes' FVUs come back in `LossTerms.metrics`.
 """
 
 from __future__ import annotations

@@ -103,11 +103,17 @@ def _envoy(root: Any, path: str) -> Any:
     return root
 
 
+def _standardised_input(transcoder: CrossLayerTranscoder, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """Raw MLP input x [..., d] of transcoder layer `layer`, standardised in float32 (or wider),
+    then in the parameter dtype (as `CrossLayerTranscoder.normalize_inputs`)."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
+
+
 def _layer_features(transcoder: CrossLayerTranscoder, layer: int, x: torch.Tensor) -> torch.Tensor:
     """Features [..., F] of transcoder layer `layer` from its raw input x [..., d] (eval-mode rule)."""
     w = transcoder
-    x_std = (x.to(w.W_enc.dtype) - w.input_mean[layer]) / w.input_std[layer]
-    z_l = x_std @ w.W_enc[layer].T + w.b_enc[layer]
+    z_l = _standardised_input(w, layer, x) @ w.W_enc[layer].T + w.b_enc[layer]
     z = z_l.new_full((*z_l.shape[:-1], w.cfg.num_layers, w.cfg.num_features), _FAR_BELOW)
     z[..., layer, :] = z_l
     return w.activate(z)[..., layer, :]
@@ -130,7 +136,7 @@ def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscod
                 mlp.output = _spliced(mlp.output, torch.zeros_like(mlp.output), keep)
             elif mode == "replace":
                 x = mlp.input
-                x_std = (x.to(transcoder.W_enc.dtype) - transcoder.input_mean[l]) / transcoder.input_std[l]
+                x_std = _standardised_input(transcoder, l, x)
                 a = _layer_features(transcoder, l, x)
                 if transcoder.cfg.architecture == "molt":
                     y_std = transcoder.layer_output(l, a, x_std) + transcoder.b_dec[l]

@@ -408,3 +408,12 @@ def test_replacement_metrics_splice_a_molt(tiny_llama):
     assert got.kl > 1e-4, "the splice changed the model"
     for key, value in want.as_dict().items():
         assert getattr(got, key) == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_molt_norm_gradient_is_finite_for_an_all_zero_transform():
+    model = _random(_molt_cfg())
+    with torch.no_grad():
+        model.U[0][0, 0].zero_()  # layer 0, first transform of the rank-4 group
+    model.decoder_norms().sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in (*model.U, *model.V))
+    assert float(model.decoder_norms()[0, 0]) < 1e-15

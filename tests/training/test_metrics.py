@@ -106,3 +106,15 @@ def test_mismatched_transcoder_is_rejected(relu_gpt2):
     wrong = CrossLayerTranscoder(CLTConfig(num_features=32, num_layers=3, d_model=16))
     with pytest.raises(ValueError, match="does not fit the model"):
         replacement_metrics(model, tokenizer, wrong, TEXTS)
+
+
+def test_low_precision_transcoder_is_spliced_in_its_own_dtype(relu_gpt2, exact_plt):
+    """A bfloat16 copy of the exact transcoder: standardised in float32, then run in bfloat16."""
+    model, tokenizer = relu_gpt2
+    exact = exact_plt(model)
+    low = CrossLayerTranscoder(exact.cfg.replace(dtype="bfloat16"))
+    low.load_state_dict(exact.state_dict())
+    assert low.W_enc.dtype == torch.bfloat16
+    metrics = replacement_metrics(model, tokenizer, low, TEXTS)
+    assert 0 < metrics.kl < 1e-2 and metrics.top1_agreement >= 0.9
+    assert abs(metrics.ce_recovered - 1.0) < 0.02
