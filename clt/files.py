@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -9,21 +13,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary name beside `path` to write to; renamed onto `path` when the block ends,
+    removed if it raises. Unique per call, so concurrent writers of one file never share it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")  # default permissions
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write `text` to `path` so a crash leaves either the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                         metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors atomically (tensors are made contiguous)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_tensors(path: str | Path, error: type[Exception], *, missing: str, corrupt: str,

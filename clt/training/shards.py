@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
-from clt.files import atomic_save_tensors, read_tensors
+from clt.files import atomic_path, atomic_save_tensors, read_tensors
 
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STORE_DTYPES = (*FLOAT_DTYPES, "int8")
@@ -97,8 +97,7 @@ def save_shard(parts: dict[str, list[torch.Tensor]], path: Path, compression: st
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as file:
+    with atomic_path(path) as tmp, tmp.open("wb") as file:
         sink: Any = file
         if compression == "zstd":
             compressor = zstandard().ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
@@ -109,7 +108,6 @@ def save_shard(parts: dict[str, list[torch.Tensor]], path: Path, compression: st
                 sink.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
         if sink is not file:
             sink.close()
-    tmp.replace(path)
 
 
 def load_shard(path: Path, error: type[Exception], *, missing: str, corrupt: str) -> dict[str, torch.Tensor]:
