@@ -18,13 +18,16 @@ environment variables when not yet initialised; gloo on CPU, NCCL on CUDA). W ra
   W_skip and the standardisation buffers are replicated (gradients averaged so they stay equal).
   TopK and BatchTopK keep what reaches the global k-th value of the all-gathered per-shard
   candidates. Sparsity and pre-activation terms are per shard (summed in the logs); the global
-  gradient norm clips. The auxiliary top-k loss takes the top k_aux dead features *of each
-  shard* (up to W·k_aux in all), so with dead features it differs from one process.
+  gradient norm clips. The auxiliary top-k loss is per shard: each shard's top k_aux dead
+  features are trained to reconstruct the whole residual on their own (the logged value is the
+  mean over shards), so with dead features it differs from one process. fp16 (GradScaler) is
+  refused here: each rank would decide on its own to skip a step.
 
 A rank that fails leaves the others waiting in a collective until `dist_timeout_s` (torchrun
 stops them at once); the last checkpoint stays intact, as checkpoints are written atomically.
 Selection keeps every entry at or above the global threshold: exact ties at the k-th value
-keep a few more than k (one process keeps exactly k), which continuous activations never hit.
+keep a few more than k (one process keeps exactly k). Float32 pre-activations almost never tie;
+under bf16/fp16 autocast (8 or 11 significant bits) ties happen and L0 can exceed k slightly.
 Checkpoints always hold the whole dictionary (`gather_state` on rank 0), so a run resumes on
 any world size (`shard_state`).
 """
@@ -111,9 +114,14 @@ def check_agreement(ctx: Dist, description: dict[str, Any], problems: list[str])
             raise DistributedError(f"the ranks disagree ({detail}); launch every rank with the same configs and store")
 
 
-def split_problems(ctx: Dist, cfg: CLTConfig, micro_batch: int) -> list[str]:
+def split_problems(ctx: Dist, cfg: CLTConfig, micro_batch: int, mixed_precision: str = "no") -> list[str]:
     """What keeps `ctx` from splitting this transcoder or micro-batch (empty when it can)."""
     w = ctx.world_size
+    if ctx.sharded and mixed_precision == "fp16":
+        # GradScaler decides per rank whether its gradients overflowed; with sharded features one rank
+        # could skip a step the others take, and the replicated b_dec/W_skip would drift apart.
+        return ["parallel='features' does not support mixed_precision='fp16' (each rank's loss scaler "
+                "would skip steps on its own); use mixed_precision='bf16' or parallel='data'"]
     if not ctx.sharded:
         if micro_batch % w == 0:
             return []

@@ -73,7 +73,8 @@ class CLTTrainer:
             distributed.check_agreement(
                 self.dist, {"transcoder": clt_config.to_dict(), "training": c.to_dict(), "store_tokens": store.n_tokens,
                             "store_layers": store.layers},
-                distributed.split_problems(self.dist, clt_config, c.batch_size // c.grad_accumulation_steps))
+                distributed.split_problems(self.dist, clt_config, c.batch_size // c.grad_accumulation_steps,
+                                         c.mixed_precision))
         if clt_config.num_layers != store.num_layers or clt_config.d_model != store.d_model:
             raise ValueError(
                 f"the transcoder expects {clt_config.num_layers} layers of width {clt_config.d_model} but the store "
@@ -205,6 +206,7 @@ class CLTTrainer:
         sums["dead_fraction"] = self.activity.dead_mask(c.dead_after_tokens).float().mean().double()
         if self.dist is not None:
             sums = model.reduce_metrics(sums)
+            self._nonfinite |= ~torch.isfinite(sums["total"])  # a NaN on any rank reaches every rank's flag
         dead_fraction = sums.pop("dead_fraction")
         sums.update(step=self.step, lr=lr, sparsity_lambda=lam, dead_fraction=dead_fraction)
         return sums

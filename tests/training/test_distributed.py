@@ -21,7 +21,7 @@ from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.training.checkpoint import list_checkpoints
 from clt.training.data import ActivationStore
-from clt.training.distributed import DistributedError, run_local
+from clt.training.distributed import Dist, DistributedError, run_local, split_problems
 from clt.training.trainer import CLTTrainer
 
 TOL = 1e-5
@@ -186,6 +186,14 @@ def test_two_ranks_match_one_process(two_ranks, name):
 def test_mismatched_setups_fail_on_every_rank(two_ranks, name, expected):
     for rank in (0, 1):
         assert expected in (two_ranks / f"{name}.{rank}.txt").read_text()
+
+
+def test_feature_sharding_refuses_fp16_loss_scaling():
+    """Each rank's GradScaler would skip steps on its own and the replicated parameters would drift."""
+    cfg = CLTConfig(num_features=16, num_layers=2, d_model=8)
+    sharded, data = Dist(rank=0, world_size=2, mode="features"), Dist(rank=0, world_size=2, mode="data")
+    assert "does not support mixed_precision='fp16'" in split_problems(sharded, cfg, 64, "fp16")[0]
+    assert split_problems(sharded, cfg, 64, "bf16") == [] and split_problems(data, cfg, 64, "fp16") == []
 
 
 def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):
