@@ -676,6 +676,8 @@ class StoreWriter:
             self.manifest = {**old, "version": STORE_VERSION}
             self.stats.sums = _load_safetensors(self.path / stats_name)
         self._stats_file = self.path / stats_name
+        if int(self.stats.sums["count"]) != self.manifest["n_tokens"]:
+            self._recount()
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._buffered = 0
         self._buffer_stats = RunningStats(len(layers), d_model)
@@ -747,6 +749,19 @@ class StoreWriter:
 
     def _write_manifest(self) -> None:
         atomic_write_text(json.dumps(self.manifest, indent=1), self.path / self._manifest_name)
+
+    def _recount(self) -> None:
+        """Rebuild the statistics from the listed shards: a crash between writing the statistics
+        and the manifest left them counting a shard the manifest does not list."""
+        logger.warning("%s: the statistics count %d rows but the manifest lists %d; recomputing them from the "
+                       "shards", self.path, int(self.stats.sums["count"]), self.manifest["n_tokens"])
+        self.stats = RunningStats(len(self.manifest["layers"]), self.manifest["d_model"])
+        if self.manifest["shards"]:
+            store = ActivationStore.open(self.path, normalize=False, manifest=self._manifest_name)
+            for index in range(len(store.shards)):
+                data = store.shard(index)
+                self.stats.update(data["inputs"], data.get("outputs", data["inputs"]))
+        atomic_save_tensors(self.stats.sums, self._stats_file)
 
     def finish(self, *, batch_size: int = 64, normalize: bool = True, state: dict[str, Any] | None = None) -> ActivationStore:
         """Write what is buffered, mark the store (or this writer's part) complete and open it.

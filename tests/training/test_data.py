@@ -141,6 +141,28 @@ def test_nan_activations_are_rejected_and_nothing_written_is_lost(tmp_path):
     assert manifest["state"] == {"rows": 20} and not manifest["complete"]
 
 
+@pytest.mark.parametrize("shards_before_crash", [0, 2])
+def test_crash_between_statistics_and_manifest_is_recounted_on_resume(tmp_path, monkeypatch, shards_before_crash):
+    """The statistics file is written before the manifest; a crash between them must not double-count."""
+    acts = make_activations(n=60)
+    z = torch.zeros(20)
+    writer = StoreWriter(tmp_path / "s", layers=[0, 1, 2], d_model=8, dtype="float32", shard_tokens=20)
+    for i in range(shards_before_crash):
+        writer.add(acts["inputs"][20 * i:20 * (i + 1)], acts["outputs"][20 * i:20 * (i + 1)], token_ids=z,
+                   positions=z, window_ids=z)
+        writer.flush({"rows": 20 * (i + 1)})
+    writer.add(acts["inputs"][40:], acts["outputs"][40:], token_ids=z, positions=z, window_ids=z)
+    monkeypatch.setattr(StoreWriter, "_write_manifest", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        writer.flush({"rows": 60})  # the shard and its statistics are written, the manifest is not
+    monkeypatch.undo()
+    resumed = StoreWriter(tmp_path / "s", layers=[0, 1, 2], d_model=8, dtype="float32", shard_tokens=20)
+    assert float(resumed.stats.sums["count"]) == resumed.n_tokens == 20 * shards_before_crash
+    if shards_before_crash:
+        expected = acts["inputs"][: resumed.n_tokens].double().mean(0)
+        torch.testing.assert_close(resumed.stats.norm_stats().input_mean.double(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_empty_and_malformed_inputs(tmp_path):
     with pytest.raises(StoreError, match="no tokens"):
         ActivationStore.from_nnsight_activations({"inputs": torch.zeros(0, 2, 4), "outputs": torch.zeros(0, 2, 4)})
