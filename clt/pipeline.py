@@ -22,8 +22,11 @@ DEMO_TRAINING: dict[str, Any] = {"learning_rate": 5e-4, "checkpoint_every": 0}
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
 
-def run_extraction(cfg: ExtractionConfig, *, progress: bool = True) -> ActivationStore:
-    """Extract activations as `cfg` says into `cfg.output_dir`; writes the resolved config beside them."""
+def run_extraction(cfg: ExtractionConfig, *, progress: bool = True, stop: Any = None) -> ActivationStore:
+    """Extract activations as `cfg` says into `cfg.output_dir`; writes the resolved config beside them.
+
+    `stop` (a threading.Event) ends the extraction early with `ExtractionStopped`; the store resumes.
+    """
     from clt.nnsight.extractors import ActivationExtractor
 
     writable_folder(cfg.output_dir)  # fail before the model loads
@@ -33,7 +36,8 @@ def run_extraction(cfg: ExtractionConfig, *, progress: bool = True) -> Activatio
     store = extractor.extract(cfg.corpus, max_tokens=cfg.max_tokens, output_dir=cfg.output_dir,
                               store_dtype=cfg.store_dtype, shard_tokens=cfg.shard_tokens,
                               text_field=cfg.text_field, progress=progress, compression=cfg.compression,
-                              output_site=cfg.output_site, writer_rank=cfg.writer_rank, num_writers=cfg.num_writers)
+                              output_site=cfg.output_site, writer_rank=cfg.writer_rank, num_writers=cfg.num_writers,
+                              stop=stop)
     cfg.save(Path(cfg.output_dir) / "extraction.yaml")
     return store
 
@@ -165,15 +169,21 @@ def run_streaming(extraction: ExtractionConfig, transcoder: Any, training: Any, 
     """Extract in a background thread and train on the store while it is being written, then evaluate.
 
     Training starts after the first shard (normalisation statistics from the shards present then) and
-    reads epoch 0 in the order the shards are written; see `ActivationStore.open(follow=...)`.
+    reads epoch 0 in the order the shards are written; see `ActivationStore.open(follow=...)`. If
+    training fails or is interrupted, the extraction stops after its current batch (the store resumes).
     """
     from clt.nnsight.extractors import BackgroundExtraction
 
-    producer = BackgroundExtraction(lambda: run_extraction(extraction, progress=False))
+    producer = BackgroundExtraction(lambda stop: run_extraction(extraction, progress=False, stop=stop))
     producer.start()
-    store = ActivationStore.open(extraction.output_dir, batch_size=training.batch_size, follow=producer,
-                                 timeout=timeout)
-    result = run_training(extraction, transcoder, training, store=store, replacement=replacement, progress=progress)
+    try:
+        store = ActivationStore.open(extraction.output_dir, batch_size=training.batch_size, follow=producer,
+                                     timeout=timeout)
+        result = run_training(extraction, transcoder, training, store=store, replacement=replacement,
+                              progress=progress)
+    except BaseException:
+        producer.stop()  # no model keeps running behind a failed or interrupted run; the store resumes
+        raise
     producer.result()
     return result
 

@@ -119,11 +119,15 @@ class ActivationExtractor:
                 "token_ids": ids[keep], "positions": positions, "window_ids": window_ids}
 
     def _stream(self, windows: Iterator[TokenWindow], max_tokens: int, done: int, progress: bool,
-                dtype: torch.dtype, output_site: str = "mlp_out") -> Iterator[tuple[dict, int]]:
+                dtype: torch.dtype, output_site: str = "mlp_out",
+                stop: threading.Event | None = None) -> Iterator[tuple[dict, int]]:
         bar = tqdm(total=max_tokens, initial=done, unit="tok", desc="extracting", disable=not progress)
         consumed = 0
         try:
             while done < max_tokens:
+                if stop is not None and stop.is_set():
+                    raise ExtractionStopped(f"extraction stopped on request after {done} tokens; run it again "
+                                            "with the same settings to resume")
                 chunk = list(itertools.islice(windows, self.batch_size))
                 if not chunk:
                     logger.warning("the corpus ran out after %d tokens (max_tokens=%d)", done, max_tokens)
@@ -157,6 +161,7 @@ class ActivationExtractor:
         output_site: str = "mlp_out",
         writer_rank: int = 0,
         num_writers: int = 1,
+        stop: threading.Event | None = None,
     ) -> ActivationStore:
         """Extract up to `max_tokens` tokens into a store (on disk when `output_dir` is given).
 
@@ -166,6 +171,8 @@ class ActivationExtractor:
         With ``num_writers > 1`` this process is writer `writer_rank` of a store filled by several:
         it takes windows writer_rank, writer_rank + num_writers, ... of those one process would read,
         and the last writer to finish merges the parts (the merged store holds the same rows).
+        Setting `stop` ends the extraction before its next batch with `ExtractionStopped`; what was
+        written stays, and the store resumes from it.
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -176,7 +183,8 @@ class ActivationExtractor:
         if output_dir is None:
             if num_writers > 1:
                 raise ValueError("several writers share one store folder: pass output_dir")
-            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress, _dtype(store_dtype), output_site)]
+            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress, _dtype(store_dtype), output_site,
+                                                stop)]
             if not parts:
                 raise StoreError("the corpus produced no tokens")
             merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -201,7 +209,7 @@ class ActivationExtractor:
             return writer.finish(batch_size=batch_size, normalize=normalize)
         writer.manifest["complete"] = False
         stream = self._stream(itertools.islice(windows, skipped, None), max_tokens, writer.n_tokens, progress,
-                              _dtype(store_dtype), output_site)
+                              _dtype(store_dtype), output_site, stop)
         behind = self.device.type != "cpu" if write_behind is None else write_behind
         consumed = _write(writer, stream, skipped, behind=behind)
         return writer.finish(batch_size=batch_size, normalize=normalize, state={"windows_done": skipped + consumed})
@@ -236,23 +244,37 @@ class ActivationExtractor:
         return {**data, "layers": list(self.layers), "model_name": self.model_name}
 
 
-class BackgroundExtraction(threading.Thread):
-    """Runs an extraction (a callable returning its store) in a daemon thread, as the producer a
-    followed store watches (``ActivationStore.open(path, follow=producer)``); `error` holds its failure."""
+class ExtractionStopped(RuntimeError):
+    """An extraction ended on request (`extract(stop=...)`); its store keeps what was written and resumes."""
 
-    def __init__(self, extract: Callable[[], ActivationStore]) -> None:
+
+class BackgroundExtraction(threading.Thread):
+    """Runs an extraction in a daemon thread, as the producer a followed store watches
+    (``ActivationStore.open(path, follow=producer)``). `extract` gets the thread's stop event (pass it
+    to `ActivationExtractor.extract(stop=...)`); `error` holds its failure."""
+
+    def __init__(self, extract: Callable[[threading.Event], ActivationStore]) -> None:
         super().__init__(name="clt-extraction", daemon=True)
         self._extract = extract
+        self.stop_requested = threading.Event()
         self.store: ActivationStore | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         """Run the extraction, keeping its store or its error."""
         try:
-            self.store = self._extract()
+            self.store = self._extract(self.stop_requested)
+        except ExtractionStopped as err:
+            self.error = err
+            logger.info("%s", err)
         except Exception as err:  # reported by the follower and by `result`
             self.error = err
             logger.error("the background extraction failed: %r", err)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the extraction before its next batch and wait for it (its store stays resumable)."""
+        self.stop_requested.set()
+        self.join(timeout)
 
     def result(self) -> ActivationStore:
         """Wait for the extraction and return its store (re-raising its error)."""

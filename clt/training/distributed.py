@@ -432,15 +432,15 @@ def run_local(fn: Callable[..., None], args: tuple = (), *, world_size: int = 2,
               threads: int = 1) -> None:
     """Run fn(rank, *args) in `world_size` spawned processes with torchrun's env vars for a local gloo group
     (tests, benchmarks); raises if a rank fails, kills them all after `timeout_s`."""
-    import socket
     import time
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_local_rank, args=(world_size, port, threads, fn, args), nprocs=world_size,
+    # This process hosts the rendezvous store, as torchrun's agent does: its port is bound from the start
+    # (a port found free and released first could be taken before rank 0 binds it).
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
+    context = mp.start_processes(_local_rank, args=(world_size, store.port, threads, fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
@@ -448,11 +448,12 @@ def run_local(fn: Callable[..., None], args: tuple = (), *, world_size: int = 2,
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish on {world_size} ranks in {timeout_s} s")
+    del store
 
 
 def _local_rank(rank: int, world_size: int, port: int, threads: int, fn: Callable[..., None], args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(threads)
     try:
         fn(rank, *args)

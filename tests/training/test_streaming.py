@@ -129,3 +129,34 @@ def test_streaming_extraction_trains_while_extracting_on_the_same_tokens(tmp_pat
     for a, b in zip(streamed.store.tensors(), offline.store.tensors()):
         assert torch.equal(a, b)
     assert streamed.reconstruction.n_tokens == offline.reconstruction.n_tokens
+
+
+def test_failed_streaming_training_stops_the_extraction_and_the_store_resumes(tmp_path, monkeypatch):
+    from clt.nnsight.extractors import ActivationExtractor
+    from clt.pipeline import run_extraction, run_streaming
+    from clt.training.trainer import CLTTrainer
+
+    extraction = ExtractionConfig(model="tiny-llama", max_tokens=4096, context_length=32, batch_size=2,
+                                  shard_tokens=128, output_dir=str(tmp_path / "streamed"))
+    clt = CLTConfig(num_features=16, num_layers=1, d_model=1, activation_fn="topk", topk=4)
+    training = TrainingConfig(batch_size=64, training_steps=64, learning_rate=1e-3, lr_warmup_steps=0)
+    original = ActivationExtractor.activations
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.02)
+        return original(self, *args, **kwargs)
+
+    def fail(self, batches):
+        raise FloatingPointError("simulated divergence")
+
+    monkeypatch.setattr(ActivationExtractor, "activations", slow)
+    monkeypatch.setattr(CLTTrainer, "train_step", fail)
+    monkeypatch.setattr(CLTTrainer, "_step", fail)
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(FloatingPointError, match="simulated"):
+        run_streaming(extraction, clt, training, replacement=False, progress=False)
+    assert "clt-extraction" not in {t.name for t in threading.enumerate()} - before  # stopped, not left running
+    partial = ActivationStore.open(extraction.output_dir)
+    assert 0 < partial.n_tokens < 4096
+    monkeypatch.undo()
+    assert run_extraction(extraction, progress=False).n_tokens == 4096  # resumed to the end
