@@ -110,10 +110,10 @@ def _standardised_input(transcoder: CrossLayerTranscoder, layer: int, x: torch.T
     return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
 
 
-def _layer_features(transcoder: CrossLayerTranscoder, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """Features [..., F] of transcoder layer `layer` from its raw input x [..., d] (eval-mode rule)."""
+def _layer_features(transcoder: CrossLayerTranscoder, layer: int, x_std: torch.Tensor) -> torch.Tensor:
+    """Features [..., F] of transcoder layer `layer` from its standardised input [..., d] (eval-mode rule)."""
     w = transcoder
-    z_l = _standardised_input(w, layer, x) @ w.W_enc[layer].T + w.b_enc[layer]
+    z_l = x_std @ w.W_enc[layer].T + w.b_enc[layer]
     z = z_l.new_full((*z_l.shape[:-1], w.cfg.num_layers, w.cfg.num_features), _FAR_BELOW)
     z[..., layer, :] = z_l
     return w.activate(z)[..., layer, :]
@@ -137,7 +137,7 @@ def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscod
             elif mode == "replace":
                 x = mlp.input
                 x_std = _standardised_input(transcoder, l, x)
-                a = _layer_features(transcoder, l, x)
+                a = _layer_features(transcoder, l, x_std)
                 if transcoder.cfg.architecture == "molt":
                     y_std = transcoder.layer_output(l, a, x_std) + transcoder.b_dec[l]
                 else:
