@@ -344,10 +344,14 @@ class ActivationStore:
         """Rows of a loaded shard's inputs or outputs as floats (the outputs of an mlp_in store are its inputs)."""
         return decode(data, "inputs" if self.output_site == "mlp_in" else key, rows)
 
+    def metadata(self, index: int) -> dict[str, torch.Tensor]:
+        """Per-row token_ids, positions and window_ids of one shard (activations not decoded)."""
+        return {k: v for k, v in self._load(index).items() if k in _META_KEYS}
+
     def shard(self, index: int) -> dict[str, torch.Tensor]:
         """Tensors of one shard: float inputs/outputs [n, L, d] (int8 decoded to float32) and metadata."""
         data = self._load(index)
-        out = {k: v for k, v in data.items() if k in _META_KEYS}
+        out = self.metadata(index)
         out["inputs"] = self._values(data, "inputs")
         out["outputs"] = out["inputs"] if self.output_site == "mlp_in" else self._values(data, "outputs")
         return out
@@ -439,7 +443,7 @@ class ActivationStore:
         With ``world_size > 1`` each rank gets a disjoint slice of every global batch. Rows are
         gathered straight from the shards (memory-mapped files) into the batch, converted on the
         way when the batch is built on the CPU, and in the store's dtype (half the bytes to move)
-        when it goes to an accelerator.
+        when it goes to an accelerator (from pinned memory, without blocking, on CUDA).
         """
         batch_size = batch_size or self.batch_size
         if batch_size % world_size:
@@ -449,6 +453,7 @@ class ActivationStore:
         lo = rank * (batch_size // world_size)
         hi = lo + batch_size // world_size
         gather_dtype = dtype if torch.device(device).type == "cpu" else DTYPES.get(self.dtype, dtype)
+        pinned = torch.device(device).type == "cuda"
         pending: list[tuple[list[int], torch.Tensor]] = []
         pending_rows = 0
         opened: dict[int, dict[str, torch.Tensor]] = {}  # the shards of the current (and previous) window
@@ -470,6 +475,8 @@ class ActivationStore:
                     if pending_rows == batch_size:
                         inputs, outputs = self._gather(pending, lo, hi, gather_dtype, opened)
                         pending, pending_rows = [], 0
+                        if pinned:  # page-locked: the copy to the GPU does not block
+                            inputs, outputs = inputs.pin_memory(), outputs.pin_memory()
                         yield ActivationBatch(inputs.to(device=device, dtype=dtype, non_blocking=True),
                                               outputs.to(device=device, dtype=dtype, non_blocking=True))
             epoch += 1
@@ -760,7 +767,7 @@ class StoreWriter:
             store = ActivationStore.open(self.path, normalize=False, manifest=self._manifest_name)
             for index in range(len(store.shards)):
                 data = store.shard(index)
-                self.stats.update(data["inputs"], data.get("outputs", data["inputs"]))
+                self.stats.update(data["inputs"], data["outputs"])
         atomic_save_tensors(self.stats.sums, self._stats_file)
 
     def finish(self, *, batch_size: int = 64, normalize: bool = True, state: dict[str, Any] | None = None) -> ActivationStore:

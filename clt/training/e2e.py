@@ -38,7 +38,7 @@ def store_windows(store: ActivationStore, tokenizer: Any, *, min_tokens: int = 2
     prepend_bos = bool(store.extra.get("prepend_bos", True))
     rows: dict[int, dict[int, int]] = {}
     for i in range(len(store.shards)):
-        data = store.shard(i)
+        data = store.metadata(i)
         if any(key not in data for key in ("token_ids", "positions", "window_ids")) or bool(
                 (data["token_ids"] < 0).any()):
             raise StoreError("this store does not record token_ids/positions/window_ids per row, which the KL "

@@ -48,11 +48,14 @@ class LossTerms(NamedTuple):
         """Sum of all terms: the quantity to minimise."""
         return self.reconstruction + self.sparsity + self.preactivation + self.auxiliary
 
+    def tensors(self) -> dict[str, Tensor]:
+        """Terms, total and metrics as tensors (no device sync)."""
+        terms = {k: v for k, v in self._asdict().items() if k != "metrics"}
+        return {**terms, "total": self.total, **self.metrics}
+
     def as_dict(self) -> dict[str, float]:
         """Terms, total and metrics as Python floats, for logging."""
-        values = {k: float(v.detach()) for k, v in self._asdict().items() if k != "metrics"}
-        extra = {k: float(v.detach()) for k, v in self.metrics.items()}
-        return {**values, "total": float(self.total.detach()), **extra}
+        return {k: float(v.detach()) for k, v in self.tensors().items()}
 
 
 def _tokens_mean(per_token: Tensor) -> Tensor:

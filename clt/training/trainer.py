@@ -48,6 +48,7 @@ from clt.training.checkpoint import (
 from clt.training.data import ActivationBatch, ActivationStore
 from clt.training.distributed import DistributedTranscoder
 from clt.training.losses import compute_losses, fvu, sparsity_lambda_at
+from clt.training.shards import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -183,7 +184,7 @@ class CLTTrainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             fired = self.activity.update(out.features, distributed.all_reduce_sum if data_parallel else None)
             tokens = out.features[..., 0, 0].numel() * (self.dist.world_size if data_parallel else 1)
-            for name, value in _term_tensors(terms).items():
+            for name, value in terms.tensors().items():
                 _accumulate(sums, name, value.detach().double() / accumulation)
             _accumulate(sums, "fvu", self._fvu(out.reconstruction.float(), y) / accumulation)
             _accumulate(sums, "l0", fired.double() / tokens / accumulation)
@@ -271,19 +272,14 @@ class CLTTrainer:
 
     def _batches(self, micro: int) -> Iterator[ActivationBatch]:
         """This rank's micro-batches from the store's stream (its rows of each one in data parallel); on
-        an accelerator they travel in the store's precision from pinned memory without blocking."""
+        CUDA they travel in the store's precision (standardised in float32 on the device)."""
         c = self.cfg
         split = {}
         if self.dist is not None and not self.dist.sharded:
             split = {"rank": self.dist.rank, "world_size": self.dist.world_size}
-        start = self.step * c.grad_accumulation_steps
-        if self.device.type != "cuda":
-            yield from self.store.batches(micro, seed=c.seed, start=start, device=self.device, **split)
-            return
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.store.dtype, torch.float32)
-        for batch in self.store.batches(micro, seed=c.seed, start=start, device="cpu", dtype=dtype, **split):
-            yield ActivationBatch(batch.inputs.pin_memory().to(self.device, non_blocking=True),
-                                  batch.outputs.pin_memory().to(self.device, non_blocking=True))
+        dtype = FLOAT_DTYPES.get(self.store.dtype, torch.float32) if self.device.type == "cuda" else torch.float32
+        return self.store.batches(micro, seed=c.seed, start=self.step * c.grad_accumulation_steps,
+                                  device=self.device, dtype=dtype, **split)
 
     def _run(self, batches: Any, until: int, bar: Any) -> None:
         c = self.cfg
@@ -404,12 +400,6 @@ def _kl_objective(cfg: TrainingConfig, language_model: tuple[Any, Any] | None, s
     from clt.training.e2e import KLObjective
 
     return KLObjective(*language_model, store, model, windows_per_step=cfg.kl_windows, seed=cfg.seed)
-
-
-def _term_tensors(terms: Any) -> dict[str, torch.Tensor]:
-    """`LossTerms.as_dict` without the device sync: terms, total, then the logged extras."""
-    values = {k: v for k, v in terms._asdict().items() if isinstance(v, torch.Tensor)}
-    return {**values, "total": terms.total, **getattr(terms, "metrics", {})}
 
 
 def _accumulate(sums: dict[str, Any], name: str, value: torch.Tensor) -> None:
