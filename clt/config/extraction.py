@@ -6,7 +6,7 @@ import dataclasses
 
 from clt.config.base import ConfigBase, check
 from clt.nnsight.models import DEFAULT_MODEL
-from clt.training.data import OUTPUT_SITES
+from clt.config.transcoder import OUTPUT_SITES
 from clt.training.shards import COMPRESSIONS, STORE_DTYPES
 
 

@@ -43,7 +43,7 @@ def convert_to_jumprelu(transcoder: CrossLayerTranscoder, store: Any, *, calibra
     if c.activation_fn not in ("topk", "batchtopk"):
         raise ValueError(f"convert_to_jumprelu converts TopK/BatchTopK transcoders; this one is "
                          f"'{c.activation_fn}'{' already' if c.activation_fn == 'jumprelu' else ''} — use it as is")
-    if getattr(c, "architecture", "transcoder") != "transcoder":
+    if c.architecture != "transcoder":
         raise ValueError(f"convert_to_jumprelu needs a feature transcoder, not architecture '{c.architecture}'")
     if store.d_model != c.d_model or list(store.layers) != list(c.layers):
         raise ValueError(f"the store (layers {store.layers}, d_model {store.d_model}) does not match the transcoder "

@@ -260,9 +260,7 @@ class CrossLayerTranscoder(nn.Module):
             out = _sparse_decode(flat, rows, d, force=self.cfg.sparse_decode == "on")
         if out is not None:
             return out.reshape(*batch_shape, L, d)
-        dtype = self.W_enc.dtype
-        if torch.is_autocast_enabled(features.device.type):
-            dtype = torch.get_autocast_dtype(features.device.type)
+        dtype = _compute_dtype(features, self.W_enc.dtype)
         flat = features.to(dtype).reshape(-1, L, m)
         weights = [w.to(dtype) for w in rows]
         return _TriangularDecode.apply(d, flat, *weights).reshape(*batch_shape, L, d)

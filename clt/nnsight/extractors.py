@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from clt.data.corpus import DEFAULT_CORPUS, TokenWindow, load_texts, token_windows
 from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
+from clt.config.transcoder import OUTPUT_SITES
 from clt.training.data import MANIFEST, ActivationStore, StoreError, StoreWriter
+from clt.training.shards import STORE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +94,8 @@ class ActivationExtractor:
 
         With ``output_site='mlp_in'`` the MLP outputs are not recorded and ``outputs`` is ``inputs``.
         """
-        if output_site not in ("mlp_out", "mlp_in"):
-            raise ValueError(f"unknown output_site '{output_site}'; use 'mlp_out' or 'mlp_in'")
+        if output_site not in OUTPUT_SITES:
+            raise ValueError(f"unknown output_site '{output_site}'; use one of {OUTPUT_SITES}")
         ids, mask = pad_windows(windows, self.pad_id)
         width = ids.shape[1]
         keep = mask.bool()
@@ -336,7 +338,7 @@ def _dtype(name: str) -> torch.dtype:
     if name == "int8":
         return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype '{name}'; use one of {[*DTYPES, 'int8']}")
+        raise ValueError(f"unknown dtype '{name}'; use one of {list(STORE_DTYPES)}")
     return DTYPES[name]
 
 

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from clt.config.transcoder import OUTPUT_SITES
 from clt.files import atomic_save_tensors, atomic_write_text, read_tensors
 from clt.training.shards import (
     COMPRESSIONS,
@@ -63,7 +64,6 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 STATS_FILE = "stats.safetensors"
 DTYPES = FLOAT_DTYPES
-OUTPUT_SITES = ("mlp_out", "mlp_in")
 FORMAT_DEFAULTS = {"compression": "none", "output_site": "mlp_out"}
 """Format fields added in version 2, with the values every version 1 store has."""
 _POLL_S = 0.05

@@ -131,7 +131,7 @@ def split_problems(ctx: Dist, cfg: CLTConfig, micro_batch: int, mixed_precision:
     if cfg.num_features % w:
         problems.append(f"num_features={cfg.num_features} is not divisible by the world size {w}; use "
                         f"{(cfg.num_features // w + 1) * w} features or {w} ranks that divide it")
-    if getattr(cfg, "architecture", "transcoder") != "transcoder" or getattr(cfg, "matryoshka_prefixes", None):
+    if cfg.architecture != "transcoder" or cfg.matryoshka_prefixes:
         problems.append("parallel='features' shards plain transcoders only (not MOLT or Matryoshka); "
                         "use parallel='data'")
     return problems
