@@ -167,7 +167,7 @@ def read_table(cfg: BenchConfig, store: ActivationStore) -> dict[str, float]:
     """Time reading the whole store through ActivationStore against numpy reading the same files."""
     path = store.path
     assert path is not None
-    files = [path / s for s in sorted(p.name for p in path.glob("shard_*.safetensors"))]
+    files = list(store.shards)
     nbytes = sum(f.stat().st_size for f in files)
     n_batches = store.n_tokens // cfg.read_batch_size
 

@@ -165,16 +165,9 @@ def matmul_gflops(
     result = {}
     for m, k, n in shapes:
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        torch.mm(a, b)
-        best = min(_timed(functools.partial(torch.mm, a, b)) for _ in range(repeats))
+        best = rotated_min_s({"mm": functools.partial(torch.mm, a, b)}, repeats)["mm"]
         result[(m, k, n)] = 2 * m * k * n / best / 1e9
     return result
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------ parts
