@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-isa lint clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
@@ -29,9 +29,28 @@ demo: $(STAMP)
 	$(VENV)/bin/clt demo $(DEMO_ARGS)
 
 # pytest exits 5 when it collected no test: treat that as the failure it is.
-test: $(STAMP)
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest ran no test"; exit 1; fi; exit $$rc
+PYTEST = rc=0; $(1) $(PY) -m pytest $(2) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest ran no test"; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc
+
+test: lint
+	@$(call PYTEST,,$(PYTEST_ARGS))
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check clt tests experiments
+	$(VENV)/bin/ruff format --check clt tests experiments
+
+# The numerically sensitive tests under each kernel family the CPU offers (CPUs run different
+# library code: never trust a number only one of them gives), at 1 and 2 threads.
+ISA_TESTS ?= tests/training tests/models tests/attribution -m "not slow"
+ISA_KERNELS ?= default avx2 baseline
+ISA_THREADS ?= 1 2
+ISA_ENV_default :=
+ISA_ENV_avx2 := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+ISA_ENV_baseline := ATEN_CPU_CAPABILITY=default
+test-isa: $(STAMP)
+	@$(foreach k,$(ISA_KERNELS),$(foreach t,$(ISA_THREADS),\
+	echo "== kernels: $(k) ($(or $(ISA_ENV_$(k)),library choice)), threads: $(t)"; \
+	$(call PYTEST,env $(ISA_ENV_$(k)) OMP_NUM_THREADS=$(t) MKL_NUM_THREADS=$(t),-q -p no:cacheprovider $(ISA_TESTS)); ))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

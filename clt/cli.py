@@ -26,8 +26,11 @@ from clt.config.transcoder import CLTConfig
 # CLTConfig fields that `clt train` derives from the store instead of taking as options.
 _DERIVED_CLT_FIELDS = ("num_layers", "d_model", "layers", "model_name", "dtype", "seed")
 # Defaults of the original train_clt.py that differ from the configs' own.
-TRAIN_DEFAULTS = {"transcoder": {"num_features": 300}, "extraction": {"max_tokens": 100_000},
-                  "training": {"output_dir": "runs/train"}}
+TRAIN_DEFAULTS = {
+    "transcoder": {"num_features": 300},
+    "extraction": {"max_tokens": 100_000},
+    "training": {"output_dir": "runs/train"},
+}
 
 logger = logging.getLogger("clt")
 
@@ -63,7 +66,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     """Run `clt extract`."""
     from clt.pipeline import run_extraction
 
-    cfg = config_from_args(ExtractionConfig, args, _section(_read_config_file(args.config), "extraction", ExtractionConfig))
+    cfg = config_from_args(
+        ExtractionConfig, args, _section(_read_config_file(args.config), "extraction", ExtractionConfig)
+    )
     store = run_extraction(cfg)
     print(f"{store}\nsize on disk: {store.nbytes() / 2**20:.1f} MiB")
     return 0
@@ -79,15 +84,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: unknown sections {sorted(unknown)}; use extraction:, transcoder:, training:")
     section = {name: {**TRAIN_DEFAULTS[name], **(values.get(name) or {})} for name in TRAIN_DEFAULTS}
     training = config_from_args(TrainingConfig, args, section["training"])
-    extraction = config_from_args(ExtractionConfig, argparse.Namespace(
-        model=args.model, corpus=args.dataset, max_tokens=args.max_tokens, layers=args.layers,
-        context_length=args.context_length, device=training.device,
-        output_dir=str(Path(training.output_dir) / "store")), section["extraction"])
-    transcoder = config_from_args(CLTConfig, args, {"num_layers": 1, "d_model": 1, "seed": training.seed,
-                                                    **section["transcoder"]})
+    extraction = config_from_args(
+        ExtractionConfig,
+        argparse.Namespace(
+            model=args.model,
+            corpus=args.dataset,
+            max_tokens=args.max_tokens,
+            layers=args.layers,
+            context_length=args.context_length,
+            device=training.device,
+            output_dir=str(Path(training.output_dir) / "store"),
+        ),
+        section["extraction"],
+    )
+    transcoder = config_from_args(
+        CLTConfig, args, {"num_layers": 1, "d_model": 1, "seed": training.seed, **section["transcoder"]}
+    )
     if args.store is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("under torchrun every rank would extract into the same folder: run `clt extract` first, "
-                          "then `torchrun --nproc_per_node N -m clt.cli train --store FOLDER ...`")
+        raise ConfigError(
+            "under torchrun every rank would extract into the same folder: run `clt extract` first, "
+            "then `torchrun --nproc_per_node N -m clt.cli train --store FOLDER ...`"
+        )
     result = run_training(extraction, transcoder, training, store_path=args.store)
     if result.reconstruction is not None:  # rank 0 (or the only process) reports
         print(result.summary())
@@ -123,8 +140,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     transcoder = load_transcoder(args.transcoder, args.device)
     store = _open_store(args.store, "the store the transcoder was trained on")
-    result = run_evaluation(transcoder, store, model=args.model, replacement=not args.no_replacement,
-                            max_tokens=args.max_tokens, device=args.device, output_path=args.output)
+    result = run_evaluation(
+        transcoder,
+        store,
+        model=args.model,
+        replacement=not args.no_replacement,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        output_path=args.output,
+    )
     print(result.summary())
     if args.output:
         print(f"metrics written to {args.output}")
@@ -136,12 +160,21 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from clt.config.attribution import AttributionConfig
     from clt.pipeline import load_transcoder, run_attribution
 
-    config = config_from_args(AttributionConfig, args, _section(_read_config_file(args.config), "attribution",
-                                                                AttributionConfig))
+    config = config_from_args(
+        AttributionConfig, args, _section(_read_config_file(args.config), "attribution", AttributionConfig)
+    )
     transcoder = load_transcoder(args.transcoder, args.device)
-    result = run_attribution(transcoder, args.prompt, model=args.model, config=config, output_dir=args.output_dir,
-                             node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
-                             store=_open_store(args.store, "for feature labels"), device=args.device)
+    result = run_attribution(
+        transcoder,
+        args.prompt,
+        model=args.model,
+        config=config,
+        output_dir=args.output_dir,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        store=_open_store(args.store, "for feature labels"),
+        device=args.device,
+    )
     print(result.summary())
     return 0
 
@@ -152,9 +185,17 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     transcoder = load_transcoder(args.transcoder)
     out = Path(args.output_dir)
-    cards = run_features(transcoder, _open_store(args.store, "the store the transcoder was trained on"),
-                         model=args.model, features=args.features, top_k=args.top_k, max_tokens=args.max_tokens,
-                         cache=out / "cards.json", figures_dir=out, n_figures=args.figures)
+    cards = run_features(
+        transcoder,
+        _open_store(args.store, "the store the transcoder was trained on"),
+        model=args.model,
+        features=args.features,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        cache=out / "cards.json",
+        figures_dir=out,
+        n_figures=args.figures,
+    )
     for card in list(cards.values())[: args.figures]:
         print(f"{card.key}: density {card.density:.4f}, max {card.max_activation:.3g}, label [{card.label}]")
     print(f"{len(cards)} feature cards in {out / 'cards.json'}; HTML cards in {out}")
@@ -165,58 +206,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run `clt demo`."""
     from clt.pipeline import run_demo
 
-    result = run_demo(output_dir=args.output_dir, model=args.model, max_tokens=args.max_tokens,
-                      num_features=args.num_features, training_steps=args.training_steps, batch_size=args.batch_size)
+    result = run_demo(
+        output_dir=args.output_dir,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        num_features=args.num_features,
+        training_steps=args.training_steps,
+        batch_size=args.batch_size,
+    )
     print(result.summary())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `clt` argument parser with all subcommands."""
-    parser = _Parser(prog="clt", description=(
-        "Circuit tracing with cross-layer transcoders. Typical flow: `clt extract` (record MLP activations "
-        "of a model into a store) -> `clt train` (fit a transcoder) -> `clt attribute` (graph for a prompt). "
-        "`clt demo` runs it all on the default model (SmolLM2-135M, offline)."))
+    parser = _Parser(
+        prog="clt",
+        description=(
+            "Circuit tracing with cross-layer transcoders. Typical flow: `clt extract` (record MLP activations "
+            "of a model into a store) -> `clt train` (fit a transcoder) -> `clt attribute` (graph for a prompt). "
+            "`clt demo` runs it all on the default model (SmolLM2-135M, offline)."
+        ),
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    extract = sub.add_parser("extract", help="record MLP inputs/outputs of a model over a corpus into a store",
-                             description="Trace the model with nnsight and stream each layer's MLP input and "
-                                         "output into an on-disk activation store (resumable).")
+    extract = sub.add_parser(
+        "extract",
+        help="record MLP inputs/outputs of a model over a corpus into a store",
+        description="Trace the model with nnsight and stream each layer's MLP input and "
+        "output into an on-disk activation store (resumable).",
+    )
     extract.add_argument("--config", help="YAML/JSON file of options (command-line options override it)")
     add_config_arguments(extract, ExtractionConfig)
     extract.set_defaults(func=cmd_extract)
 
     train = sub.add_parser(
-        "train", help="train a cross-layer (or per-layer) transcoder",
+        "train",
+        help="train a cross-layer (or per-layer) transcoder",
         description="Train a transcoder on an activation store (--store), or extract one first from --model over "
-                    "--dataset. Accepts the flags of the original train_clt.py; --config reads a YAML file with "
-                    "sections extraction:, transcoder:, training: (see experiments/). Several processes: "
-                    "`torchrun --nproc_per_node N -m clt.cli train --store FOLDER --parallel data|features ...` "
-                    "(see experiments/configs/).")
+        "--dataset. Accepts the flags of the original train_clt.py; --config reads a YAML file with "
+        "sections extraction:, transcoder:, training: (see experiments/). Several processes: "
+        "`torchrun --nproc_per_node N -m clt.cli train --store FOLDER --parallel data|features ...` "
+        "(see experiments/configs/).",
+    )
     train.add_argument("--config", help="YAML/JSON file with extraction/transcoder/training sections")
     train.add_argument("--store", help="existing activation store folder (skips extraction)")
     train.add_argument("--model", help="model to extract from (default: smollm2-135m)")
     train.add_argument("--dataset", help="corpus: 'pydoc' (default), a .txt/.jsonl file or a folder")
     train.add_argument("--max-tokens", type=int, help="tokens to extract when no --store is given (default: 100000)")
-    train.add_argument("--layers", type=lambda v: [int(i) for i in v.replace(",", " ").split()],
-                       help="model layers to cover, e.g. 0,1,2 (default: all)")
+    train.add_argument(
+        "--layers",
+        type=lambda v: [int(i) for i in v.replace(",", " ").split()],
+        help="model layers to cover, e.g. 0,1,2 (default: all)",
+    )
     train.add_argument("--context-length", type=int, help="tokens per context window (default: 128)")
     add_config_arguments(train, CLTConfig, skip=_DERIVED_CLT_FIELDS, defaults=TRAIN_DEFAULTS["transcoder"])
     add_config_arguments(train, TrainingConfig, defaults=TRAIN_DEFAULTS["training"])
     train.set_defaults(func=cmd_train)
 
     common = _Parser(add_help=False)
-    common.add_argument("--transcoder", required=True,
-                        help="trained transcoder: a save_pretrained folder, a `clt train` output folder or a "
-                             ".safetensors file")
+    common.add_argument(
+        "--transcoder",
+        required=True,
+        help="trained transcoder: a save_pretrained folder, a `clt train` output folder or a .safetensors file",
+    )
     common.add_argument("--model", help="model alias or path (default: the model the transcoder was trained on)")
     common.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
-    evaluate = sub.add_parser("evaluate", parents=[common], help="metrics of a trained transcoder",
-                              description="FVU, L0 and dead features on an activation store, and the replacement "
-                                          "model's KL, top-1 agreement and CE loss recovered (model with the "
-                                          "transcoder spliced in).")
+    evaluate = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="metrics of a trained transcoder",
+        description="FVU, L0 and dead features on an activation store, and the replacement "
+        "model's KL, top-1 agreement and CE loss recovered (model with the "
+        "transcoder spliced in).",
+    )
     evaluate.add_argument("--store", required=True, help="activation store folder to evaluate on")
     evaluate.add_argument("--max-tokens", type=int, default=4096, help="store tokens to evaluate (default: 4096)")
     evaluate.add_argument("--no-replacement", action="store_true", help="skip the replacement-model metrics")
@@ -224,36 +289,52 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     attribute = sub.add_parser(
-        "attribute", parents=[common], help="attribution graph of a prompt (JSON + interactive HTML)",
+        "attribute",
+        parents=[common],
+        help="attribution graph of a prompt (JSON + interactive HTML)",
         description="Build the attribution graph of a prompt through the replacement model, prune it, score it "
-                    "and write graph.json, graph.html (open it in a browser, offline) and neuronpedia.json.")
+        "and write graph.json, graph.html (open it in a browser, offline) and neuronpedia.json.",
+    )
     attribute.add_argument("--prompt", required=True, help="the text to attribute (BOS is prepended)")
     attribute.add_argument("--output-dir", default="runs/attribute", help="folder for the graph files")
     attribute.add_argument("--store", help="activation store: adds feature cards and labels to the graph")
-    attribute.add_argument("--node-threshold", type=float, default=0.8,
-                           help="keep nodes holding this fraction of influence (default: 0.8)")
-    attribute.add_argument("--edge-threshold", type=float, default=0.98,
-                           help="keep edges holding this fraction of influence (default: 0.98)")
+    attribute.add_argument(
+        "--node-threshold", type=float, default=0.8, help="keep nodes holding this fraction of influence (default: 0.8)"
+    )
+    attribute.add_argument(
+        "--edge-threshold",
+        type=float,
+        default=0.98,
+        help="keep edges holding this fraction of influence (default: 0.98)",
+    )
     attribute.add_argument("--config", help="YAML/JSON file of attribution options")
     add_config_arguments(attribute, AttributionConfig)
     attribute.set_defaults(func=cmd_attribute)
 
-    features = sub.add_parser("features", parents=[common], help="feature cards: what makes features fire",
-                              description="For each feature: top activating contexts from the store's corpus, "
-                                          "density, activation histogram, promoted/suppressed output tokens and an "
-                                          "automatic label; cards.json plus an HTML card per feature.")
+    features = sub.add_parser(
+        "features",
+        parents=[common],
+        help="feature cards: what makes features fire",
+        description="For each feature: top activating contexts from the store's corpus, "
+        "density, activation histogram, promoted/suppressed output tokens and an "
+        "automatic label; cards.json plus an HTML card per feature.",
+    )
     features.add_argument("--store", required=True, help="activation store folder (with token ids)")
-    features.add_argument("--features", type=_feature_list,
-                          help="LAYER:FEATURE pairs, e.g. 0:12,3:7 (default: every feature that fires)")
+    features.add_argument(
+        "--features", type=_feature_list, help="LAYER:FEATURE pairs, e.g. 0:12,3:7 (default: every feature that fires)"
+    )
     features.add_argument("--top-k", type=int, default=8, help="top activating contexts per feature (default: 8)")
     features.add_argument("--max-tokens", type=int, help="store tokens to scan (default: all)")
     features.add_argument("--figures", type=int, default=10, help="HTML cards to write (default: 10)")
     features.add_argument("--output-dir", default="runs/features", help="folder for cards.json and HTML cards")
     features.set_defaults(func=cmd_features)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the default model, offline",
-                          description="Extract activations of the default model, train a transcoder, build an "
-                                      "attribution graph and write it as HTML.")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the default model, offline",
+        description="Extract activations of the default model, train a transcoder, build an "
+        "attribution graph and write it as HTML.",
+    )
     demo.add_argument("--output-dir", default="runs/demo", help="folder for the store, transcoder and graph")
     demo.add_argument("--max-tokens", type=int, default=20_000, help="tokens to extract (default: 20000)")
     demo.add_argument("--model", default="smollm2-135m", help="model alias or path (default: smollm2-135m)")

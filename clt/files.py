@@ -32,15 +32,22 @@ def atomic_write_text(text: str, path: str | Path) -> None:
         tmp.write_text(text)
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
-                        metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors atomically (tensors are made contiguous)."""
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def read_tensors(path: str | Path, error: type[Exception], *, missing: str, corrupt: str,
-                 missing_error: type[Exception] | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(
+    path: str | Path,
+    error: type[Exception],
+    *,
+    missing: str,
+    corrupt: str,
+    missing_error: type[Exception] | None = None,
+) -> dict[str, torch.Tensor]:
     """Load a safetensors file, raising `error` (`missing_error` if absent) with the fix hint when it cannot."""
     path = Path(path)
     if not path.is_file():

@@ -69,19 +69,33 @@ DICTIONARIES: dict[str, Dictionary] = {
 
 def transcoder_config(entry: Dictionary, store: ActivationStore, num_features: int, k: int) -> CLTConfig:
     """The CLTConfig of one entry (ConfigError when this clt lacks one of its options)."""
-    options = {key: value(num_features) if isinstance(value, Callable) else value
-               for key, value in entry.transcoder.items()}
-    return CLTConfig(num_features=num_features, num_layers=store.num_layers, d_model=store.d_model,
-                     activation_fn="batchtopk", topk=k, **options)
+    options = {
+        key: value(num_features) if isinstance(value, Callable) else value for key, value in entry.transcoder.items()
+    }
+    return CLTConfig(
+        num_features=num_features,
+        num_layers=store.num_layers,
+        d_model=store.d_model,
+        activation_fn="batchtopk",
+        topk=k,
+        **options,
+    )
 
 
 def sae_store(store: ActivationStore, output_dir: Path, *, progress: bool = True) -> ActivationStore:
     """An 'mlp_in' store of the same model, corpus, windows and token count (extracted once)."""
     extra = store.extra
-    cfg = ExtractionConfig(model=store.model_name, corpus=extra.get("corpus", "pydoc"), layers=store.layers,
-                           max_tokens=store.n_tokens, context_length=extra.get("context_length", 128),
-                           prepend_bos=extra.get("prepend_bos", True), exclude_bos=extra.get("exclude_bos", True),
-                           output_site="mlp_in", output_dir=str(output_dir / "sae_store"))
+    cfg = ExtractionConfig(
+        model=store.model_name,
+        corpus=extra.get("corpus", "pydoc"),
+        layers=store.layers,
+        max_tokens=store.n_tokens,
+        context_length=extra.get("context_length", 128),
+        prepend_bos=extra.get("prepend_bos", True),
+        exclude_bos=extra.get("exclude_bos", True),
+        output_site="mlp_in",
+        output_dir=str(output_dir / "sae_store"),
+    )
     return run_extraction(cfg, progress=progress)
 
 
@@ -95,15 +109,30 @@ def graph_scores_of(transcoder: Any, prompts: tuple[str, ...], model: Any) -> tu
     except UnsupportedDictionaryError:
         return None, None
     lm, tokenizer = model
-    scores = [graph_scores(attribute(prompt, lm, transcoder, tokenizer=tokenizer, progress=False))
-              for prompt in prompts]
+    scores = [
+        graph_scores(attribute(prompt, lm, transcoder, tokenizer=tokenizer, progress=False)) for prompt in prompts
+    ]
     return (sum(s[0] for s in scores) / len(scores), sum(s[1] for s in scores) / len(scores))
 
 
-def compare(store: ActivationStore, names: list[str], *, num_features: int, k: int | list[int], steps: int,
-            batch_size: int, learning_rate: float, output_dir: Path, mixed_precision: str = "no",
-            sae: ActivationStore | None = None, prompts: tuple[str, ...] = PROMPTS, kl_coef: float = 1000.0,
-            kl_every: int = 4, kl_windows: int = 2, progress: bool = True) -> pd.DataFrame:
+def compare(
+    store: ActivationStore,
+    names: list[str],
+    *,
+    num_features: int,
+    k: int | list[int],
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    output_dir: Path,
+    mixed_precision: str = "no",
+    sae: ActivationStore | None = None,
+    prompts: tuple[str, ...] = PROMPTS,
+    kl_coef: float = 1000.0,
+    kl_every: int = 4,
+    kl_windows: int = 2,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Train each named dictionary for each k (BatchTopK, so L0 is matched), collect metrics, write
     comparison.json and pareto.html into output_dir; returns the table (None where not applicable)."""
     from clt.models.convert import convert_to_jumprelu
@@ -128,8 +157,9 @@ def compare(store: ActivationStore, names: list[str], *, num_features: int, k: i
                 if source is None:
                     logger.warning("skipping %s: it converts %s, which is not in this run", name, entry.convert_from)
                     continue
-                transcoder = convert_to_jumprelu(source, store, calibration_tokens=min(8192, store.n_tokens),
-                                                 batch_size=batch_size)
+                transcoder = convert_to_jumprelu(
+                    source, store, calibration_tokens=min(8192, store.n_tokens), batch_size=batch_size
+                )
                 transcoder.save_pretrained(run_dir / "transcoder")
                 evaluation = run_evaluation(transcoder, store, model=model, output_path=run_dir / "eval.json")
                 rec, rep = evaluation.reconstruction, evaluation.replacement
@@ -141,33 +171,59 @@ def compare(store: ActivationStore, names: list[str], *, num_features: int, k: i
                     continue
                 if entry.sae and sae is None:
                     sae = sae_store(store, output_dir, progress=progress)
-                training = TrainingConfig(learning_rate=learning_rate, batch_size=batch_size, training_steps=steps,
-                                          output_dir=str(run_dir), checkpoint_every=0, resume=False,
-                                          mixed_precision=mixed_precision, kl_coef=kl_coef if entry.kl else 0.0,
-                                          kl_every=kl_every, kl_windows=kl_windows)
-                result = run_training(ExtractionConfig(model=store.model_name), cfg, training,
-                                      store=sae if entry.sae else store, replacement=not entry.sae,
-                                      progress=progress)
+                training = TrainingConfig(
+                    learning_rate=learning_rate,
+                    batch_size=batch_size,
+                    training_steps=steps,
+                    output_dir=str(run_dir),
+                    checkpoint_every=0,
+                    resume=False,
+                    mixed_precision=mixed_precision,
+                    kl_coef=kl_coef if entry.kl else 0.0,
+                    kl_every=kl_every,
+                    kl_windows=kl_windows,
+                )
+                result = run_training(
+                    ExtractionConfig(model=store.model_name),
+                    cfg,
+                    training,
+                    store=sae if entry.sae else store,
+                    replacement=not entry.sae,
+                    progress=progress,
+                )
                 transcoder, rec, rep = result.transcoder, result.reconstruction, result.replacement
                 trained[name] = transcoder
             replacement_score, completeness = graph_scores_of(transcoder.eval(), prompts, model)
-            rows.append({"dictionary": name, "k": k_value, "features": num_features * store.num_layers,
-                         "FVU": rec.fvu, "L0": rec.l0, "dead": rec.dead_fraction,
-                         "KL": rep.kl if rep else None, "top1": rep.top1_agreement if rep else None,
-                         "CE_recovered": rep.ce_recovered if rep else None,
-                         "replacement_score": replacement_score, "completeness_score": completeness,
-                         "seconds": time.perf_counter() - start})
+            rows.append(
+                {
+                    "dictionary": name,
+                    "k": k_value,
+                    "features": num_features * store.num_layers,
+                    "FVU": rec.fvu,
+                    "L0": rec.l0,
+                    "dead": rec.dead_fraction,
+                    "KL": rep.kl if rep else None,
+                    "top1": rep.top1_agreement if rep else None,
+                    "CE_recovered": rep.ce_recovered if rep else None,
+                    "replacement_score": replacement_score,
+                    "completeness_score": completeness,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
             logger.info("%s (k=%d): %s", name, k_value, rows[-1])
     if not rows:
         raise ValueError("no dictionary was trained; check --dictionaries")
     (output_dir / "comparison.json").write_text(json.dumps(rows, indent=1))
-    save_figure_html(pareto_figure(rows, title=f"FVU vs L0 on {store.model_name} ({store.n_tokens} tokens)"),
-                     output_dir / "pareto.html")
+    save_figure_html(
+        pareto_figure(rows, title=f"FVU vs L0 on {store.model_name} ({store.n_tokens} tokens)"),
+        output_dir / "pareto.html",
+    )
     return pd.DataFrame(rows).set_index(["dictionary", "k"])
 
 
 def format_table(table: pd.DataFrame) -> str:
     """The table as text, "n/a" where a metric does not apply."""
+
     def cell(value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "n/a"
@@ -195,11 +251,21 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     store = ActivationStore.open(args.store, batch_size=args.batch_size)
     sae = ActivationStore.open(args.sae_store, batch_size=args.batch_size) if args.sae_store else None
-    table = compare(store, [n.strip() for n in args.dictionaries.split(",")], num_features=args.num_features,
-                    k=[int(v) for v in args.k.split(",")], steps=args.steps, batch_size=args.batch_size,
-                    learning_rate=args.learning_rate, output_dir=Path(args.output_dir),
-                    mixed_precision=args.mixed_precision, sae=sae, kl_coef=args.kl_coef, kl_every=args.kl_every,
-                    kl_windows=args.kl_windows)
+    table = compare(
+        store,
+        [n.strip() for n in args.dictionaries.split(",")],
+        num_features=args.num_features,
+        k=[int(v) for v in args.k.split(",")],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        output_dir=Path(args.output_dir),
+        mixed_precision=args.mixed_precision,
+        sae=sae,
+        kl_coef=args.kl_coef,
+        kl_every=args.kl_every,
+        kl_windows=args.kl_windows,
+    )
     print(format_table(table))
     print(f"written: {Path(args.output_dir) / 'comparison.json'}, {Path(args.output_dir) / 'pareto.html'}")
 

@@ -82,21 +82,42 @@ def subset(store: ActivationStore, layers: list[int], lo: int, hi: int) -> Activ
     inputs, outputs = store.tensors(hi)
     index = torch.tensor([store.layers.index(layer) for layer in layers])
     return ActivationStore.from_nnsight_activations(
-        {"inputs": inputs[lo:, index].contiguous(), "outputs": outputs[lo:, index].contiguous(), "layers": layers,
-         "model_name": store.model_name})
+        {
+            "inputs": inputs[lo:, index].contiguous(),
+            "outputs": outputs[lo:, index].contiguous(),
+            "layers": layers,
+            "model_name": store.model_name,
+        }
+    )
 
 
 def train_and_evaluate(store: ActivationStore, held_out: ActivationStore, args: argparse.Namespace) -> dict:
     """Train a small CLT on `store` and return its metrics on `held_out`."""
-    clt = CLTConfig(num_features=args.features, num_layers=store.num_layers, d_model=store.d_model,
-                    layers=store.layers, activation_fn="topk", topk=args.topk)
-    training = TrainingConfig(learning_rate=args.lr, batch_size=args.batch_size, training_steps=args.steps,
-                              lr_warmup_steps=20, seed=0, log_every=max(1, args.steps // 4))
+    clt = CLTConfig(
+        num_features=args.features,
+        num_layers=store.num_layers,
+        d_model=store.d_model,
+        layers=store.layers,
+        activation_fn="topk",
+        topk=args.topk,
+    )
+    training = TrainingConfig(
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        training_steps=args.steps,
+        lr_warmup_steps=20,
+        seed=0,
+        log_every=max(1, args.steps // 4),
+    )
     start = time.perf_counter()
     model = CLTTrainer(clt, training, store).train(progress=True)
     metrics = reconstruction_metrics(model, held_out, max_tokens=held_out.n_tokens)
-    return {"fvu": metrics.fvu, "fvu_per_layer": metrics.fvu_per_layer, "l0": metrics.l0,
-            "train_s": time.perf_counter() - start}
+    return {
+        "fvu": metrics.fvu,
+        "fvu_per_layer": metrics.fvu_per_layer,
+        "l0": metrics.l0,
+        "train_s": time.perf_counter() - start,
+    }
 
 
 def main() -> None:
@@ -121,14 +142,23 @@ def main() -> None:
         if source.dtype != "float16" or source.compression != "none":
             raise SystemExit(f"{source.path} is {source.dtype}+{source.compression}; pass a plain float16 store")
         print(f"source: {source}")
-        results: dict = {"source": str(source.path), "n_tokens": source.n_tokens, "num_layers": source.num_layers,
-                         "d_model": source.d_model, "bytes_per_token": {}, "write_s": {}}
+        results: dict = {
+            "source": str(source.path),
+            "n_tokens": source.n_tokens,
+            "num_layers": source.num_layers,
+            "d_model": source.d_model,
+            "bytes_per_token": {},
+            "write_s": {},
+        }
         stores = {}
         for dtype, compression in FORMATS:
             name = dtype + ("+zstd" if compression == "zstd" else "")
             start = time.perf_counter()
-            stores[name] = source if name == "float16" else source.save(
-                work / name, dtype=dtype, compression=compression, shard_tokens=source.shard_sizes[0])
+            stores[name] = (
+                source
+                if name == "float16"
+                else source.save(work / name, dtype=dtype, compression=compression, shard_tokens=source.shard_sizes[0])
+            )
             results["write_s"][name] = time.perf_counter() - start
             results["bytes_per_token"][name] = bytes_per_token(stores[name])
         results["int8_relative_error"] = error = int8_relative_error(source, stores["int8"])
@@ -137,9 +167,10 @@ def main() -> None:
         if end > source.n_tokens:
             raise SystemExit(f"the store has {source.n_tokens} tokens; --train-tokens + --eval-tokens is {end}")
         held_out = subset(source, args.layers, args.train_tokens, end)
-        results["training"] = {name: train_and_evaluate(subset(stores[name], args.layers, 0, args.train_tokens),
-                                                        held_out, args)
-                               for name in ("float16", "int8")}
+        results["training"] = {
+            name: train_and_evaluate(subset(stores[name], args.layers, 0, args.train_tokens), held_out, args)
+            for name in ("float16", "int8")
+        }
         results["settings"] = {k: v for k, v in vars(args).items() if k not in ("keep",)}
         (work / "results.json").write_text(json.dumps(results, indent=1))
         report(results)
@@ -159,8 +190,10 @@ def report(results: dict) -> None:
         per_layer = results["int8_relative_error"][key]
         print(f"int8 relative error, {key}: mean {mean:.4f} (min {min(per_layer):.4f}, max {max(per_layer):.4f})")
     for name, value in results["training"].items():
-        print(f"CLT trained on {name:<8} held-out FVU {value['fvu']:.4f}  L0 {value['l0']:.1f}  "
-              f"({value['train_s']:.0f} s)")
+        print(
+            f"CLT trained on {name:<8} held-out FVU {value['fvu']:.4f}  L0 {value['l0']:.1f}  "
+            f"({value['train_s']:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -49,10 +49,20 @@ def relu_gpt2():
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(1)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                        activation_function="relu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=128,
+        activation_function="relu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return GPT2LMHeadModel(config).eval(), tokenizer
 
 
@@ -65,8 +75,9 @@ def exact_plt():
     def build(model):
         blocks = model.transformer.h
         d, F = model.config.n_embd, blocks[0].mlp.c_fc.weight.shape[1]
-        plt = CrossLayerTranscoder(CLTConfig(num_features=F, num_layers=len(blocks), d_model=d,
-                                             activation_fn="relu", cross_layer=False))
+        plt = CrossLayerTranscoder(
+            CLTConfig(num_features=F, num_layers=len(blocks), d_model=d, activation_fn="relu", cross_layer=False)
+        )
         with torch.no_grad():
             for l, block in enumerate(blocks):
                 plt.W_enc[l] = block.mlp.c_fc.weight.T  # Conv1D stores [in, out]
@@ -90,13 +101,17 @@ def chromium() -> str:
 
     if find() is None and shutil.which("apt-get") and os.geteuid() == 0:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-q"],
-                        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+        for command in (
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+        ):
             subprocess.run(command, env=env, capture_output=True, timeout=900, check=False)
     path = find()
     if path is None:
-        pytest.skip("headless Chromium is missing and could not be installed here "
-                    "(install the Debian package `chromium` as root to run the rendering tests)")
+        pytest.skip(
+            "headless Chromium is missing and could not be installed here "
+            "(install the Debian package `chromium` as root to run the rendering tests)"
+        )
     return path
 
 
@@ -120,8 +135,20 @@ def rendered_node_markers(chromium, tmp_path_factory):
     def count(html_file: Path) -> int | None:
         page = tmp_path_factory.mktemp("render") / "page.html"
         page.write_text(Path(html_file).read_text().replace("</head>", _MARKER_PROBE + "</head>", 1))
-        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180).stdout
+        dom = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ).stdout
         found = re.search(r'<pre id="probe">(\d+)</pre>', dom)
         return int(found.group(1)) if found else None
 

@@ -17,8 +17,24 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_extract_end_to_end(tmp_path, capsys):
     out = tmp_path / "store"
-    assert main(["extract", "--model", "tiny-llama", "--max-tokens", "300", "--output-dir", str(out),
-                 "--layers", "0,2", "--store-dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                "tiny-llama",
+                "--max-tokens",
+                "300",
+                "--output-dir",
+                str(out),
+                "--layers",
+                "0,2",
+                "--store-dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     store = ActivationStore.open(out)
     assert store.n_tokens == 300 and store.layers == [0, 2] and store.dtype == "float32"
     assert (out / "extraction.yaml").is_file()
@@ -32,11 +48,14 @@ def test_extract_reads_a_config_file_and_overrides_it(tmp_path):
     assert ActivationStore.open(tmp_path / "a").n_tokens == 120
 
 
-@pytest.mark.parametrize("args, message", [
-    (["extract", "--max-tokens", "ten"], "invalid int value"),
-    (["extract", "--no-such-flag"], "unrecognized arguments"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["extract", "--max-tokens", "ten"], "invalid int value"),
+        (["extract", "--no-such-flag"], "unrecognized arguments"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
     result = run_cli(*args)
     assert result.returncode == 2
@@ -66,12 +85,79 @@ def test_help_explains_every_option():
     assert "--context-length" in result.stdout and "Tokens per context window" in result.stdout
 
 
+def _subcommands() -> dict[str, object]:
+    from clt.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.choices and "extract" in a.choices)
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", ["", *sorted(_subcommands())])
+def test_every_subcommand_help_exits_0(command):
+    """`clt COMMAND --help` for every command (argparse %-formats help text: a stray % crashes it)."""
+    result = run_cli(*([command] if command else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "usage: clt" in result.stdout
+
+
+def test_every_config_option_appears_in_its_commands_help():
+    """Each field of each config a command is generated from has its flag and its docstring in the help."""
+    import dataclasses
+
+    from clt.cli import _DERIVED_CLT_FIELDS
+    from clt.config import AttributionConfig, CLTConfig, ExtractionConfig, TrainingConfig
+    from clt.config.base import field_docs
+
+    commands = _subcommands()
+    for command, configs in {
+        "extract": [(ExtractionConfig, ())],
+        "train": [(CLTConfig, _DERIVED_CLT_FIELDS), (TrainingConfig, ())],
+        "attribute": [(AttributionConfig, ())],
+    }.items():
+        text = " ".join(commands[command].format_help().split())
+        for cls, skipped in configs:
+            docs = field_docs(cls)
+            for field in dataclasses.fields(cls):
+                if field.name in skipped:
+                    continue
+                assert "--" + field.name.replace("_", "-") in text, (command, field.name)
+                first_words = " ".join(docs[field.name].split()[:4])
+                assert first_words in text, (command, field.name, first_words)
+
+
 def test_train_with_seed_flags_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", "tiny-llama", "--max-tokens", "600", "--num-features", "16",
-                 "--batch-size", "32", "--learning-rate", "1e-3", "--training-steps", "12", "--sparsity-lambda", "1e-3",
-                 "--jumprelu-threshold", "0.03", "--device", "cpu", "--dataset", "pydoc",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-llama",
+                "--max-tokens",
+                "600",
+                "--num-features",
+                "16",
+                "--batch-size",
+                "32",
+                "--learning-rate",
+                "1e-3",
+                "--training-steps",
+                "12",
+                "--sparsity-lambda",
+                "1e-3",
+                "--jumprelu-threshold",
+                "0.03",
+                "--device",
+                "cpu",
+                "--dataset",
+                "pydoc",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "FVU" in text and "replacement model: KL" in text
     from clt.models import CrossLayerTranscoder
@@ -80,8 +166,28 @@ def test_train_with_seed_flags_end_to_end(tmp_path, capsys):
     assert clt.cfg.num_features == 16 and clt.cfg.num_layers == 3 and clt.cfg.model_name == "tiny-llama"
     assert (out / "metrics.jsonl").is_file() and (out / "eval.json").is_file()
     # a second run trains on the existing store
-    assert main(["train", "--store", str(out / "store"), "--num-features", "8", "--activation-fn", "topk",
-                 "--topk", "2", "--training-steps", "5", "--batch-size", "16", "--output-dir", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--store",
+                str(out / "store"),
+                "--num-features",
+                "8",
+                "--activation-fn",
+                "topk",
+                "--topk",
+                "2",
+                "--training-steps",
+                "5",
+                "--batch-size",
+                "16",
+                "--output-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_train_config_file_with_sections(tmp_path):
@@ -89,7 +195,8 @@ def test_train_config_file_with_sections(tmp_path):
     config.write_text(
         "extraction:\n  model: tiny-gpt2\n  max_tokens: 400\n"
         "transcoder:\n  num_features: 8\n  cross_layer: false\n"
-        f"training:\n  training_steps: 4\n  batch_size: 16\n  output_dir: {tmp_path / 'r'}\n")
+        f"training:\n  training_steps: 4\n  batch_size: 16\n  output_dir: {tmp_path / 'r'}\n"
+    )
     assert main(["train", "--config", str(config), "--training-steps", "6"]) == 0
     import json
 
@@ -102,8 +209,26 @@ def test_train_config_file_with_sections(tmp_path):
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys, rendered_node_markers):
     out = tmp_path / "demo"
-    assert main(["demo", "--model", "tiny-gpt2", "--max-tokens", "1500", "--num-features", "16",
-                 "--training-steps", "30", "--batch-size", "64", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--model",
+                "tiny-gpt2",
+                "--max-tokens",
+                "1500",
+                "--num-features",
+                "16",
+                "--training-steps",
+                "30",
+                "--batch-size",
+                "64",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "FVU" in text and "replacement model: KL" in text and "KiB/token" in text
     import json
@@ -133,8 +258,12 @@ def _check_demo_graph(out, text, rendered_node_markers):
 def test_demo_on_the_default_model_renders(tmp_path, capsys, rendered_node_markers):
     """A short demo on SmolLM2 (all 30 layers): the real-model path up to the rendered graph."""
     out = tmp_path / "demo"
-    assert main(["demo", "--max-tokens", "3000", "--num-features", "32", "--training-steps", "40",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            ["demo", "--max-tokens", "3000", "--num-features", "32", "--training-steps", "40", "--output-dir", str(out)]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "layers=0..29" in text
     _check_demo_graph(out, text, rendered_node_markers)
@@ -144,16 +273,47 @@ def test_demo_on_the_default_model_renders(tmp_path, capsys, rendered_node_marke
 def trained_run(tmp_path_factory):
     """A tiny-llama store and a CLT trained on it by `clt train` (shared by the stage commands)."""
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--model", "tiny-llama", "--max-tokens", "800", "--num-features", "16",
-                 "--activation-fn", "relu", "--batch-size", "32", "--training-steps", "10",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-llama",
+                "--max-tokens",
+                "800",
+                "--num-features",
+                "16",
+                "--activation-fn",
+                "relu",
+                "--batch-size",
+                "32",
+                "--training-steps",
+                "10",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_evaluate_end_to_end(trained_run, tmp_path, capsys):
     output = tmp_path / "eval.json"
-    assert main(["evaluate", "--transcoder", str(trained_run), "--store", str(trained_run / "store"),
-                 "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--transcoder",
+                str(trained_run),
+                "--store",
+                str(trained_run / "store"),
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "FVU" in text and "replacement model: KL" in text
     import json
@@ -164,9 +324,24 @@ def test_evaluate_end_to_end(trained_run, tmp_path, capsys):
 
 def test_attribute_end_to_end(trained_run, tmp_path, capsys):
     out = tmp_path / "graph"
-    assert main(["attribute", "--transcoder", str(trained_run / "transcoder"), "--prompt",
-                 "The for statement iterates", "--store", str(trained_run / "store"), "--max-n-logits", "3",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "attribute",
+                "--transcoder",
+                str(trained_run / "transcoder"),
+                "--prompt",
+                "The for statement iterates",
+                "--store",
+                str(trained_run / "store"),
+                "--max-n-logits",
+                "3",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "replacement score" in text and "graph.html" in text
     from clt.attribution import Graph
@@ -176,8 +351,10 @@ def test_attribute_end_to_end(trained_run, tmp_path, capsys):
 
     tokenizer = load_model("tiny-llama")[1]
     assert graph.prompt == "The for statement iterates" and 1 <= graph.n_logits <= 3
-    assert graph.token_ids == [tokenizer.bos_token_id, *tokenizer("The for statement iterates",
-                                                                   add_special_tokens=False)["input_ids"]]
+    assert graph.token_ids == [
+        tokenizer.bos_token_id,
+        *tokenizer("The for statement iterates", add_special_tokens=False)["input_ids"],
+    ]
     html = (out / "graph.html").read_text()
     assert "<html" in html and "<script src=" not in html and len(html) > 3_000_000
     assert (out / "neuronpedia.json").is_file() and (out / "cards.json").is_file()
@@ -185,8 +362,24 @@ def test_attribute_end_to_end(trained_run, tmp_path, capsys):
 
 def test_features_end_to_end(trained_run, tmp_path, capsys):
     out = tmp_path / "cards"
-    assert main(["features", "--transcoder", str(trained_run), "--store", str(trained_run / "store"),
-                 "--features", "0:1,2:3", "--figures", "2", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "--transcoder",
+                str(trained_run),
+                "--store",
+                str(trained_run / "store"),
+                "--features",
+                "0:1,2:3",
+                "--figures",
+                "2",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "2 feature cards" in capsys.readouterr().out
     from clt.interp import FeatureCards
 
@@ -194,11 +387,14 @@ def test_features_end_to_end(trained_run, tmp_path, capsys):
     assert (out / "feature_0_1.html").is_file() and (out / "feature_2_3.html").is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["attribute", "--prompt", "x"], "the following arguments are required: --transcoder"),
-    (["features", "--transcoder", "t", "--store", "s", "--features", "0-1"], "is not LAYER:FEATURE"),
-    (["evaluate", "--transcoder", "t"], "the following arguments are required: --store"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["attribute", "--prompt", "x"], "the following arguments are required: --transcoder"),
+        (["features", "--transcoder", "t", "--store", "s", "--features", "0-1"], "is not LAYER:FEATURE"),
+        (["evaluate", "--transcoder", "t"], "the following arguments are required: --store"),
+    ],
+)
 def test_stage_commands_reject_bad_arguments(args, message):
     result = run_cli(*args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -210,8 +406,9 @@ def test_stage_commands_report_bad_values(trained_run, tmp_path):
     result = run_cli("evaluate", "--transcoder", str(trained_run), "--store", str(tmp_path / "none"))
     assert result.returncode == 1 and "no activation store at" in result.stderr
     long_prompt = "word " * 400
-    result = run_cli("attribute", "--transcoder", str(trained_run), "--prompt", long_prompt,
-                     "--output-dir", str(tmp_path / "g"))
+    result = run_cli(
+        "attribute", "--transcoder", str(trained_run), "--prompt", long_prompt, "--output-dir", str(tmp_path / "g")
+    )
     assert result.returncode == 1 and "the model's context is 256" in result.stderr
 
 
@@ -220,8 +417,24 @@ def test_attribute_reads_the_yaml_config(trained_run, tmp_path):
 
     config = Path(__file__).resolve().parents[1] / "experiments" / "attribute_smollm2.yaml"
     out = tmp_path / "g"
-    assert main(["attribute", "--transcoder", str(trained_run), "--prompt", "The for statement",
-                 "--config", str(config), "--max-n-logits", "2", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "attribute",
+                "--transcoder",
+                str(trained_run),
+                "--prompt",
+                "The for statement",
+                "--config",
+                str(config),
+                "--max-n-logits",
+                "2",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from clt.attribution import Graph
 
     graph = Graph.load(out / "graph.json")

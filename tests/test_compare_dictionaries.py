@@ -26,11 +26,23 @@ def script():
 def test_compare_trains_every_type_and_writes_table_and_figure(script, tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
     store = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32).extract(
-        max_tokens=1024, output_dir=tmp_path / "store", store_dtype="float32", progress=False)
+        max_tokens=1024, output_dir=tmp_path / "store", store_dtype="float32", progress=False
+    )
     names = list(script.DICTIONARIES)
-    table = script.compare(store, names, num_features=16, k=2, steps=20, batch_size=128, learning_rate=3e-3,
-                           output_dir=tmp_path / "out", prompts=("The list is",), kl_coef=10.0, kl_every=2,
-                           progress=False)
+    table = script.compare(
+        store,
+        names,
+        num_features=16,
+        k=2,
+        steps=20,
+        batch_size=128,
+        learning_rate=3e-3,
+        output_dir=tmp_path / "out",
+        prompts=("The list is",),
+        kl_coef=10.0,
+        kl_every=2,
+        progress=False,
+    )
     assert [name for name, _ in table.index] == names
     rows = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert [r["dictionary"] for r in rows] == names

@@ -22,8 +22,13 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     for key, value in {**SMALL, "CLT_RUN_DIR": str(tmp_path / "runs")}.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
-                   env=dict(os.environ)).execute()
+    NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+        env=dict(os.environ),
+    ).execute()
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")

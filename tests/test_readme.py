@@ -16,3 +16,12 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
     assert (tmp_path / "runs" / "clt" / "final" / "model.safetensors").is_file()
+
+
+def test_every_repository_path_the_readme_cites_exists():
+    """Paths such as `experiments/...yaml` or `docs/...png` in the README point at files of the repository."""
+    root = README.parent
+    cited = set(re.findall(r"(?<![\w/.-])((?:experiments|docs|notebooks|clt|tests)/[\w./-]*\w)", README.read_text()))
+    assert cited, "the README cites no repository path"
+    missing = sorted(path for path in cited if not (root / path).exists())
+    assert not missing, f"the README cites paths that do not exist: {missing}"

@@ -35,9 +35,16 @@ from clt.models.transcoder import CrossLayerTranscoder
 logger = logging.getLogger(__name__)
 
 
-def attribute(prompt: str | Sequence[int] | Tensor, model: nn.Module | ReplacementModel | str,
-              transcoder: CrossLayerTranscoder | None = None, *, tokenizer: Any = None,
-              config: AttributionConfig | None = None, progress: bool = True, **options: Any) -> Graph:
+def attribute(
+    prompt: str | Sequence[int] | Tensor,
+    model: nn.Module | ReplacementModel | str,
+    transcoder: CrossLayerTranscoder | None = None,
+    *,
+    tokenizer: Any = None,
+    config: AttributionConfig | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Graph:
     """Attribution graph of a prompt (text or token ids); options override AttributionConfig fields.
 
     `model` is a Hugging Face causal LM, a model alias/path (loaded with its tokenizer), or a
@@ -52,8 +59,7 @@ def attribute(prompt: str | Sequence[int] | Tensor, model: nn.Module | Replaceme
     return _attribute(replacement, state, cfg, prompt if isinstance(prompt, str) else None, progress)
 
 
-def _replacement_model(model: Any, transcoder: CrossLayerTranscoder | None,
-                       tokenizer: Any) -> ReplacementModel:
+def _replacement_model(model: Any, transcoder: CrossLayerTranscoder | None, tokenizer: Any) -> ReplacementModel:
     if isinstance(model, ReplacementModel):
         if transcoder is not None and transcoder is not model.transcoder:
             raise ValueError("pass either a ReplacementModel or a model and a transcoder, not both")
@@ -70,8 +76,9 @@ def _replacement_model(model: Any, transcoder: CrossLayerTranscoder | None,
     return ReplacementModel(model, transcoder, tokenizer)
 
 
-def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
-               prompt: str | None, progress: bool) -> Graph:
+def _attribute(
+    rm: ReplacementModel, state: PromptState, cfg: AttributionConfig, prompt: str | None, progress: bool
+) -> Graph:
     n, M = len(state.input_ids), rm.n_layers
     by_layer = state.activations.permute(1, 0, 2)  # [L, n, F]
     active = by_layer.nonzero()  # (layer, pos, feature), sorted
@@ -90,8 +97,9 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
     logit_col = K + M * n + n
     n_cols = logit_col + n_logits
     batch = max(1, min(cfg.batch_size, max(n_logits, n_visit)))
-    logger.info("attributing %d tokens: %d active features (%d visited), %d logits, batch %d",
-                n, K, n_visit, n_logits, batch)
+    logger.info(
+        "attributing %d tokens: %d active features (%d visited), %d logits, batch %d", n, K, n_visit, n_logits, batch
+    )
 
     engine = _RowEngine(rm, state, active, values, batch, n_cols)
     # Every feature visited: rows go straight to their adjacency rows (no second copy). With a
@@ -165,8 +173,9 @@ def _attribute(rm: ReplacementModel, state: PromptState, cfg: AttributionConfig,
 class _RowEngine:
     """Computes attribution rows (direct effects on a batch of targets) from one frozen trace."""
 
-    def __init__(self, rm: ReplacementModel, state: PromptState, active: Tensor, values: Tensor,
-                 batch: int, n_cols: int) -> None:
+    def __init__(
+        self, rm: ReplacementModel, state: PromptState, active: Tensor, values: Tensor, batch: int, n_cols: int
+    ) -> None:
         self.rm, self.state, self.active, self.n_cols = rm, state, active, n_cols
         self.n, self.M, self.K = len(state.input_ids), rm.n_layers, len(active)
         self.trace = rm.attribution_trace(state, batch)
@@ -207,8 +216,9 @@ class _RowEngine:
             outputs.append(trace.final if layer == M else trace.mlp_inputs[layer])
             grad_outputs.append(grad)
         top = int(layers.max())
-        grads = torch.autograd.grad(outputs, [trace.embeddings, *trace.mlp_outputs[:top]], grad_outputs,
-                                    retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            outputs, [trace.embeddings, *trace.mlp_outputs[:top]], grad_outputs, retain_graph=True, allow_unused=True
+        )
         out = torch.zeros(b, self.n_cols)
         with torch.no_grad():
             g_emb = grads[0][:b].float()
@@ -222,7 +232,8 @@ class _RowEngine:
                 g_mlp.append(zero if g is None else g[:b].float())
             for m in range(top):  # error nodes, one layer at a time (no stacked copy of the grads)
                 out[:, self.K + m * n : self.K + (m + 1) * n] = torch.einsum(
-                    "bnd,nd->bn", g_mlp[m], self.errors[m]).cpu()
+                    "bnd,nd->bn", g_mlp[m], self.errors[m]
+                ).cpu()
             covered = [m for m in self.rm.layers if m < top]
             for pos, groups in self.groups_by_pos.items():  # features: per position, all layers
                 g_pos = None
@@ -237,8 +248,9 @@ class _RowEngine:
         return out
 
 
-def _partial_influence(rows: Tensor, row_node: Tensor, logit_col: int, logit_p: Tensor,
-                       max_iter: int = 10_000) -> Tensor:
+def _partial_influence(
+    rows: Tensor, row_node: Tensor, logit_col: int, logit_p: Tensor, max_iter: int = 10_000
+) -> Tensor:
     """Influence of every column node on the logits through the rows computed so far."""
     A = rows.abs()
     A = A / A.sum(1, keepdim=True).clamp_min(1e-10)

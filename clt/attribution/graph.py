@@ -110,9 +110,11 @@ class Graph:
     def __post_init__(self) -> None:
         expected = self.n_features + self.n_errors + self.n_tokens + self.n_logits
         if tuple(self.adjacency.shape) != (expected, expected):
-            raise ValueError(f"adjacency has shape {list(self.adjacency.shape)} but the nodes need "
-                             f"[{expected}, {expected}] ({self.n_features} features, {self.n_errors}"
-                             f" errors, {self.n_tokens} tokens, {self.n_logits} logits)")
+            raise ValueError(
+                f"adjacency has shape {list(self.adjacency.shape)} but the nodes need "
+                f"[{expected}, {expected}] ({self.n_features} features, {self.n_errors}"
+                f" errors, {self.n_tokens} tokens, {self.n_logits} logits)"
+            )
 
     # ----------------------------------------------------------------- layout
 
@@ -175,8 +177,16 @@ class Graph:
         last = self.n_tokens - 1
         if index < self.n_features:
             layer, pos, feature = (int(v) for v in self.features[index])
-            return Node(index, "feature", layer, pos, feature, self.tokens[pos], self.token_ids[pos],
-                        float(self.activations[index]))
+            return Node(
+                index,
+                "feature",
+                layer,
+                pos,
+                feature,
+                self.tokens[pos],
+                self.token_ids[pos],
+                float(self.activations[index]),
+            )
         if index < self.token_slice.start:
             layer, pos = divmod(index - self.n_features, self.n_tokens)
             return Node(index, "error", layer, pos, None, self.tokens[pos], self.token_ids[pos], None)
@@ -184,8 +194,16 @@ class Graph:
             pos = index - self.token_slice.start
             return Node(index, "token", None, pos, None, self.tokens[pos], self.token_ids[pos], None)
         k = index - self.logit_slice.start
-        return Node(index, "logit", None, last, None, self.logit_tokens[k], self.logit_token_ids[k],
-                    float(self.logit_probabilities[k]))
+        return Node(
+            index,
+            "logit",
+            None,
+            last,
+            None,
+            self.logit_tokens[k],
+            self.logit_token_ids[k],
+            float(self.logit_probabilities[k]),
+        )
 
     @property
     def nodes(self) -> list[Node]:
@@ -216,11 +234,17 @@ class Graph:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; tensors as base64 little-endian bytes with dtype and shape (exact)."""
         return {
-            "format": FORMAT, "version": VERSION,
-            "prompt": self.prompt, "token_ids": list(self.token_ids), "tokens": list(self.tokens),
-            "logit_token_ids": list(self.logit_token_ids), "logit_tokens": list(self.logit_tokens),
-            "n_layers": self.n_layers, "model_name": self.model_name,
-            "n_active_features": self.n_active_features, "config": self.config.to_dict(),
+            "format": FORMAT,
+            "version": VERSION,
+            "prompt": self.prompt,
+            "token_ids": list(self.token_ids),
+            "tokens": list(self.tokens),
+            "logit_token_ids": list(self.logit_token_ids),
+            "logit_tokens": list(self.logit_tokens),
+            "n_layers": self.n_layers,
+            "model_name": self.model_name,
+            "n_active_features": self.n_active_features,
+            "config": self.config.to_dict(),
             "tensors": {name: _encode(getattr(self, name)) for name in _TENSORS},
         }
 
@@ -228,21 +252,29 @@ class Graph:
     def from_dict(cls, data: dict[str, Any]) -> Graph:
         """Inverse of `to_dict`."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise GraphFileError(f"not a graph file (expected format '{FORMAT}'); write graphs with "
-                                 "Graph.save")
+            raise GraphFileError(f"not a graph file (expected format '{FORMAT}'); write graphs with Graph.save")
         if data.get("version") not in _READABLE_VERSIONS:
-            raise GraphFileError(f"graph file version {data.get('version')} is not supported "
-                                 f"(this is version {VERSION})")
+            raise GraphFileError(
+                f"graph file version {data.get('version')} is not supported (this is version {VERSION})"
+            )
         try:
             tensors = {name: _decode(data["tensors"][name]) for name in _TENSORS}
-            return cls(prompt=data["prompt"], token_ids=data["token_ids"], tokens=data["tokens"],
-                       logit_token_ids=data["logit_token_ids"], logit_tokens=data["logit_tokens"],
-                       n_layers=data["n_layers"], model_name=data["model_name"],
-                       n_active_features=data["n_active_features"],
-                       config=AttributionConfig.from_dict(data["config"]), **tensors)
+            return cls(
+                prompt=data["prompt"],
+                token_ids=data["token_ids"],
+                tokens=data["tokens"],
+                logit_token_ids=data["logit_token_ids"],
+                logit_tokens=data["logit_tokens"],
+                n_layers=data["n_layers"],
+                model_name=data["model_name"],
+                n_active_features=data["n_active_features"],
+                config=AttributionConfig.from_dict(data["config"]),
+                **tensors,
+            )
         except (KeyError, TypeError, ValueError) as err:
-            raise GraphFileError(f"the graph file is incomplete or corrupt ({type(err).__name__}: "
-                                 f"{err}); write it again with Graph.save") from err
+            raise GraphFileError(
+                f"the graph file is incomplete or corrupt ({type(err).__name__}: {err}); write it again with Graph.save"
+            ) from err
 
     def save(self, path: str | Path) -> Path:
         """Write the graph as one JSON file (atomic; pickle-free; exact round trip with `load`)."""
@@ -279,48 +311,70 @@ class Graph:
         records = []
         for index in kept:
             node = self.node(index)
-            records.append({"index": index, "id": node.id, "kind": node.kind, "layer": node.layer,
-                            "pos": node.pos, "feature": node.feature, "token": node.token,
-                            "token_id": node.token_id, "activation": node.activation,
-                            "influence": influence[index]})
-        columns = ["index", "id", "kind", "layer", "pos", "feature", "token", "token_id",
-                   "activation", "influence"]
+            records.append(
+                {
+                    "index": index,
+                    "id": node.id,
+                    "kind": node.kind,
+                    "layer": node.layer,
+                    "pos": node.pos,
+                    "feature": node.feature,
+                    "token": node.token,
+                    "token_id": node.token_id,
+                    "activation": node.activation,
+                    "influence": influence[index],
+                }
+            )
+        columns = ["index", "id", "kind", "layer", "pos", "feature", "token", "token_id", "activation", "influence"]
         frame = pd.DataFrame.from_records(records, columns=columns).set_index("index")
         return frame.astype({"layer": "Int64", "feature": "Int64", "activation": "Float64"})
 
-    def edges_df(self, threshold: float = 0.0, node_mask: Tensor | None = None,
-                 edge_mask: Tensor | None = None) -> pd.DataFrame:
+    def edges_df(
+        self, threshold: float = 0.0, node_mask: Tensor | None = None, edge_mask: Tensor | None = None
+    ) -> pd.DataFrame:
         """Edges with |weight| > `threshold` as a DataFrame: source_id, target_id, source, target
         (node indices), weight = adjacency[target, source]; restricted to the masks when given."""
         import pandas as pd
 
         targets, sources, weights = self._edge_list(threshold, node_mask, edge_mask)
         ids = [self.node(i).id for i in range(self.n_nodes)]
-        return pd.DataFrame({"source_id": [ids[s] for s in sources],
-                             "target_id": [ids[t] for t in targets],
-                             "source": pd.Series(sources, dtype="int64"),
-                             "target": pd.Series(targets, dtype="int64"),
-                             "weight": pd.Series(weights, dtype="float64")})
+        return pd.DataFrame(
+            {
+                "source_id": [ids[s] for s in sources],
+                "target_id": [ids[t] for t in targets],
+                "source": pd.Series(sources, dtype="int64"),
+                "target": pd.Series(targets, dtype="int64"),
+                "weight": pd.Series(weights, dtype="float64"),
+            }
+        )
 
-    def to_networkx(self, node_mask: Tensor | None = None,
-                    edge_mask: Tensor | None = None) -> nx.DiGraph:
+    def to_networkx(self, node_mask: Tensor | None = None, edge_mask: Tensor | None = None) -> nx.DiGraph:
         """A networkx DiGraph keyed by node id (attributes as `nodes_df`, plus index), with one
         edge source → target per nonzero weight (`weight` = adjacency[target, source])."""
         import networkx as nx
 
-        graph = nx.DiGraph(prompt=self.prompt, tokens=list(self.tokens), model_name=self.model_name,
-                           n_layers=self.n_layers)
+        graph = nx.DiGraph(
+            prompt=self.prompt, tokens=list(self.tokens), model_name=self.model_name, n_layers=self.n_layers
+        )
         influence = self._influence()
         ids: dict[int, str] = {}
         for index in self._kept_indices(node_mask):
             node = self.node(index)
             ids[index] = node.id
-            graph.add_node(node.id, index=index, kind=node.kind, layer=node.layer, pos=node.pos,
-                           feature=node.feature, token=node.token, token_id=node.token_id,
-                           activation=node.activation, influence=influence[index])
+            graph.add_node(
+                node.id,
+                index=index,
+                kind=node.kind,
+                layer=node.layer,
+                pos=node.pos,
+                feature=node.feature,
+                token=node.token,
+                token_id=node.token_id,
+                activation=node.activation,
+                influence=influence[index],
+            )
         targets, sources, weights = self._edge_list(0.0, node_mask, edge_mask)
-        graph.add_weighted_edges_from((ids[s], ids[t], w)
-                                      for t, s, w in zip(targets, sources, weights))
+        graph.add_weighted_edges_from((ids[s], ids[t], w) for t, s, w in zip(targets, sources, weights))
         return graph
 
     def _influence(self) -> list[float]:
@@ -334,8 +388,9 @@ class Graph:
         self._check_mask(node_mask, (self.n_nodes,), "node_mask")
         return node_mask.nonzero().squeeze(1).tolist()
 
-    def _edge_list(self, threshold: float, node_mask: Tensor | None,
-                   edge_mask: Tensor | None) -> tuple[list[int], list[int], list[float]]:
+    def _edge_list(
+        self, threshold: float, node_mask: Tensor | None, edge_mask: Tensor | None
+    ) -> tuple[list[int], list[int], list[float]]:
         """(targets, sources, weights) of edges with |weight| > threshold inside the masks."""
         keep = self.adjacency.abs() > threshold
         if edge_mask is not None:
@@ -350,9 +405,11 @@ class Graph:
 
     def _check_mask(self, mask: Tensor, shape: tuple[int, ...], name: str) -> None:
         if tuple(mask.shape) != shape or mask.dtype != torch.bool:
-            raise ValueError(f"{name} must be a bool tensor of shape {list(shape)} (as from "
-                             f"prune(graph)) but has shape {list(mask.shape)} and dtype "
-                             f"{mask.dtype}")
+            raise ValueError(
+                f"{name} must be a bool tensor of shape {list(shape)} (as from "
+                f"prune(graph)) but has shape {list(mask.shape)} and dtype "
+                f"{mask.dtype}"
+            )
 
 
 _TENSORS = ("features", "activations", "adjacency", "logit_probabilities")
@@ -366,7 +423,11 @@ def _encode(t: Tensor) -> dict[str, Any]:
     spec: dict[str, Any] = {"dtype": str(array.dtype), "shape": list(array.shape)}
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
     nonzero = little != 0
-    if array.size and array.dtype.kind in "fiu" and nonzero.sum() * array.itemsize + array.size / 8 < 0.75 * array.nbytes:
+    if (
+        array.size
+        and array.dtype.kind in "fiu"
+        and nonzero.sum() * array.itemsize + array.size / 8 < 0.75 * array.nbytes
+    ):
         spec["nonzero_mask"] = base64.b64encode(np.packbits(nonzero.reshape(-1)).tobytes()).decode("ascii")
         little = little[nonzero]
     spec["data"] = base64.b64encode(little.tobytes()).decode("ascii")
@@ -390,9 +451,15 @@ def _decode(spec: dict[str, Any]) -> Tensor:
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
 
 
-def to_neuronpedia_json(graph: Graph, path: str | Path | None = None, *, slug: str = "graph",
-                        scan: str | None = None, node_threshold: float = 0.8,
-                        edge_threshold: float = 0.98) -> dict[str, Any]:
+def to_neuronpedia_json(
+    graph: Graph,
+    path: str | Path | None = None,
+    *,
+    slug: str = "graph",
+    scan: str | None = None,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> dict[str, Any]:
     """The pruned graph as Neuronpedia attribution-graph JSON (schema 1); written to `path` if given.
 
     Node ids follow the frontend: ``{layer}_{feature}_{pos}`` (features), ``0_{layer}_{pos}``
@@ -406,8 +473,9 @@ def to_neuronpedia_json(graph: Graph, path: str | Path | None = None, *, slug: s
     scores = result.cumulative_scores
     nodes: dict[int, dict[str, Any]] = {}
     taken: set[str] = set()
-    order = sorted(result.node_mask.nonzero().squeeze(1).tolist(),
-                   key=lambda i: graph.node(i).kind == "error")  # errors take suffixes, not features
+    order = sorted(
+        result.node_mask.nonzero().squeeze(1).tolist(), key=lambda i: graph.node(i).kind == "error"
+    )  # errors take suffixes, not features
     renamed = []
     for index in order:
         record = _np_node(graph, graph.node(index), float(scores[index]))
@@ -418,21 +486,35 @@ def to_neuronpedia_json(graph: Graph, path: str | Path | None = None, *, slug: s
         taken.add(record["node_id"])
         nodes[index] = record
     if renamed:
-        logger.warning("%d error nodes share their Neuronpedia id with a layer-0 feature (e.g. %s); "
-                       "they were renamed with the suffix _error", len(renamed), renamed[0])
+        logger.warning(
+            "%d error nodes share their Neuronpedia id with a layer-0 feature (e.g. %s); "
+            "they were renamed with the suffix _error",
+            len(renamed),
+            renamed[0],
+        )
     targets, sources = result.edge_mask.nonzero(as_tuple=True)
-    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"],
-              "weight": float(graph.adjacency[t, s])}
-             for t, s in zip(targets.tolist(), sources.tolist()) if s in nodes and t in nodes]
+    links = [
+        {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
+        for t, s in zip(targets.tolist(), sources.tolist())
+        if s in nodes and t in nodes
+    ]
     connected = {link["source"] for link in links} | {link["target"] for link in links}
-    kept = [nodes[i] for i in sorted(nodes)
-            if nodes[i]["node_id"] in connected or nodes[i]["feature_type"] in ("embedding", "logit")]
+    kept = [
+        nodes[i]
+        for i in sorted(nodes)
+        if nodes[i]["node_id"] in connected or nodes[i]["feature_type"] in ("embedding", "logit")
+    ]
     out = {
-        "metadata": {"slug": slug, "scan": scan or graph.model_name or "clt", "transcoder_list": [],
-                     "prompt_tokens": list(graph.tokens), "prompt": graph.prompt,
-                     "node_threshold": node_threshold, "schema_version": 1},
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-                    "sg_pos": ""},
+        "metadata": {
+            "slug": slug,
+            "scan": scan or graph.model_name or "clt",
+            "transcoder_list": [],
+            "prompt_tokens": list(graph.tokens),
+            "prompt": graph.prompt,
+            "node_threshold": node_threshold,
+            "schema_version": 1,
+        },
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": kept,
         "links": links,
     }
@@ -444,28 +526,58 @@ def to_neuronpedia_json(graph: Graph, path: str | Path | None = None, *, slug: s
 
 
 def _np_node(graph: Graph, node: Node, influence: float) -> dict[str, Any]:
-    base = {"ctx_idx": node.pos, "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
-            "reverse_ctx_idx": 0, "clerp": "", "influence": influence, "activation": None}
+    base = {
+        "ctx_idx": node.pos,
+        "token_prob": 0.0,
+        "is_target_logit": False,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "clerp": "",
+        "influence": influence,
+        "activation": None,
+    }
     if node.kind == "feature":
         layer, feature = node.layer, node.feature
-        return {**base, "node_id": f"{layer}_{feature}_{node.pos}",
-                "feature": (layer + feature) * (layer + feature + 1) // 2 + feature,
-                "layer": str(layer), "feature_type": "cross layer transcoder",
-                "jsNodeId": f"{layer}_{feature}-0", "activation": node.activation}
+        return {
+            **base,
+            "node_id": f"{layer}_{feature}_{node.pos}",
+            "feature": (layer + feature) * (layer + feature + 1) // 2 + feature,
+            "layer": str(layer),
+            "feature_type": "cross layer transcoder",
+            "jsNodeId": f"{layer}_{feature}-0",
+            "activation": node.activation,
+        }
     if node.kind == "error":
-        return {**base, "node_id": f"0_{node.layer}_{node.pos}", "feature": -1,
-                "layer": str(node.layer), "feature_type": "mlp reconstruction error",
-                "jsNodeId": f"{node.layer}_{node.pos}-0"}
+        return {
+            **base,
+            "node_id": f"0_{node.layer}_{node.pos}",
+            "feature": -1,
+            "layer": str(node.layer),
+            "feature_type": "mlp reconstruction error",
+            "jsNodeId": f"{node.layer}_{node.pos}-0",
+        }
     if node.kind == "token":
-        return {**base, "node_id": f"E_{node.token_id}_{node.pos}", "feature": node.pos,
-                "layer": "E", "feature_type": "embedding", "jsNodeId": f"E_{node.token_id}-{node.pos}"}
+        return {
+            **base,
+            "node_id": f"E_{node.token_id}_{node.pos}",
+            "feature": node.pos,
+            "layer": "E",
+            "feature_type": "embedding",
+            "jsNodeId": f"E_{node.token_id}-{node.pos}",
+        }
     layer = str(graph.n_layers + 1)
     prob = float(node.activation or 0.0)
-    return {**base, "node_id": f"{layer}_{node.token_id}_{node.pos}", "feature": node.token_id,
-            "layer": layer, "feature_type": "logit", "token_prob": prob,
-            "is_target_logit": node.index == graph.logit_slice.start,
-            "jsNodeId": f"L_{node.token_id}-{node.pos}",
-            "clerp": f'Output "{node.token}" (p={prob:.3f})'}
+    return {
+        **base,
+        "node_id": f"{layer}_{node.token_id}_{node.pos}",
+        "feature": node.token_id,
+        "layer": layer,
+        "feature_type": "logit",
+        "token_prob": prob,
+        "is_target_logit": node.index == graph.logit_slice.start,
+        "jsNodeId": f"L_{node.token_id}-{node.pos}",
+        "clerp": f'Output "{node.token}" (p={prob:.3f})',
+    }
 
 
 __all__ = ["Graph", "GraphFileError", "Node", "to_neuronpedia_json"]

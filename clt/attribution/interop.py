@@ -27,19 +27,37 @@ from torch import Tensor
 from clt.attribution.graph import Graph, GraphFileError
 from clt.config.attribution import AttributionConfig
 
-UNIFIED_CONFIG_FIELDS = ("n_layers", "d_model", "d_head", "n_heads", "d_mlp", "d_vocab",
-                         "tokenizer_name", "model_name", "original_architecture",
-                         "n_key_value_heads", "dtype")
+UNIFIED_CONFIG_FIELDS = (
+    "n_layers",
+    "d_model",
+    "d_head",
+    "n_heads",
+    "d_mlp",
+    "d_vocab",
+    "tokenizer_name",
+    "model_name",
+    "original_architecture",
+    "n_key_value_heads",
+    "dtype",
+)
 """Fields of circuit-tracer's UnifiedConfig (circuit_tracer/utils/tl_nnsight_mapping.py)."""
 
-_HF_FIELDS = {"n_layers": "num_hidden_layers", "d_model": "hidden_size", "d_head": "head_dim",
-              "n_heads": "num_attention_heads", "d_mlp": "intermediate_size",
-              "d_vocab": "vocab_size", "n_key_value_heads": "num_key_value_heads",
-              "dtype": "torch_dtype"}
-_RESAVE = ("re-save it as plain tensors in circuit-tracer's environment (only for a file you "
-           "trust): d = torch.load(path, weights_only=False); d['cfg'] = vars(d['cfg']); "
-           "d['logit_targets'] = torch.tensor([t.vocab_idx for t in d['logit_targets']]); "
-           "torch.save(d, new_path)")
+_HF_FIELDS = {
+    "n_layers": "num_hidden_layers",
+    "d_model": "hidden_size",
+    "d_head": "head_dim",
+    "n_heads": "num_attention_heads",
+    "d_mlp": "intermediate_size",
+    "d_vocab": "vocab_size",
+    "n_key_value_heads": "num_key_value_heads",
+    "dtype": "torch_dtype",
+}
+_RESAVE = (
+    "re-save it as plain tensors in circuit-tracer's environment (only for a file you "
+    "trust): d = torch.load(path, weights_only=False); d['cfg'] = vars(d['cfg']); "
+    "d['logit_targets'] = torch.tensor([t.vocab_idx for t in d['logit_targets']]); "
+    "torch.save(d, new_path)"
+)
 
 
 class _Fields:
@@ -74,20 +92,21 @@ def load_circuit_tracer_graph(path: str | Path, tokenizer: Any = None) -> Graph:
         with torch.serialization.safe_globals(_STAND_INS):
             data = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
-        raise GraphFileError(f"{path} holds objects that safe loading refuses ({err}); "
-                             f"{_RESAVE}") from err
+        raise GraphFileError(f"{path} holds objects that safe loading refuses ({err}); {_RESAVE}") from err
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise GraphFileError(f"{path} is not a readable torch.save file ({type(err).__name__}: "
-                             f"{err}); it may be truncated: save the graph again") from err
+        raise GraphFileError(
+            f"{path} is not a readable torch.save file ({type(err).__name__}: "
+            f"{err}); it may be truncated: save the graph again"
+        ) from err
     return from_circuit_tracer_dict(data, tokenizer, source=str(path))
 
 
-def from_circuit_tracer_dict(data: dict[str, Any], tokenizer: Any = None, *,
-                             source: str = "the graph") -> Graph:
+def from_circuit_tracer_dict(data: dict[str, Any], tokenizer: Any = None, *, source: str = "the graph") -> Graph:
     """Build a Graph from circuit-tracer's ``to_pt`` dict (see `load_circuit_tracer_graph`)."""
     if not isinstance(data, dict) or "adjacency_matrix" not in data:
-        raise GraphFileError(f"{source} is not a circuit-tracer graph (no 'adjacency_matrix'); "
-                             "save it with circuit-tracer's Graph.to_pt")
+        raise GraphFileError(
+            f"{source} is not a circuit-tracer graph (no 'adjacency_matrix'); save it with circuit-tracer's Graph.to_pt"
+        )
     try:
         adjacency = _tensor(data, "adjacency_matrix").float()
         active = _tensor(data, "active_features").long().reshape(-1, 3)
@@ -98,34 +117,51 @@ def from_circuit_tracer_dict(data: dict[str, Any], tokenizer: Any = None, *,
         logit_ids, logit_strs = _logit_targets(data)
         cfg = _fields(data.get("cfg"))
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-        raise GraphFileError(f"{source} is incomplete or corrupt ({type(err).__name__}: {err}); "
-                             "save the graph again with circuit-tracer's Graph.to_pt") from err
+        raise GraphFileError(
+            f"{source} is incomplete or corrupt ({type(err).__name__}: {err}); "
+            "save the graph again with circuit-tracer's Graph.to_pt"
+        ) from err
     n_nodes, n_sel = adjacency.shape[0], len(selected)
     n_pos, n_logits = len(token_ids), len(logit_ids)
     rest = n_nodes - n_sel - n_logits
     n_layers = cfg.get("n_layers")
     if n_layers is None and n_pos and rest % n_pos == 0:
         n_layers = rest // n_pos - 1
-    if (n_layers is None or n_sel + (n_layers + 1) * n_pos + n_logits != n_nodes
-            or len(values) != len(active) or len(probabilities) != n_logits
-            or (n_sel and int(selected.max()) >= len(active))):
-        raise GraphFileError(f"{source}: sizes do not fit ({n_nodes} nodes, {n_sel} selected of "
-                             f"{len(active)} active features, {n_pos} tokens, {n_logits} logits, "
-                             f"n_layers {n_layers}); the file is corrupt or mixes two graphs")
+    if (
+        n_layers is None
+        or n_sel + (n_layers + 1) * n_pos + n_logits != n_nodes
+        or len(values) != len(active)
+        or len(probabilities) != n_logits
+        or (n_sel and int(selected.max()) >= len(active))
+    ):
+        raise GraphFileError(
+            f"{source}: sizes do not fit ({n_nodes} nodes, {n_sel} selected of "
+            f"{len(active)} active features, {n_pos} tokens, {n_logits} logits, "
+            f"n_layers {n_layers}); the file is corrupt or mixes two graphs"
+        )
     tokens = _decode(token_ids, tokenizer, [str(t) for t in token_ids])
     logit_tokens = _decode(logit_ids, tokenizer, logit_strs)
     max_feature_nodes = n_sel if n_sel < len(active) else None
-    return Graph(prompt=str(data.get("input_string", "")), token_ids=token_ids, tokens=tokens,
-                 features=active[selected], activations=values[selected], adjacency=adjacency,
-                 logit_token_ids=logit_ids, logit_tokens=logit_tokens,
-                 logit_probabilities=probabilities, n_layers=int(n_layers),
-                 config=AttributionConfig(max_n_logits=max(1, n_logits),
-                                          max_feature_nodes=max_feature_nodes),
-                 model_name=cfg.get("model_name"), n_active_features=len(active))
+    return Graph(
+        prompt=str(data.get("input_string", "")),
+        token_ids=token_ids,
+        tokens=tokens,
+        features=active[selected],
+        activations=values[selected],
+        adjacency=adjacency,
+        logit_token_ids=logit_ids,
+        logit_tokens=logit_tokens,
+        logit_probabilities=probabilities,
+        n_layers=int(n_layers),
+        config=AttributionConfig(max_n_logits=max(1, n_logits), max_feature_nodes=max_feature_nodes),
+        model_name=cfg.get("model_name"),
+        n_active_features=len(active),
+    )
 
 
-def to_circuit_tracer_dict(graph: Graph, *, model_config: Any = None,
-                           scan: str | list[str] | None = None) -> dict[str, Any]:
+def to_circuit_tracer_dict(
+    graph: Graph, *, model_config: Any = None, scan: str | list[str] | None = None
+) -> dict[str, Any]:
     """The dict circuit-tracer's ``Graph.to_pt`` writes, in tensors and plain values only.
 
     Save it with ``torch.save``; `load_circuit_tracer_graph` reads it back. ``cfg`` is a plain
@@ -179,8 +215,7 @@ def _decode(ids: list[int], tokenizer: Any, fallback: list[str]) -> list[str]:
     if tokenizer is None:
         return list(fallback)
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-    return [tokenizer.decode([i]) if vocab is None or i < vocab else s
-            for i, s in zip(ids, fallback)]
+    return [tokenizer.decode([i]) if vocab is None or i < vocab else s for i, s in zip(ids, fallback)]
 
 
 def _unified_config(graph: Graph, model_config: Any) -> dict[str, Any]:
@@ -205,5 +240,4 @@ def _unified_config(graph: Graph, model_config: Any) -> dict[str, Any]:
     return cfg
 
 
-__all__ = ["UNIFIED_CONFIG_FIELDS", "from_circuit_tracer_dict", "load_circuit_tracer_graph",
-           "to_circuit_tracer_dict"]
+__all__ = ["UNIFIED_CONFIG_FIELDS", "from_circuit_tracer_dict", "load_circuit_tracer_graph", "to_circuit_tracer_dict"]

@@ -55,10 +55,18 @@ class InterventionResult:
         return float(self.logits[pos, token_id] - self.original_logits[pos, token_id])
 
 
-def intervene(model: nn.Module | ReplacementModel | str, transcoder: CrossLayerTranscoder | None,
-              prompt: str | Sequence[int] | Tensor, interventions: Sequence[Intervention], *,
-              mode: str = "set", tokenizer: Any = None, constant_errors: bool = False,
-              prepend_bos: bool = True, top_k: int = 5) -> InterventionResult:
+def intervene(
+    model: nn.Module | ReplacementModel | str,
+    transcoder: CrossLayerTranscoder | None,
+    prompt: str | Sequence[int] | Tensor,
+    interventions: Sequence[Intervention],
+    *,
+    mode: str = "set",
+    tokenizer: Any = None,
+    constant_errors: bool = False,
+    prepend_bos: bool = True,
+    top_k: int = 5,
+) -> InterventionResult:
     """Run the model (through nnsight) with features set or scaled; see the module docstring."""
     from clt.attribution.attribute import _replacement_model
 
@@ -100,13 +108,19 @@ def intervene(model: nn.Module | ReplacementModel | str, transcoder: CrossLayerT
     logits = logits[0].float().detach()
     ids = state.input_ids.tolist()
     return InterventionResult(
-        logits=logits, original_logits=state.logits, activations=torch.stack(recorded, 1),
-        token_ids=ids, tokens=rm.token_strings(ids),
-        top_tokens=_top(rm, logits[-1], top_k), original_top_tokens=_top(rm, state.logits[-1], top_k))
+        logits=logits,
+        original_logits=state.logits,
+        activations=torch.stack(recorded, 1),
+        token_ids=ids,
+        tokens=rm.token_strings(ids),
+        top_tokens=_top(rm, logits[-1], top_k),
+        original_top_tokens=_top(rm, state.logits[-1], top_k),
+    )
 
 
-def _plan(rm: ReplacementModel, interventions: Sequence[Intervention],
-          n: int) -> dict[int, list[tuple[Any, int, float]]]:
+def _plan(
+    rm: ReplacementModel, interventions: Sequence[Intervention], n: int
+) -> dict[int, list[tuple[Any, int, float]]]:
     F = rm.transcoder.cfg.num_features
     plan: dict[int, list[tuple[Any, int, float]]] = {}
     for item in interventions:
@@ -114,8 +128,7 @@ def _plan(rm: ReplacementModel, interventions: Sequence[Intervention],
             raise ValueError(f"an intervention is (layer, pos, feature, value), got {item!r}")
         layer, pos, feature, value = item
         if layer not in rm.layers:
-            raise ValueError(f"layer {layer} is not covered by the transcoder (model layers "
-                             f"{rm.layers})")
+            raise ValueError(f"layer {layer} is not covered by the transcoder (model layers {rm.layers})")
         if not 0 <= int(feature) < F:
             raise ValueError(f"feature {feature} is out of range [0, {F})")
         if pos is None:
@@ -148,8 +161,7 @@ def _language_model(rm: ReplacementModel) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LanguageModel(rm.model, tokenizer=rm.tokenizer) if rm.tokenizer is not None \
-            else _bare_nnsight(rm.model)
+        return LanguageModel(rm.model, tokenizer=rm.tokenizer) if rm.tokenizer is not None else _bare_nnsight(rm.model)
 
 
 def _bare_nnsight(model: nn.Module) -> Any:

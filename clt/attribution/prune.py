@@ -67,8 +67,7 @@ def _threshold(scores: Tensor, fraction: float) -> Tensor:
     """The smallest score among the top scores that hold `fraction` of the total."""
     ordered = scores.sort(descending=True).values
     cumulative = ordered.cumsum(0) / ordered.sum()
-    index = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))),
-                len(ordered) - 1)
+    index = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1)
     return ordered[index]
 
 
@@ -131,5 +130,14 @@ def graph_scores(graph: Graph) -> tuple[float, float]:
     return replacement_score(graph), completeness_score(graph)
 
 
-__all__ = ["PruneResult", "completeness_score", "edge_influence", "graph_scores", "influence",
-           "node_influence", "normalize_rows", "prune", "replacement_score"]
+__all__ = [
+    "PruneResult",
+    "completeness_score",
+    "edge_influence",
+    "graph_scores",
+    "influence",
+    "node_influence",
+    "normalize_rows",
+    "prune",
+    "replacement_score",
+]

@@ -81,7 +81,8 @@ class ReplacementModel:
             raise TranscoderMismatchError(
                 f"the transcoder (layers {_span(cfg.layers)}, d_model {cfg.d_model}) does not fit "
                 f"the model ({self.layout.num_layers} layers, d_model {self.layout.d_model}); use a "
-                "transcoder trained on this model")
+                "transcoder trained on this model"
+            )
         self.layers: list[int] = list(cfg.layers)
         """Model layer of each transcoder layer."""
         self._mlps = [model.get_submodule(p) for p in self.layout.mlp_paths]
@@ -127,11 +128,11 @@ class ReplacementModel:
                 raise ValueError("the prompt is empty (no token ids); give at least one token")
         limit = self.context_length
         if limit is not None and len(ids) > limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {limit}; "
-                             "shorten it")
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {limit}; shorten it")
         if int(ids.max()) >= self.layout.vocab_size or int(ids.min()) < 0:
-            raise ValueError(f"token ids must lie in [0, {self.layout.vocab_size}); got "
-                             f"{int(ids.min())}..{int(ids.max())}")
+            raise ValueError(
+                f"token ids must lie in [0, {self.layout.vocab_size}); got {int(ids.min())}..{int(ids.max())}"
+            )
         return ids.to(self.device)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
@@ -190,8 +191,9 @@ class ReplacementModel:
     # ----------------------------------------------------------------- clean pass
 
     @torch.no_grad()
-    def prepare(self, prompt: str | Sequence[int] | Tensor, *, zero_bos: bool = False,
-                prepend_bos: bool = True) -> PromptState:
+    def prepare(
+        self, prompt: str | Sequence[int] | Tensor, *, zero_bos: bool = False, prepend_bos: bool = True
+    ) -> PromptState:
         """Run the model once on a prompt and compute features, reconstruction and errors."""
         ids = self.tokenize(prompt, prepend_bos=prepend_bos)
         record: dict[str, Any] = {"x": [None] * self.n_layers, "y": [None] * self.n_layers}
@@ -200,8 +202,10 @@ class ReplacementModel:
             record["x"][m] = _first_arg(args, kwargs)[0][0]
             record["y"][m] = _first_tensor(output)[0][0]
 
-        with _hooks(self._first_block, pre=lambda mod, a, k: record.__setitem__(
-                "emb", _first_arg(a, k)[0])), contextlib.ExitStack() as stack:
+        with (
+            _hooks(self._first_block, pre=lambda mod, a, k: record.__setitem__("emb", _first_arg(a, k)[0])),
+            contextlib.ExitStack() as stack,
+        ):
             for m, mlp in enumerate(self._mlps):
                 stack.enter_context(_hooks(mlp, post=functools.partial(on_mlp, m)))
             with _eval(self.model):
@@ -219,8 +223,7 @@ class ReplacementModel:
             recon[:, self.layers] = tc.decode(a, x_tc if tc.cfg.skip_connection else None).float()
         errors = y - recon
         errors[zeroed] = 0
-        return PromptState(ids, logits, record["emb"][0].float(), x, y, z.float(), a.float(), recon,
-                           errors, zeroed)
+        return PromptState(ids, logits, record["emb"][0].float(), x, y, z.float(), a.float(), recon, errors, zeroed)
 
     # ----------------------------------------------------------------- frozen model
 
@@ -272,8 +275,9 @@ class ReplacementModel:
                 else:
                     mlp.forward = previous
 
-    def forward(self, prompt: str | Sequence[int] | Tensor, *, prepend_bos: bool = True,
-                state: PromptState | None = None) -> Tensor:
+    def forward(
+        self, prompt: str | Sequence[int] | Tensor, *, prepend_bos: bool = True, state: PromptState | None = None
+    ) -> Tensor:
         """Logits [n, vocab] of the frozen replacement model (ŷ from live inputs + constant errors)."""
         state = state if state is not None else self.prepare(prompt, prepend_bos=prepend_bos)
         pending: dict[int, Tensor] = {}
@@ -328,8 +332,7 @@ class ReplacementModel:
             leaves[m] = (y - skip).detach().requires_grad_(True)
             return skip + leaves[m]
 
-        with torch.enable_grad(), self.frozen(), self.replaced_mlps(mlp), \
-                _hooks(self._first_block, pre=embed):
+        with torch.enable_grad(), self.frozen(), self.replaced_mlps(mlp), _hooks(self._first_block, pre=embed):
             out = _base_model(self.model)(input_ids=ids, use_cache=False)
         final = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return AttributionTrace(captured["emb"], leaves, inputs, final)
@@ -352,10 +355,18 @@ class AttributionTrace:
 # --------------------------------------------------------------------- attention
 
 
-def frozen_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                           attention_mask: Tensor | None, scaling: float | None = None,
-                           dropout: float = 0.0, softcap: float | None = None,
-                           sliding_window: int | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+def frozen_eager_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
     """Eager attention whose pattern is computed without gradient (frozen); causal mask applied."""
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the frozen attention")
@@ -409,8 +420,9 @@ class _NormFreezer:
         eps = getattr(module, "variance_epsilon", None)
         eps = getattr(module, "eps", None) if eps is None else eps
         if not isinstance(eps, float):
-            raise NotImplementedError(f"cannot freeze {type(module).__name__}: no float epsilon "
-                                      "attribute (variance_epsilon or eps)")
+            raise NotImplementedError(
+                f"cannot freeze {type(module).__name__}: no float epsilon attribute (variance_epsilon or eps)"
+            )
         self.eps = eps
         self.kind: str | None = None
 
@@ -452,15 +464,15 @@ class _NormFreezer:
                 return kind
         raise NotImplementedError(
             f"cannot freeze {type(module).__name__}: its output is neither x/rms(x)·w, "
-            "x/rms(x)·(1+w) nor (x − mean)/std·w + b; add its formula to clt.attribution.replacement")
+            "x/rms(x)·(1+w) nor (x − mean)/std·w + b; add its formula to clt.attribution.replacement"
+        )
 
 
 # --------------------------------------------------------------------- helpers
 
 
 def _span(layers: Sequence[int]) -> str:
-    return f"{layers[0]}..{layers[-1]}" if list(layers) == list(range(layers[0], layers[-1] + 1)) \
-        else str(list(layers))
+    return f"{layers[0]}..{layers[-1]}" if list(layers) == list(range(layers[0], layers[-1] + 1)) else str(list(layers))
 
 
 def _first_arg(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
@@ -516,5 +528,11 @@ def _eval(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-__all__ = ["AttributionTrace", "PromptState", "ReplacementModel", "TranscoderMismatchError",
-           "frozen_eager_attention", "register_frozen_attention"]
+__all__ = [
+    "AttributionTrace",
+    "PromptState",
+    "ReplacementModel",
+    "TranscoderMismatchError",
+    "frozen_eager_attention",
+    "register_frozen_attention",
+]

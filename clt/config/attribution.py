@@ -27,15 +27,20 @@ class AttributionConfig(ConfigBase):
     """Prepend the BOS token to a text prompt (the convention of extraction and training)."""
 
     def __post_init__(self) -> None:
-        check(isinstance(self.max_n_logits, int) and self.max_n_logits >= 1,
-              f"max_n_logits must be a positive integer, got {self.max_n_logits!r}")
-        check(0 < self.desired_logit_prob <= 1,
-              f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob}")
-        check(isinstance(self.batch_size, int) and self.batch_size >= 1,
-              f"batch_size must be a positive integer, got {self.batch_size!r}")
-        check(self.max_feature_nodes is None
-              or (isinstance(self.max_feature_nodes, int) and self.max_feature_nodes >= 0),
-              f"max_feature_nodes must be None (all) or a non-negative integer, "
-              f"got {self.max_feature_nodes!r}")
-        check(isinstance(self.update_interval, int) and self.update_interval >= 1,
-              f"update_interval must be a positive integer, got {self.update_interval!r}")
+        check(
+            isinstance(self.max_n_logits, int) and self.max_n_logits >= 1,
+            f"max_n_logits must be a positive integer, got {self.max_n_logits!r}",
+        )
+        check(0 < self.desired_logit_prob <= 1, f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob}")
+        check(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"batch_size must be a positive integer, got {self.batch_size!r}",
+        )
+        check(
+            self.max_feature_nodes is None or (isinstance(self.max_feature_nodes, int) and self.max_feature_nodes >= 0),
+            f"max_feature_nodes must be None (all) or a non-negative integer, got {self.max_feature_nodes!r}",
+        )
+        check(
+            isinstance(self.update_interval, int) and self.update_interval >= 1,
+            f"update_interval must be a positive integer, got {self.update_interval!r}",
+        )

@@ -38,8 +38,13 @@ def _parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got '{value}'")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase], *, skip: tuple[str, ...] = (),
-                         defaults: dict[str, Any] | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type[ConfigBase],
+    *,
+    skip: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Add one option per config field (default None = keep the config's value), help from its docstring."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -51,8 +56,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ConfigBase],
         if field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
         default = (defaults or {}).get(field.name, default)
-        group.add_argument(_flag(field.name), dest=field.name, type=_parser_for(hints[field.name]), default=None,
-                           metavar=field.name.upper(), help=f"{docs.get(field.name, '')} (default: {default})")
+        text = f"{docs.get(field.name, '')} (default: {default})"
+        group.add_argument(
+            _flag(field.name),
+            dest=field.name,
+            type=_parser_for(hints[field.name]),
+            default=None,
+            metavar=field.name.upper(),
+            help=text.replace("%", "%%"),
+        )
 
 
 def config_from_args(cls: type[ConfigBase], args: argparse.Namespace, base: dict[str, Any] | None = None) -> ConfigBase:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from clt.config.base import ConfigBase, check
-from clt.nnsight.models import DEFAULT_MODEL
 from clt.config.transcoder import OUTPUT_SITES
+from clt.nnsight.models import DEFAULT_MODEL
 from clt.training.shards import COMPRESSIONS, STORE_DTYPES
 
 
@@ -61,7 +61,9 @@ class ExtractionConfig(ConfigBase):
         check(self.compression in COMPRESSIONS, f"compression '{self.compression}' is not one of {COMPRESSIONS}")
         check(self.output_site in OUTPUT_SITES, f"output_site '{self.output_site}' is not one of {OUTPUT_SITES}")
         check(self.num_writers >= 1, f"num_writers must be at least 1, got {self.num_writers}")
-        check(0 <= self.writer_rank < self.num_writers,
-              f"writer_rank {self.writer_rank} is out of range for num_writers={self.num_writers}: "
-              f"use 0..{self.num_writers - 1}")
+        check(
+            0 <= self.writer_rank < self.num_writers,
+            f"writer_rank {self.writer_rank} is out of range for num_writers={self.num_writers}: "
+            f"use 0..{self.num_writers - 1}",
+        )
         check(self.layers is None or len(self.layers) > 0, "layers must be omitted (all) or a non-empty list")

@@ -90,13 +90,19 @@ class TrainingConfig(ConfigBase):
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         check(self.training_steps > 0, f"training_steps must be positive, got {self.training_steps}")
         check(self.sparsity_lambda >= 0, f"sparsity_lambda must be >= 0, got {self.sparsity_lambda}")
-        check(self.sparsity_kind in SPARSITY_KINDS, f"sparsity_kind '{self.sparsity_kind}' is not one of {SPARSITY_KINDS}")
+        check(
+            self.sparsity_kind in SPARSITY_KINDS, f"sparsity_kind '{self.sparsity_kind}' is not one of {SPARSITY_KINDS}"
+        )
         check(self.grad_accumulation_steps >= 1, "grad_accumulation_steps must be >= 1")
-        check(self.batch_size % self.grad_accumulation_steps == 0,
-              f"batch_size {self.batch_size} must be divisible by grad_accumulation_steps {self.grad_accumulation_steps}")
+        check(
+            self.batch_size % self.grad_accumulation_steps == 0,
+            f"batch_size {self.batch_size} must be divisible by grad_accumulation_steps {self.grad_accumulation_steps}",
+        )
         check(self.parallel in PARALLEL_MODES, f"parallel '{self.parallel}' is not one of {PARALLEL_MODES}")
         check(self.dist_timeout_s > 0, f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
-        check(self.mixed_precision in PRECISIONS, f"mixed_precision '{self.mixed_precision}' is not one of {PRECISIONS}")
+        check(
+            self.mixed_precision in PRECISIONS, f"mixed_precision '{self.mixed_precision}' is not one of {PRECISIONS}"
+        )
         check(0.0 <= self.lr_decay_start <= 1.0, f"lr_decay_start must be in [0, 1], got {self.lr_decay_start}")
         check(len(self.adam_betas) == 2, f"adam_betas must be two numbers, got {self.adam_betas}")
         check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")

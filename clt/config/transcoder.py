@@ -72,91 +72,114 @@ class CLTConfig(ConfigBase):
     def __post_init__(self) -> None:
         for name in ("num_features", "num_layers", "d_model"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0,
-                  f"{name} must be a positive integer, got {value!r}")
-        check(self.activation_fn in ACTIVATION_FNS,
-              f"activation_fn '{self.activation_fn}' is not one of {ACTIVATION_FNS}; pick one")
-        check(self.jumprelu_threshold > 0,
-              f"jumprelu_threshold must be > 0 (learned as log θ), got {self.jumprelu_threshold}")
-        check(self.jumprelu_bandwidth > 0,
-              f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
-        check(isinstance(self.topk, int) and self.topk >= 1,
-              f"topk must be a positive integer, got {self.topk!r}")
-        check(self.activation_fn not in ("topk", "batchtopk") or self.topk <= self.num_features,
-              f"topk={self.topk} exceeds num_features={self.num_features}; lower topk")
-        check(self.sparse_decode in SPARSE_DECODE,
-              f"sparse_decode '{self.sparse_decode}' is not one of {SPARSE_DECODE}")
-        check(self.sparse_decode != "on" or self.activation_fn in ("topk", "batchtopk"),
-              f"sparse_decode='on' needs activation_fn topk or batchtopk, not "
-              f"'{self.activation_fn}' (its gradient skips inactive features); use 'auto' or 'off'")
-        check(self.batchtopk_scope in BATCHTOPK_SCOPES,
-              f"batchtopk_scope '{self.batchtopk_scope}' is not one of {BATCHTOPK_SCOPES}")
-        check(0 < self.batchtopk_momentum <= 1,
-              f"batchtopk_momentum must be in (0, 1], got {self.batchtopk_momentum}")
+            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        check(
+            self.activation_fn in ACTIVATION_FNS,
+            f"activation_fn '{self.activation_fn}' is not one of {ACTIVATION_FNS}; pick one",
+        )
+        check(
+            self.jumprelu_threshold > 0,
+            f"jumprelu_threshold must be > 0 (learned as log θ), got {self.jumprelu_threshold}",
+        )
+        check(self.jumprelu_bandwidth > 0, f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
+        check(isinstance(self.topk, int) and self.topk >= 1, f"topk must be a positive integer, got {self.topk!r}")
+        check(
+            self.activation_fn not in ("topk", "batchtopk") or self.topk <= self.num_features,
+            f"topk={self.topk} exceeds num_features={self.num_features}; lower topk",
+        )
+        check(
+            self.sparse_decode in SPARSE_DECODE, f"sparse_decode '{self.sparse_decode}' is not one of {SPARSE_DECODE}"
+        )
+        check(
+            self.sparse_decode != "on" or self.activation_fn in ("topk", "batchtopk"),
+            f"sparse_decode='on' needs activation_fn topk or batchtopk, not "
+            f"'{self.activation_fn}' (its gradient skips inactive features); use 'auto' or 'off'",
+        )
+        check(
+            self.batchtopk_scope in BATCHTOPK_SCOPES,
+            f"batchtopk_scope '{self.batchtopk_scope}' is not one of {BATCHTOPK_SCOPES}",
+        )
+        check(0 < self.batchtopk_momentum <= 1, f"batchtopk_momentum must be in (0, 1], got {self.batchtopk_momentum}")
         check(self.dtype in PARAM_DTYPES, f"dtype '{self.dtype}' is not one of {PARAM_DTYPES}")
         self._check_architecture()
         self._check_matryoshka()
         self._check_output_site()
         self.layers = list(range(self.num_layers)) if self.layers is None else list(self.layers)
-        check(len(self.layers) == self.num_layers,
-              f"layers has {len(self.layers)} entries but num_layers is {self.num_layers}; "
-              "give one model layer index per transcoder layer, or omit layers")
-        check(all(isinstance(i, int) and i >= 0 for i in self.layers)
-              and all(a < b for a, b in zip(self.layers, self.layers[1:])),
-              f"layers must be increasing non-negative integers, got {self.layers}")
+        check(
+            len(self.layers) == self.num_layers,
+            f"layers has {len(self.layers)} entries but num_layers is {self.num_layers}; "
+            "give one model layer index per transcoder layer, or omit layers",
+        )
+        check(
+            all(isinstance(i, int) and i >= 0 for i in self.layers)
+            and all(a < b for a, b in zip(self.layers, self.layers[1:])),
+            f"layers must be increasing non-negative integers, got {self.layers}",
+        )
 
     def _check_architecture(self) -> None:
-        check(self.architecture in ARCHITECTURES,
-              f"architecture '{self.architecture}' is not one of {ARCHITECTURES}")
+        check(self.architecture in ARCHITECTURES, f"architecture '{self.architecture}' is not one of {ARCHITECTURES}")
         if self.architecture != "molt":
             return
-        check(not self.cross_layer,
-              "architecture='molt' is a per-layer replacement (each layer's transforms act on its "
-              "own input): set cross_layer=False")
+        check(
+            not self.cross_layer,
+            "architecture='molt' is a per-layer replacement (each layer's transforms act on its "
+            "own input): set cross_layer=False",
+        )
         ranks = self.molt_ranks
-        check(isinstance(ranks, list) and len(ranks) > 0
-              and all(isinstance(r, int) and 1 <= r <= self.d_model for r in ranks)
-              and all(a > b for a, b in zip(ranks, ranks[1:])),
-              f"molt_ranks must be a non-empty decreasing list of ranks in [1, d_model="
-              f"{self.d_model}], got {ranks!r}")
+        check(
+            isinstance(ranks, list)
+            and len(ranks) > 0
+            and all(isinstance(r, int) and 1 <= r <= self.d_model for r in ranks)
+            and all(a > b for a, b in zip(ranks, ranks[1:])),
+            f"molt_ranks must be a non-empty decreasing list of ranks in [1, d_model={self.d_model}], got {ranks!r}",
+        )
         groups = 2 ** len(ranks) - 1
-        check(self.num_features % groups == 0,
-              f"a MOLT with {len(ranks)} ranks has N·{groups} transforms (N, 2N, 4N, ... per rank); "
-              f"num_features={self.num_features} is not a multiple of {groups}: use "
-              f"{max(1, self.num_features // groups) * groups} or change molt_ranks")
-        check(not (self.activation_fn == "batchtopk" and self.batchtopk_scope == "all"),
-              "a MOLT's layers are independent mixtures: batchtopk_scope='all' would share one "
-              "budget across layers; use batchtopk_scope='layer'")
-        check(self.sparse_decode != "on",
-              "a MOLT has no sparse decoder path: use sparse_decode='auto' or 'off'")
-        check(self.matryoshka_prefixes is None,
-              "matryoshka_prefixes is for transcoders (architecture='transcoder'); a MOLT's "
-              "transforms have different ranks and no nested order: remove matryoshka_prefixes")
+        check(
+            self.num_features % groups == 0,
+            f"a MOLT with {len(ranks)} ranks has N·{groups} transforms (N, 2N, 4N, ... per rank); "
+            f"num_features={self.num_features} is not a multiple of {groups}: use "
+            f"{max(1, self.num_features // groups) * groups} or change molt_ranks",
+        )
+        check(
+            not (self.activation_fn == "batchtopk" and self.batchtopk_scope == "all"),
+            "a MOLT's layers are independent mixtures: batchtopk_scope='all' would share one "
+            "budget across layers; use batchtopk_scope='layer'",
+        )
+        check(self.sparse_decode != "on", "a MOLT has no sparse decoder path: use sparse_decode='auto' or 'off'")
+        check(
+            self.matryoshka_prefixes is None,
+            "matryoshka_prefixes is for transcoders (architecture='transcoder'); a MOLT's "
+            "transforms have different ranks and no nested order: remove matryoshka_prefixes",
+        )
 
     def _check_matryoshka(self) -> None:
         prefixes = self.matryoshka_prefixes
         if prefixes is None:
             return
         self.matryoshka_prefixes = prefixes = list(prefixes)
-        check(len(prefixes) > 0 and all(isinstance(m, int) and 0 < m < self.num_features
-                                        for m in prefixes)
-              and all(a < b for a, b in zip(prefixes, prefixes[1:])),
-              f"matryoshka_prefixes must be strictly increasing integers in [1, num_features="
-              f"{self.num_features}) (the full dictionary is implied), got {prefixes!r}; "
-              "e.g. [F // 8, F // 4, F // 2], or None to turn Matryoshka off")
+        check(
+            len(prefixes) > 0
+            and all(isinstance(m, int) and 0 < m < self.num_features for m in prefixes)
+            and all(a < b for a, b in zip(prefixes, prefixes[1:])),
+            f"matryoshka_prefixes must be strictly increasing integers in [1, num_features="
+            f"{self.num_features}) (the full dictionary is implied), got {prefixes!r}; "
+            "e.g. [F // 8, F // 4, F // 2], or None to turn Matryoshka off",
+        )
 
     def _check_output_site(self) -> None:
-        check(self.output_site in OUTPUT_SITES,
-              f"output_site '{self.output_site}' is not one of {OUTPUT_SITES}")
+        check(self.output_site in OUTPUT_SITES, f"output_site '{self.output_site}' is not one of {OUTPUT_SITES}")
         if self.output_site != "mlp_in":
             return
         sae = "output_site='mlp_in' (an SAE: the outputs are the layer's own inputs)"
-        check(not self.cross_layer, f"{sae} reconstructs each layer from its own features: set "
-                                    "cross_layer=False")
-        check(not self.skip_connection, f"{sae} with skip_connection would learn the identity "
-                                        "W_skip = I: set skip_connection=False")
-        check(self.architecture == "transcoder", f"{sae} needs architecture='transcoder' (a MOLT "
-                                                 "of the identity map is meaningless)")
+        check(not self.cross_layer, f"{sae} reconstructs each layer from its own features: set cross_layer=False")
+        check(
+            not self.skip_connection,
+            f"{sae} with skip_connection would learn the identity W_skip = I: set skip_connection=False",
+        )
+        check(
+            self.architecture == "transcoder",
+            f"{sae} needs architecture='transcoder' (a MOLT of the identity map is meaningless)",
+        )
 
     @property
     def is_sae(self) -> bool:

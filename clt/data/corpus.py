@@ -122,7 +122,5 @@ def encode_prompt(tokenizer, prompt: str, *, prepend_bos: bool = True, max_lengt
     if not ids:
         raise ValueError("the prompt is empty")
     if max_length is not None and len(ids) > max_length:
-        raise ValueError(
-            f"the prompt has {len(ids)} tokens but the model's context is {max_length}; shorten it"
-        )
+        raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {max_length}; shorten it")
     return ids

@@ -11,5 +11,13 @@ from clt.interp.features import (
     unembedding_of,
 )
 
-__all__ = ["Context", "FeatureCard", "FeatureCards", "auto_label", "build_feature_cards", "fingerprint", "output_logit_effects",
-           "unembedding_of"]
+__all__ = [
+    "Context",
+    "FeatureCard",
+    "FeatureCards",
+    "auto_label",
+    "build_feature_cards",
+    "fingerprint",
+    "output_logit_effects",
+    "unembedding_of",
+]

@@ -91,8 +91,10 @@ class FeatureCards(dict[str, FeatureCard]):
         """The card of one feature (KeyError names what is available)."""
         key = f"{layer}/{feature}"
         if key not in self:
-            raise KeyError(f"no card for layer {layer} feature {feature}; {len(self)} cards were built "
-                           "(pass features=[...] to build_feature_cards to build others)")
+            raise KeyError(
+                f"no card for layer {layer} feature {feature}; {len(self)} cards were built "
+                "(pass features=[...] to build_feature_cards to build others)"
+            )
         return self[key]
 
     source: str = ""
@@ -102,8 +104,11 @@ class FeatureCards(dict[str, FeatureCard]):
         """Write all cards as JSON (atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"version": CARDS_VERSION, "source": self.source,
-                   "cards": [dataclasses.asdict(c) for c in self.values()]}
+        payload = {
+            "version": CARDS_VERSION,
+            "source": self.source,
+            "cards": [dataclasses.asdict(c) for c in self.values()],
+        }
         atomic_write_text(json.dumps(payload), path)
         return path
 
@@ -114,8 +119,10 @@ class FeatureCards(dict[str, FeatureCard]):
             payload = json.loads(Path(path).read_text())
             cards = [FeatureCard.from_dict(c) for c in payload["cards"]]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is not a feature-card file ({type(err).__name__}: {err}); delete it "
-                             "or rebuild it with build_feature_cards") from err
+            raise ValueError(
+                f"{path} is not a feature-card file ({type(err).__name__}: {err}); delete it "
+                "or rebuild it with build_feature_cards"
+            ) from err
         out = cls((c.key, c) for c in cards)
         out.source = str(payload.get("source", ""))
         return out
@@ -143,8 +150,14 @@ class _Scan:
 
 
 @torch.no_grad()
-def _scan(transcoder: CrossLayerTranscoder, store: ActivationStore, top_k: int, max_tokens: int | None,
-          batch_size: int, progress: bool) -> _Scan:
+def _scan(
+    transcoder: CrossLayerTranscoder,
+    store: ActivationStore,
+    top_k: int,
+    max_tokens: int | None,
+    batch_size: int,
+    progress: bool,
+) -> _Scan:
     L, F = transcoder.cfg.num_layers, transcoder.cfg.num_features
     top_values = torch.full((L, F, top_k), -torch.inf)
     top_rows = torch.full((L, F, top_k), -1, dtype=torch.long)
@@ -194,8 +207,10 @@ def _store_column(store: ActivationStore, key: str) -> torch.Tensor:
     for i in range(len(store.shards)):
         shard = store.shard(i)
         if key not in shard:
-            raise ValueError(f"this store has no '{key}' (an in-memory store built from raw tensors?); "
-                             "feature cards need a store written by ActivationExtractor")
+            raise ValueError(
+                f"this store has no '{key}' (an in-memory store built from raw tensors?); "
+                "feature cards need a store written by ActivationExtractor"
+            )
         parts.append(shard[key].long())
     return torch.cat(parts)
 
@@ -222,8 +237,9 @@ def auto_label(card: FeatureCard, n: int = 3) -> str:
     return " | ".join(tokens) if tokens else "(never fires)"
 
 
-def output_logit_effects(transcoder: CrossLayerTranscoder, unembedding: torch.Tensor,
-                         final_norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+def output_logit_effects(
+    transcoder: CrossLayerTranscoder, unembedding: torch.Tensor, final_norm_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Direct logit effect [L, F, vocab] of each feature's total decoder write (mean logit removed)."""
     transcoder.require_mlp_replacement("a feature's direct logit effect")
     folded = transcoder.fold_normalization()
@@ -245,12 +261,23 @@ def unembedding_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return model.get_output_embeddings().weight.detach(), None if weight is None else weight.detach()
 
 
-def build_feature_cards(transcoder: CrossLayerTranscoder, store: ActivationStore, tokenizer: Any, *,
-                        unembedding: torch.Tensor | None = None, final_norm_weight: torch.Tensor | None = None,
-                        features: Iterable[tuple[int, int]] | None = None, top_k: int = 8, context: int = 6,
-                        n_logits: int = 8, max_tokens: int | None = None, batch_size: int = 512,
-                        labeller: Callable[[FeatureCard], str] | None = None,
-                        cache: str | Path | None = None, progress: bool = True) -> FeatureCards:
+def build_feature_cards(
+    transcoder: CrossLayerTranscoder,
+    store: ActivationStore,
+    tokenizer: Any,
+    *,
+    unembedding: torch.Tensor | None = None,
+    final_norm_weight: torch.Tensor | None = None,
+    features: Iterable[tuple[int, int]] | None = None,
+    top_k: int = 8,
+    context: int = 6,
+    n_logits: int = 8,
+    max_tokens: int | None = None,
+    batch_size: int = 512,
+    labeller: Callable[[FeatureCard], str] | None = None,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> FeatureCards:
     """Cards for `features` ((layer, feature) pairs; default all that fire) from one pass over `store`.
 
     `unembedding` [vocab, d] (and the final norm's weight) gives top promoted/suppressed tokens.
@@ -258,8 +285,10 @@ def build_feature_cards(transcoder: CrossLayerTranscoder, store: ActivationStore
     """
     cfg = transcoder.cfg
     if store.num_layers != cfg.num_layers or store.d_model != cfg.d_model:
-        raise ValueError(f"the store has {store.num_layers} layers × d_model {store.d_model} but the transcoder "
-                         f"expects {cfg.num_layers} × {cfg.d_model}: use the store it was trained on")
+        raise ValueError(
+            f"the store has {store.num_layers} layers × d_model {store.d_model} but the transcoder "
+            f"expects {cfg.num_layers} × {cfg.d_model}: use the store it was trained on"
+        )
     source = fingerprint(transcoder, store, max_tokens, top_k, context, n_logits, unembedding is not None)
     cached = FeatureCards.load(cache) if cache is not None and Path(cache).is_file() else FeatureCards()
     if cached and cached.source != source:
@@ -269,8 +298,10 @@ def build_feature_cards(transcoder: CrossLayerTranscoder, store: ActivationStore
     wanted = [(int(lay), int(f)) for lay, f in features] if features is not None else None
     for layer, feature in wanted or []:
         if not (0 <= layer < cfg.num_layers and 0 <= feature < cfg.num_features):
-            raise ValueError(f"feature ({layer}, {feature}) is out of range: the transcoder has "
-                             f"{cfg.num_layers} layers × {cfg.num_features} features")
+            raise ValueError(
+                f"feature ({layer}, {feature}) is out of range: the transcoder has "
+                f"{cfg.num_layers} layers × {cfg.num_features} features"
+            )
     scan = None
     if wanted is None or any(f"{lay}/{f}" not in cached for lay, f in wanted):
         scan = _scan(transcoder.eval(), store, top_k, max_tokens, batch_size, progress)
@@ -280,12 +311,25 @@ def build_feature_cards(transcoder: CrossLayerTranscoder, store: ActivationStore
     if todo:
         token_ids = _store_column(store, "token_ids")
         window_ids = _store_column(store, "window_ids")
-        logit_effects = (output_logit_effects(transcoder, unembedding, final_norm_weight)
-                         if unembedding is not None else None)
+        logit_effects = (
+            output_logit_effects(transcoder, unembedding, final_norm_weight) if unembedding is not None else None
+        )
         inputs_cache: dict[int, torch.Tensor] = {}
         for layer, feature in tqdm(todo, desc="feature cards", disable=not progress):
-            card = _card(transcoder, store, tokenizer, scan, layer, feature, token_ids, window_ids, context,
-                         logit_effects, n_logits, inputs_cache)
+            card = _card(
+                transcoder,
+                store,
+                tokenizer,
+                scan,
+                layer,
+                feature,
+                token_ids,
+                window_ids,
+                context,
+                logit_effects,
+                n_logits,
+                inputs_cache,
+            )
             card.label = labeller(card) if labeller is not None else auto_label(card)
             cached[card.key] = card
         if cache is not None:
@@ -309,9 +353,20 @@ def _row_inputs(store: ActivationStore, rows: torch.Tensor, cache: dict[int, tor
 
 
 @torch.no_grad()
-def _card(transcoder: CrossLayerTranscoder, store: ActivationStore, tokenizer: Any, scan: _Scan, layer: int,
-          feature: int, token_ids: torch.Tensor, window_ids: torch.Tensor, context: int,
-          logit_effects: torch.Tensor | None, n_logits: int, inputs_cache: dict[int, torch.Tensor]) -> FeatureCard:
+def _card(
+    transcoder: CrossLayerTranscoder,
+    store: ActivationStore,
+    tokenizer: Any,
+    scan: _Scan,
+    layer: int,
+    feature: int,
+    token_ids: torch.Tensor,
+    window_ids: torch.Tensor,
+    context: int,
+    logit_effects: torch.Tensor | None,
+    n_logits: int,
+    inputs_cache: dict[int, torch.Tensor],
+) -> FeatureCard:
     contexts = []
     for value, row in zip(scan.top_values[layer, feature].tolist(), scan.top_rows[layer, feature].tolist()):
         if row < 0 or value <= 0:
@@ -331,7 +386,15 @@ def _card(transcoder: CrossLayerTranscoder, store: ActivationStore, tokenizer: A
         bottom = [(t, -v) for t, v in bottom]
     histogram = scan.histogram[layer, feature]
     edges = scan.bin_edges[layer, feature]
-    return FeatureCard(layer=layer, feature=feature, density=float(scan.fire_count[layer, feature]) / max(scan.n_tokens, 1),
-                       max_activation=max(0.0, float(scan.top_values[layer, feature, 0])),
-                       quantiles=_quantiles(histogram, edges), histogram=histogram.tolist(),
-                       bin_edges=[float(e) for e in edges], contexts=contexts, top_logits=top, bottom_logits=bottom)
+    return FeatureCard(
+        layer=layer,
+        feature=feature,
+        density=float(scan.fire_count[layer, feature]) / max(scan.n_tokens, 1),
+        max_activation=max(0.0, float(scan.top_values[layer, feature, 0])),
+        quantiles=_quantiles(histogram, edges),
+        histogram=histogram.tolist(),
+        bin_edges=[float(e) for e in edges],
+        contexts=contexts,
+        top_logits=top,
+        bottom_logits=bottom,
+    )

@@ -171,8 +171,7 @@ class BatchTopK(nn.Module):
     (plain ReLU).
     """
 
-    def __init__(self, num_layers: int, k: int, scope: str = "layer",
-                 momentum: float = 0.01) -> None:
+    def __init__(self, num_layers: int, k: int, scope: str = "layer", momentum: float = 0.01) -> None:
         super().__init__()
         if scope not in ("layer", "all"):
             raise ValueError(f"BatchTopK scope must be 'layer' or 'all', got {scope!r}")
@@ -198,7 +197,8 @@ class BatchTopK(nn.Module):
         """`update_threshold` from the kept entries only: their values and layers (1-D)."""
         inf = torch.full_like(values, float("inf"))
         low = inf.new_full((self.threshold.shape[0],), float("inf")).scatter_reduce(
-            0, layer, torch.where(values > 0, values, inf), "amin")
+            0, layer, torch.where(values > 0, values, inf), "amin"
+        )
         self._update(torch.where(torch.isinf(low), torch.full_like(low, float("nan")), low).float())
 
     def _update(self, low: Tensor) -> None:

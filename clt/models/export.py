@@ -67,8 +67,7 @@ PLT_THRESHOLD = "activation_function.threshold"
 DEFAULT_INPUT_HOOK = "mlp.hook_in"
 DEFAULT_OUTPUT_HOOK = "mlp.hook_out"
 _OWN_CONFIG = "clt_config"
-_PATTERNS = {PLT_KIND: ("layer_{}.safetensors",),
-             CLT_KIND: ("W_enc_{}.safetensors", "W_dec_{}.safetensors")}
+_PATTERNS = {PLT_KIND: ("layer_{}.safetensors",), CLT_KIND: ("W_enc_{}.safetensors", "W_dec_{}.safetensors")}
 _FILE_RE = re.compile(r"^(layer|W_enc|W_dec)_(\d+)\.safetensors$")
 
 
@@ -76,11 +75,16 @@ _FILE_RE = re.compile(r"^(layer|W_enc|W_dec)_(\d+)\.safetensors$")
 
 
 @torch.no_grad()
-def export_circuit_tracer(transcoder: CrossLayerTranscoder, out_dir: str | Path, *,
-                          feature_input_hook: str = DEFAULT_INPUT_HOOK,
-                          feature_output_hook: str = DEFAULT_OUTPUT_HOOK,
-                          scan: str | None = None, num_model_layers: int | None = None,
-                          overwrite: bool = False) -> Path:
+def export_circuit_tracer(
+    transcoder: CrossLayerTranscoder,
+    out_dir: str | Path,
+    *,
+    feature_input_hook: str = DEFAULT_INPUT_HOOK,
+    feature_output_hook: str = DEFAULT_OUTPUT_HOOK,
+    scan: str | None = None,
+    num_model_layers: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write `transcoder` as a folder circuit-tracer loads (module docstring); returns the folder.
 
     ``feature_input_hook``/``feature_output_hook`` name where circuit-tracer reads the features'
@@ -94,9 +98,11 @@ def export_circuit_tracer(transcoder: CrossLayerTranscoder, out_dir: str | Path,
     _check_exportable(cfg)
     layers = list(cfg.layers)
     M = max(layers) + 1 if num_model_layers is None else num_model_layers
-    if M <= max(layers):
-        raise ValueError(f"num_model_layers={M} but the transcoder covers model layer "
-                         f"{max(layers)}; give the model's layer count (> {max(layers)})")
+    if max(layers) >= M:
+        raise ValueError(
+            f"num_model_layers={M} but the transcoder covers model layer "
+            f"{max(layers)}; give the model's layer count (> {max(layers)})"
+        )
     kind = CLT_KIND if cfg.cross_layer else PLT_KIND
     out_dir = Path(out_dir)
     _prepare(out_dir, overwrite)
@@ -112,17 +118,18 @@ def export_circuit_tracer(transcoder: CrossLayerTranscoder, out_dir: str | Path,
         W_enc = folded.W_enc[i] if i is not None else torch.zeros(F, d, dtype=dtype)
         b_enc = folded.b_enc[i] if i is not None else torch.zeros(F, dtype=dtype)
         b_dec = folded.b_dec[i] if i is not None else torch.zeros(d, dtype=dtype)
-        thr = None if threshold is None else (threshold[i] if i is not None
-                                              else torch.zeros(F, dtype=dtype))
+        thr = None if threshold is None else (threshold[i] if i is not None else torch.zeros(F, dtype=dtype))
         if kind == PLT_KIND:
-            tensors = {"W_enc": W_enc, "W_dec": (folded.W_dec[i][:, 0] if i is not None
-                                                 else torch.zeros(F, d, dtype=dtype)),
-                       "b_enc": b_enc, "b_dec": b_dec}
+            tensors = {
+                "W_enc": W_enc,
+                "W_dec": (folded.W_dec[i][:, 0] if i is not None else torch.zeros(F, d, dtype=dtype)),
+                "b_enc": b_enc,
+                "b_dec": b_dec,
+            }
             if thr is not None:
                 tensors[PLT_THRESHOLD] = thr
             if cfg.skip_connection:
-                tensors["W_skip"] = (folded.W_skip[i] if i is not None
-                                     else torch.zeros(d, d, dtype=dtype))
+                tensors["W_skip"] = folded.W_skip[i] if i is not None else torch.zeros(d, d, dtype=dtype)
             written |= _save(out_dir, f"layer_{m}.safetensors", tensors)
         else:
             enc = {f"W_enc_{m}": W_enc, f"b_enc_{m}": b_enc, f"b_dec_{m}": b_dec}
@@ -137,8 +144,11 @@ def export_circuit_tracer(transcoder: CrossLayerTranscoder, out_dir: str | Path,
     for stale in out_dir.iterdir():
         if _FILE_RE.match(stale.name) and stale.name not in written:
             stale.unlink()
-    config: dict[str, Any] = {"model_kind": kind, "feature_input_hook": feature_input_hook,
-                              "feature_output_hook": feature_output_hook}
+    config: dict[str, Any] = {
+        "model_kind": kind,
+        "feature_input_hook": feature_input_hook,
+        "feature_output_hook": feature_output_hook,
+    }
     if scan is not None:
         config["scan"] = scan
     config[_OWN_CONFIG] = cfg.to_dict()
@@ -148,32 +158,38 @@ def export_circuit_tracer(transcoder: CrossLayerTranscoder, out_dir: str | Path,
 
 def _check_exportable(cfg: CLTConfig) -> None:
     if cfg.activation_fn == "topk":
-        raise ValueError("a TopK transcoder has no exact circuit-tracer counterpart (its TopK "
-                         "keeps negative pre-activations when fewer than k are positive, and only "
-                         "transcoder sets support it); train with activation_fn='jumprelu', "
-                         "'relu' or 'batchtopk' (exported as JumpReLU at its inference threshold)")
+        raise ValueError(
+            "a TopK transcoder has no exact circuit-tracer counterpart (its TopK "
+            "keeps negative pre-activations when fewer than k are positive, and only "
+            "transcoder sets support it); train with activation_fn='jumprelu', "
+            "'relu' or 'batchtopk' (exported as JumpReLU at its inference threshold)"
+        )
     if cfg.cross_layer and cfg.skip_connection:
-        raise ValueError("circuit-tracer's CLT loader (load_clt) reads no skip weights, so the "
-                         "skip term would be dropped silently; export a CLT without "
-                         "skip_connection, or a per-layer transcoder (cross_layer=False), "
-                         "whose skip is supported")
+        raise ValueError(
+            "circuit-tracer's CLT loader (load_clt) reads no skip weights, so the "
+            "skip term would be dropped silently; export a CLT without "
+            "skip_connection, or a per-layer transcoder (cross_layer=False), "
+            "whose skip is supported"
+        )
 
 
 def _prepare(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file; give a folder for the circuit-tracer export")
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = [p.name for p in out_dir.iterdir()
-                if p.name == CONFIG_FILE or _FILE_RE.match(p.name)]
+    existing = [p.name for p in out_dir.iterdir() if p.name == CONFIG_FILE or _FILE_RE.match(p.name)]
     if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds circuit-tracer files ({min(existing)}, "
-                              "...); pass overwrite=True or choose an empty folder")
+        raise FileExistsError(
+            f"{out_dir} already holds circuit-tracer files ({min(existing)}, "
+            "...); pass overwrite=True or choose an empty folder"
+        )
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)
 
 
 def _save(out_dir: Path, name: str, tensors: dict[str, Tensor]) -> set[str]:
-    atomic_save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                        out_dir / name, {"format": "pt"})
+    atomic_save_tensors(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out_dir / name, {"format": "pt"}
+    )
     return {name}
 
 
@@ -181,8 +197,7 @@ def _save(out_dir: Path, name: str, tensors: dict[str, Tensor]) -> set[str]:
 
 
 @torch.no_grad()
-def load_circuit_tracer(path: str | Path,
-                        device: str | torch.device | None = None) -> CrossLayerTranscoder:
+def load_circuit_tracer(path: str | Path, device: str | torch.device | None = None) -> CrossLayerTranscoder:
     """Read a circuit-tracer transcoder folder (ours or circuit-tracer's) into a transcoder.
 
     The result has identity standardisation and raw-space weights. A folder written by
@@ -193,13 +208,13 @@ def load_circuit_tracer(path: str | Path,
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no circuit-tracer transcoder folder at {path}; write one with "
-                                "export_circuit_tracer")
+        raise FileNotFoundError(f"no circuit-tracer transcoder folder at {path}; write one with export_circuit_tracer")
     config = _read_config(path)
     kind = config.get("model_kind") or _infer_kind(path)
     if kind not in _PATTERNS:
-        raise CheckpointError(f"{path / CONFIG_FILE}: model_kind {kind!r} is not one of "
-                              f"{sorted(_PATTERNS)}; fix config.yaml")
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: model_kind {kind!r} is not one of {sorted(_PATTERNS)}; fix config.yaml"
+        )
     M = _count_layers(path, kind)
     own = _own_config(path, config, kind, M)
     layers = own.layers if own is not None else list(range(M))
@@ -210,8 +225,10 @@ def load_circuit_tracer(path: str | Path,
         _check_shapes(path, kind, m, M, t, F, d)
     cfg = own if own is not None else _infer_config(config, kind, per_layer, F, d, M)
     if (cfg.num_features, cfg.d_model) != (F, d):
-        raise CheckpointError(f"{path}: the files hold F={F}, d={d} but {CONFIG_FILE} says "
-                              f"F={cfg.num_features}, d={cfg.d_model}; export the folder again")
+        raise CheckpointError(
+            f"{path}: the files hold F={F}, d={d} but {CONFIG_FILE} says "
+            f"F={cfg.num_features}, d={cfg.d_model}; export the folder again"
+        )
     model = CrossLayerTranscoder(cfg)
     for i, (m, t) in enumerate(zip(layers, per_layer)):
         model.W_enc[i] = t["W_enc"]
@@ -246,25 +263,29 @@ def _infer_kind(path: Path) -> str:
         return PLT_KIND
     if (path / "W_enc_0.safetensors").is_file():
         return CLT_KIND
-    raise FileNotFoundError(f"{path} holds no circuit-tracer transcoder (layer_0.safetensors or "
-                            "W_enc_0.safetensors); write one with export_circuit_tracer")
+    raise FileNotFoundError(
+        f"{path} holds no circuit-tracer transcoder (layer_0.safetensors or "
+        "W_enc_0.safetensors); write one with export_circuit_tracer"
+    )
 
 
 def _count_layers(path: Path, kind: str) -> int:
     counts = []
     for pattern in _PATTERNS[kind]:
         prefix = pattern.split("{}")[0]
-        found = {int(m.group(2)) for p in path.iterdir()
-                 if (m := _FILE_RE.match(p.name)) and p.name.startswith(prefix)}
+        found = {int(m.group(2)) for p in path.iterdir() if (m := _FILE_RE.match(p.name)) and p.name.startswith(prefix)}
         missing = sorted(set(range(max(found, default=-1) + 1)) - found)
         if not found or missing:
             first = pattern.format(missing[0] if missing else 0)
-            raise CheckpointError(f"{path} lacks {first} (a {kind} needs one file per layer "
-                                  "0..M-1); copy the complete folder or export it again")
+            raise CheckpointError(
+                f"{path} lacks {first} (a {kind} needs one file per layer "
+                "0..M-1); copy the complete folder or export it again"
+            )
         counts.append(len(found))
     if len(set(counts)) > 1:
-        raise CheckpointError(f"{path} has {counts[0]} W_enc_* but {counts[1]} W_dec_* files; "
-                              "copy the complete folder or export it again")
+        raise CheckpointError(
+            f"{path} has {counts[0]} W_enc_* but {counts[1]} W_dec_* files; copy the complete folder or export it again"
+        )
     return counts[0]
 
 
@@ -274,22 +295,29 @@ def _own_config(path: Path, config: dict[str, Any], kind: str, M: int) -> CLTCon
     try:
         cfg = CLTConfig.from_dict(config[_OWN_CONFIG])
     except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {_OWN_CONFIG} is invalid ({err}); export "
-                              "the folder again") from err
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: {_OWN_CONFIG} is invalid ({err}); export the folder again"
+        ) from err
     if cfg.cross_layer != (kind == CLT_KIND):
-        raise CheckpointError(f"{path / CONFIG_FILE}: model_kind {kind} contradicts "
-                              f"{_OWN_CONFIG}.cross_layer={cfg.cross_layer}; export the folder "
-                              "again")
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: model_kind {kind} contradicts "
+            f"{_OWN_CONFIG}.cross_layer={cfg.cross_layer}; export the folder "
+            "again"
+        )
     if max(cfg.layers) >= M:
-        raise CheckpointError(f"{path} has files for {M} layers but its {_OWN_CONFIG} covers model "
-                              f"layers up to {max(cfg.layers)}; copy the missing files or export "
-                              "the folder again")
+        raise CheckpointError(
+            f"{path} has files for {M} layers but its {_OWN_CONFIG} covers model "
+            f"layers up to {max(cfg.layers)}; copy the missing files or export "
+            "the folder again"
+        )
     return cfg
 
 
 def _read_layer(path: Path, kind: str, m: int, M: int) -> dict[str, Tensor]:
-    hint = {"missing": "copy the complete folder or export it again",
-                "corrupt": "copy the file again or export the folder again"}
+    hint = {
+        "missing": "copy the complete folder or export it again",
+        "corrupt": "copy the file again or export the folder again",
+    }
     if kind == PLT_KIND:
         t = read_tensors(path / f"layer_{m}.safetensors", CheckpointError, **hint)
         _require(path / f"layer_{m}.safetensors", t, ("W_enc", "W_dec", "b_enc", "b_dec"))
@@ -301,8 +329,12 @@ def _read_layer(path: Path, kind: str, m: int, M: int) -> dict[str, Tensor]:
     dec = read_tensors(path / f"W_dec_{m}.safetensors", CheckpointError, **hint)
     _require(path / f"W_enc_{m}.safetensors", enc, (f"W_enc_{m}", f"b_enc_{m}", f"b_dec_{m}"))
     _require(path / f"W_dec_{m}.safetensors", dec, (f"W_dec_{m}",))
-    out = {"W_enc": enc[f"W_enc_{m}"], "b_enc": enc[f"b_enc_{m}"], "b_dec": enc[f"b_dec_{m}"],
-           "W_dec": dec[f"W_dec_{m}"]}
+    out = {
+        "W_enc": enc[f"W_enc_{m}"],
+        "b_enc": enc[f"b_enc_{m}"],
+        "b_dec": enc[f"b_dec_{m}"],
+        "W_dec": dec[f"W_dec_{m}"],
+    }
     if f"threshold_{m}" in enc:
         out["threshold"] = enc[f"threshold_{m}"]
     return out
@@ -311,66 +343,87 @@ def _read_layer(path: Path, kind: str, m: int, M: int) -> dict[str, Tensor]:
 def _require(file: Path, tensors: dict[str, Tensor], keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise CheckpointError(f"{file} lacks {missing} (has {sorted(tensors)}); it is not a "
-                              "circuit-tracer transcoder file: export the folder again")
+        raise CheckpointError(
+            f"{file} lacks {missing} (has {sorted(tensors)}); it is not a "
+            "circuit-tracer transcoder file: export the folder again"
+        )
 
 
-def _check_shapes(path: Path, kind: str, m: int, M: int, t: dict[str, Tensor], F: int,
-                  d: int) -> None:
-    expected = {"W_enc": (F, d), "b_enc": (F,), "b_dec": (d,), "threshold": (F,),
-                "W_dec": (F, d) if kind == PLT_KIND else (F, M - m, d), "W_skip": (d, d)}
+def _check_shapes(path: Path, kind: str, m: int, M: int, t: dict[str, Tensor], F: int, d: int) -> None:
+    expected = {
+        "W_enc": (F, d),
+        "b_enc": (F,),
+        "b_dec": (d,),
+        "threshold": (F,),
+        "W_dec": (F, d) if kind == PLT_KIND else (F, M - m, d),
+        "W_skip": (d, d),
+    }
     for key, shape in expected.items():
         if key in t and tuple(t[key].shape) != shape:
-            raise CheckpointError(f"{path}, layer {m}: '{key}' has shape {list(t[key].shape)}, "
-                                  f"expected {list(shape)} (F={F}, d={d}, {M} layers); the files "
-                                  "come from different transcoders or a wrong layer count")
+            raise CheckpointError(
+                f"{path}, layer {m}: '{key}' has shape {list(t[key].shape)}, "
+                f"expected {list(shape)} (F={F}, d={d}, {M} layers); the files "
+                "come from different transcoders or a wrong layer count"
+            )
 
 
-def _infer_config(config: dict[str, Any], kind: str, per_layer: list[dict[str, Tensor]], F: int,
-                  d: int, M: int) -> CLTConfig:
+def _infer_config(
+    config: dict[str, Any], kind: str, per_layer: list[dict[str, Tensor]], F: int, d: int, M: int
+) -> CLTConfig:
     first = per_layer[0]
     has_threshold = ["threshold" in t for t in per_layer]
     if any(has_threshold) and not all(has_threshold):
-        raise CheckpointError("some layers have JumpReLU thresholds and some do not; export the "
-                              "folder again")
+        raise CheckpointError("some layers have JumpReLU thresholds and some do not; export the folder again")
     activation = "jumprelu" if all(has_threshold) else "relu"
     k = config.get("k", int(first["k"]) if "k" in first else None)
     if config.get("activation") == "topk" or "k" in first:
         if k is None:
-            raise CheckpointError("a TopK transcoder set needs k (config.yaml 'k' or a 'k' "
-                                  "tensor); add it to config.yaml")
-        logger.warning("loading circuit-tracer TopK as this project's TopK, which zeroes negative "
-                       "pre-activations (they differ where fewer than k are positive)")
+            raise CheckpointError(
+                "a TopK transcoder set needs k (config.yaml 'k' or a 'k' tensor); add it to config.yaml"
+            )
+        logger.warning(
+            "loading circuit-tracer TopK as this project's TopK, which zeroes negative "
+            "pre-activations (they differ where fewer than k are positive)"
+        )
         activation = "topk"
     elif config.get("activation") == "relu":
         activation = "relu"
     dtype = str(first["W_enc"].dtype).removeprefix("torch.")
-    return CLTConfig(num_features=F, num_layers=M, d_model=d, activation_fn=activation,
-                     topk=k if activation == "topk" else min(16, F),
-                     cross_layer=kind == CLT_KIND,
-                     skip_connection=kind == PLT_KIND and "W_skip" in first,
-                     dtype=dtype if dtype in PARAM_DTYPES else "float32")
+    return CLTConfig(
+        num_features=F,
+        num_layers=M,
+        d_model=d,
+        activation_fn=activation,
+        topk=k if activation == "topk" else min(16, F),
+        cross_layer=kind == CLT_KIND,
+        skip_connection=kind == PLT_KIND and "W_skip" in first,
+        dtype=dtype if dtype in PARAM_DTYPES else "float32",
+    )
 
 
-def _set_threshold(model: CrossLayerTranscoder, i: int, threshold: Tensor | None,
-                   path: Path) -> None:
+def _set_threshold(model: CrossLayerTranscoder, i: int, threshold: Tensor | None, path: Path) -> None:
     act = model.cfg.activation_fn
     if act in ("relu", "topk"):
         return
     if threshold is None:
-        raise CheckpointError(f"{path}: layer {model.cfg.layers[i]} has no threshold but the "
-                              f"config says {act}; export the folder again")
+        raise CheckpointError(
+            f"{path}: layer {model.cfg.layers[i]} has no threshold but the config says {act}; export the folder again"
+        )
     theta = threshold.double()
     if act == "batchtopk":
         if not bool((theta == theta[0]).all()):
-            raise CheckpointError(f"{path}: a BatchTopK layer needs one threshold per layer, but "
-                                  f"layer {model.cfg.layers[i]} has several; export it again")
+            raise CheckpointError(
+                f"{path}: a BatchTopK layer needs one threshold per layer, but "
+                f"layer {model.cfg.layers[i]} has several; export it again"
+            )
         model.batchtopk.threshold[i] = theta[0]
         model.batchtopk.num_updates.fill_(1)
         return
     if bool((theta < 0).any()):
-        raise CheckpointError(f"{path}: layer {model.cfg.layers[i]} has negative JumpReLU "
-                              "thresholds, which log θ cannot represent; clamp them to >= 0")
+        raise CheckpointError(
+            f"{path}: layer {model.cfg.layers[i]} has negative JumpReLU "
+            "thresholds, which log θ cannot represent; clamp them to >= 0"
+        )
     model.log_threshold[i] = theta.log()
 
 

@@ -55,10 +55,12 @@ class MixtureOfLinearTransforms(CrossLayerTranscoder):
         L, F, d = c.num_layers, c.num_features, c.d_model
         sizes = molt_group_sizes(c)
         self.group_starts = [sum(sizes[:g]) for g in range(len(sizes) + 1)]
-        self.V = nn.ParameterList([nn.Parameter(uniform((L, n, r, d), 1 / math.sqrt(d)))
-                                   for n, r in zip(sizes, c.molt_ranks)])
-        self.U = nn.ParameterList([nn.Parameter(uniform((L, n, r, d), 1 / math.sqrt(F * r)))
-                                   for n, r in zip(sizes, c.molt_ranks)])
+        self.V = nn.ParameterList(
+            [nn.Parameter(uniform((L, n, r, d), 1 / math.sqrt(d))) for n, r in zip(sizes, c.molt_ranks)]
+        )
+        self.U = nn.ParameterList(
+            [nn.Parameter(uniform((L, n, r, d), 1 / math.sqrt(F * r))) for n, r in zip(sizes, c.molt_ranks)]
+        )
 
     def decoder_norms(self) -> Tensor:
         """‖T_i‖_F = ‖U_iᵀ V_i‖_F of every transform, [L, F]."""
@@ -73,8 +75,7 @@ class MixtureOfLinearTransforms(CrossLayerTranscoder):
     def transforms(self, layer: int) -> Tensor:
         """The dense maps T_i [F, d_out, d_in] of layer `layer` (standardised space; for tests
         and inspection: F·d² numbers)."""
-        return torch.cat([torch.einsum("kro,kri->koi", U[layer], V[layer])
-                          for U, V in zip(self.U, self.V)])
+        return torch.cat([torch.einsum("kro,kri->koi", U[layer], V[layer]) for U, V in zip(self.U, self.V)])
 
     def uses_sparse_decode(self, features: Tensor | None = None) -> bool:
         """Never: a MOLT decodes densely in the gates."""
@@ -86,14 +87,18 @@ class MixtureOfLinearTransforms(CrossLayerTranscoder):
     def _decode_features(self, features: Tensor, x_std: Tensor | None, start: int = 0) -> Tensor:
         """Σ_i a_i T_i x̃ [..., L, d] for gates [..., L, F] (no bias, no skip)."""
         if x_std is None:
-            raise ValueError("a MOLT's transforms act on the inputs: call decode_normalized("
-                             "features, x_std) or decode(features, x) with the inputs")
+            raise ValueError(
+                "a MOLT's transforms act on the inputs: call decode_normalized("
+                "features, x_std) or decode(features, x) with the inputs"
+            )
         if start != 0 or features.shape[-1] != self.cfg.num_features:
-            raise UnsupportedDictionaryError("a MOLT decodes all its transforms together; it has "
-                                             "no Matryoshka prefixes")
+            raise UnsupportedDictionaryError(
+                "a MOLT decodes all its transforms together; it has no Matryoshka prefixes"
+            )
         self._check_shape(x_std, self.cfg.d_model, "d_model", "inputs x")
-        return torch.stack([self.layer_output(l, features[..., l, :], x_std[..., l, :])
-                            for l in range(self.cfg.num_layers)], dim=-2)
+        return torch.stack(
+            [self.layer_output(l, features[..., l, :], x_std[..., l, :]) for l in range(self.cfg.num_layers)], dim=-2
+        )
 
     def layer_output(self, layer: int, gates: Tensor, x_std: Tensor) -> Tensor:
         """Σ_i a_i T_i x̃ [..., d] of one layer from its gates [..., F] and standardised input
@@ -113,7 +118,8 @@ class MixtureOfLinearTransforms(CrossLayerTranscoder):
         raise UnsupportedDictionaryError(
             "a MOLT cannot fold its standardisation into its weights (each transform's mean "
             "shift T_i·μ_in/σ_in is gated by a_i); use the MOLT itself, which standardises its "
-            "inputs, on raw activations")
+            "inputs, on raw activations"
+        )
 
 
 __all__ = ["MixtureOfLinearTransforms", "molt_group_sizes"]

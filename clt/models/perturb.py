@@ -7,8 +7,9 @@ import torch
 from clt.models.transcoder import CrossLayerTranscoder
 
 
-def randomize_parameters(model: CrossLayerTranscoder, seed: int = 0, *,
-                         standardisation: bool = True) -> CrossLayerTranscoder:
+def randomize_parameters(
+    model: CrossLayerTranscoder, seed: int = 0, *, standardisation: bool = True
+) -> CrossLayerTranscoder:
     """Give `model` random biases, thresholds, skip weights and (optionally) standardisation, in place.
 
     A freshly initialised transcoder has zero biases, equal thresholds and identity statistics,
@@ -27,6 +28,10 @@ def randomize_parameters(model: CrossLayerTranscoder, seed: int = 0, *,
         if cfg.activation_fn == "batchtopk":
             model.batchtopk.threshold.copy_(torch.rand(L, generator=g) * 0.3)
     if standardisation:
-        model.set_normalization(torch.randn(L, d, generator=g), torch.rand(L, d, generator=g) + 0.5,
-                                torch.randn(L, d, generator=g), torch.rand(L, d, generator=g) + 0.5)
+        model.set_normalization(
+            torch.randn(L, d, generator=g),
+            torch.rand(L, d, generator=g) + 0.5,
+            torch.randn(L, d, generator=g),
+            torch.rand(L, d, generator=g) + 0.5,
+        )
     return model.eval()

@@ -83,9 +83,11 @@ class CrossLayerTranscoder(nn.Module):
     def __init__(self, cfg: CLTConfig) -> None:
         super().__init__()
         if cfg.architecture != self.architecture:
-            raise ValueError(f"{type(self).__name__} implements architecture "
-                             f"'{self.architecture}', not '{cfg.architecture}'; build it with "
-                             "CrossLayerTranscoder.from_config(cfg)")
+            raise ValueError(
+                f"{type(self).__name__} implements architecture "
+                f"'{self.architecture}', not '{cfg.architecture}'; build it with "
+                "CrossLayerTranscoder.from_config(cfg)"
+            )
         self.cfg = cfg
         L, F, d = cfg.num_layers, cfg.num_features, cfg.d_model
         dtype = getattr(torch, cfg.dtype)
@@ -112,9 +114,7 @@ class CrossLayerTranscoder(nn.Module):
         """Create the decoder parameters (W_dec per source layer)."""
         L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
         dec_bound = 1 / math.sqrt(F * (L if self.cfg.cross_layer else 1))
-        self.W_dec = nn.ParameterList(
-            [nn.Parameter(uniform((F, self.num_targets(l), d), dec_bound)) for l in range(L)]
-        )
+        self.W_dec = nn.ParameterList([nn.Parameter(uniform((F, self.num_targets(l), d), dec_bound)) for l in range(L)])
 
     # ----------------------------------------------------------------- structure
 
@@ -142,8 +142,7 @@ class CrossLayerTranscoder(nn.Module):
     def kind(self) -> str:
         """Short name of the dictionary: CLT, PLT, SAE or MOLT."""
         c = self.cfg
-        return "SAE" if c.is_sae else "MOLT" if c.architecture == "molt" else (
-            "CLT" if c.cross_layer else "PLT")
+        return "SAE" if c.is_sae else "MOLT" if c.architecture == "molt" else ("CLT" if c.cross_layer else "PLT")
 
     def require_mlp_replacement(self, purpose: str, *, linear: bool = True) -> None:
         """Raise UnsupportedDictionaryError unless this dictionary replaces the MLPs (not an SAE)
@@ -152,12 +151,14 @@ class CrossLayerTranscoder(nn.Module):
             raise UnsupportedDictionaryError(
                 f"{purpose} needs a transcoder of the MLP outputs, but this is an SAE "
                 "(output_site='mlp_in': it reconstructs the MLP inputs and replaces no MLP); "
-                "train a transcoder on a store extracted with output_site='mlp_out'")
+                "train a transcoder on a store extracted with output_site='mlp_out'"
+            )
         if linear and self.cfg.architecture == "molt":
             raise UnsupportedDictionaryError(
                 f"{purpose} needs outputs linear in the features, but a MOLT's output "
                 "Σ a_i U_i V_i x also depends on x through the transforms; use a transcoder "
-                "(architecture='transcoder', e.g. cross_layer=False with skip_connection=True)")
+                "(architecture='transcoder', e.g. cross_layer=False with skip_connection=True)"
+            )
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -166,8 +167,7 @@ class CrossLayerTranscoder(nn.Module):
 
     # ----------------------------------------------------------------- standardisation
 
-    def set_normalization(self, input_mean: Tensor, input_std: Tensor, output_mean: Tensor,
-                          output_std: Tensor) -> None:
+    def set_normalization(self, input_mean: Tensor, input_std: Tensor, output_mean: Tensor, output_std: Tensor) -> None:
         """Set the standardisation statistics (each [L, d]; a [L, 1] scale is broadcast)."""
         shape = (self.cfg.num_layers, self.cfg.d_model)
         for name, value in zip(_STATS, (input_mean, input_std, output_mean, output_std)):
@@ -175,8 +175,9 @@ class CrossLayerTranscoder(nn.Module):
             try:
                 value = value.expand(shape)
             except RuntimeError as err:
-                raise ValueError(f"{name} has shape {list(value.shape)}; "
-                                 f"expected [L={shape[0]}, d={shape[1]}]") from err
+                raise ValueError(
+                    f"{name} has shape {list(value.shape)}; expected [L={shape[0]}, d={shape[1]}]"
+                ) from err
             if name.endswith("std") and not bool((value > 0).all()):
                 raise ValueError(f"{name} must be positive everywhere; clamp it (clamp_min(1e-6))")
             getattr(self, name).copy_(value)
@@ -232,8 +233,7 @@ class CrossLayerTranscoder(nn.Module):
             return False
         return c.sparse_decode == "on" or c.topk * 8 <= c.num_features
 
-    def decode_normalized(self, features: Tensor, x_std: Tensor | None = None, *,
-                          bias: bool = True) -> Tensor:
+    def decode_normalized(self, features: Tensor, x_std: Tensor | None = None, *, bias: bool = True) -> Tensor:
         """Standardised reconstruction [..., L, d]; adds the skip term when x_std is given.
 
         With `uses_sparse_decode` the sum runs over the nonzero features only (in the parameter
@@ -265,8 +265,9 @@ class CrossLayerTranscoder(nn.Module):
         weights = [w.to(dtype) for w in rows]
         return _TriangularDecode.apply(d, flat, *weights).reshape(*batch_shape, L, d)
 
-    def prefix_reconstructions(self, features: Tensor, x_std: Tensor | None = None,
-                               sizes: list[int] | None = None) -> list[Tensor]:
+    def prefix_reconstructions(
+        self, features: Tensor, x_std: Tensor | None = None, sizes: list[int] | None = None
+    ) -> list[Tensor]:
         """Standardised reconstructions [..., L, d] from the first m features of every layer, for
         each m in `sizes` (increasing; default: the Matryoshka prefixes and F). Computed as
         cumulative sums of the decodes of consecutive feature segments: one full decode in all."""
@@ -297,8 +298,10 @@ class CrossLayerTranscoder(nn.Module):
     def decode(self, features: Tensor, x: Tensor | None = None) -> Tensor:
         """Raw reconstruction [..., L, d] of features [..., L, F] (x: raw inputs, for the skip)."""
         if self._decode_needs_inputs() and x is None:
-            raise ValueError(f"this {self.kind} reads its inputs when decoding (a skip connection "
-                             "or transforms): call decode(features, x=x) with the raw inputs")
+            raise ValueError(
+                f"this {self.kind} reads its inputs when decoding (a skip connection "
+                "or transforms): call decode(features, x=x) with the raw inputs"
+            )
         x_std = None if x is None else self.normalize_inputs(x)
         return self.denormalize_outputs(self.decode_normalized(features, x_std))
 
@@ -326,8 +329,7 @@ class CrossLayerTranscoder(nn.Module):
         L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
         flat = x_std.reshape(-1, L, d)
         n = flat.shape[0]
-        z, values, layer, rows, cols = _EncodeActive.apply(flat, self.W_enc, self.b_enc,
-                                                           self._select_active)
+        z, values, layer, rows, cols = _EncodeActive.apply(flat, self.W_enc, self.b_enc, self._select_active)
         if self.cfg.activation_fn == "batchtopk":
             self.batchtopk.update_threshold_active(values.detach(), layer)
         features = z.new_zeros(n, L, F).index_put_((rows, layer, cols), values)
@@ -363,8 +365,10 @@ class CrossLayerTranscoder(nn.Module):
         L = self.cfg.num_layers
         if not isinstance(t, Tensor) or t.ndim < 2 or tuple(t.shape[-2:]) != (L, width):
             shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{what} must have shape [..., L={L}, {width_name}={width}], got "
-                             f"{shape}; stack the layers on dim -2 (e.g. [batch, layers, d_model])")
+            raise ValueError(
+                f"{what} must have shape [..., L={L}, {width_name}={width}], got "
+                f"{shape}; stack the layers on dim -2 (e.g. [batch, layers, d_model])"
+            )
 
     # ----------------------------------------------------------------- folding
 
@@ -399,12 +403,12 @@ class CrossLayerTranscoder(nn.Module):
         c = self.cfg
         if c.architecture != "transcoder":
             raise UnsupportedDictionaryError(
-                f"truncate works on transcoders; a {self.kind}'s features have no nested order")
+                f"truncate works on transcoders; a {self.kind}'s features have no nested order"
+            )
         if not (isinstance(num_features, int) and 0 < num_features <= c.num_features):
             raise ValueError(f"num_features must be in [1, {c.num_features}], got {num_features!r}")
         prefixes = [m for m in c.matryoshka_prefixes or [] if m < num_features] or None
-        cfg = c.replace(num_features=num_features, matryoshka_prefixes=prefixes,
-                        topk=min(c.topk, num_features))
+        cfg = c.replace(num_features=num_features, matryoshka_prefixes=prefixes, topk=min(c.topk, num_features))
         small = CrossLayerTranscoder.from_config(cfg).to(self.b_dec.device)
         state = {}
         for name, value in self.state_dict().items():
@@ -425,19 +429,19 @@ class CrossLayerTranscoder(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path,
-                        device: str | torch.device | None = None) -> CrossLayerTranscoder:
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None) -> CrossLayerTranscoder:
         """Load a transcoder written by `save_pretrained` (or a single file written by `save`)."""
         directory = Path(directory)
         if directory.is_file():
             return cls.load(directory, device=device)
         if not directory.is_dir():
-            raise FileNotFoundError(f"no transcoder at {directory}: expected a folder with "
-                                    f"{CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained)")
+            raise FileNotFoundError(
+                f"no transcoder at {directory}: expected a folder with "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME} (save_pretrained)"
+            )
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} is missing; save the transcoder with "
-                                    "save_pretrained")
+            raise FileNotFoundError(f"{config_path} is missing; save the transcoder with save_pretrained")
         cfg = CLTConfig.load(config_path)
         weights = directory / WEIGHTS_NAME
         return cls._from_tensors(cfg, _read_safetensors(weights), device, weights)
@@ -454,8 +458,7 @@ class CrossLayerTranscoder(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path,
-             device: str | torch.device | None = None) -> CrossLayerTranscoder:
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> CrossLayerTranscoder:
         """Load a transcoder written by `save` (a single file or a `save_pretrained` folder)."""
         path = Path(path)
         if path.is_dir():
@@ -464,34 +467,42 @@ class CrossLayerTranscoder(nn.Module):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if _META_KEY not in meta:
-            raise CheckpointError(f"{path} has no '{_META_KEY}' metadata: it was not written by "
-                                  "CrossLayerTranscoder.save (use from_pretrained for a folder)")
+            raise CheckpointError(
+                f"{path} has no '{_META_KEY}' metadata: it was not written by "
+                "CrossLayerTranscoder.save (use from_pretrained for a folder)"
+            )
         try:
             values = json.loads(meta[_META_KEY])
         except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: the config in its metadata is not valid JSON "
-                                  f"({err}); save the transcoder again") from err
+            raise CheckpointError(
+                f"{path}: the config in its metadata is not valid JSON ({err}); save the transcoder again"
+            ) from err
         return cls._from_tensors(CLTConfig.from_dict(values), tensors, device, path)
 
     def _tensors(self) -> dict[str, Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
 
     @classmethod
-    def _from_tensors(cls, cfg: CLTConfig, tensors: dict[str, Tensor],
-                      device: str | torch.device | None, source: Path) -> CrossLayerTranscoder:
+    def _from_tensors(
+        cls, cfg: CLTConfig, tensors: dict[str, Tensor], device: str | torch.device | None, source: Path
+    ) -> CrossLayerTranscoder:
         model = CrossLayerTranscoder.from_config(cfg)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
-            raise CheckpointError(f"{source} does not match its config (missing {missing}, "
-                                  f"unexpected {unexpected}); config and weights come from "
-                                  "different transcoders")
+            raise CheckpointError(
+                f"{source} does not match its config (missing {missing}, "
+                f"unexpected {unexpected}); config and weights come from "
+                "different transcoders"
+            )
         for name, value in expected.items():
             if tuple(tensors[name].shape) != tuple(value.shape):
-                raise CheckpointError(f"{source}: '{name}' has shape {list(tensors[name].shape)}"
-                                      f" but the config implies {list(value.shape)}; config and "
-                                      "weights come from different transcoders")
+                raise CheckpointError(
+                    f"{source}: '{name}' has shape {list(tensors[name].shape)}"
+                    f" but the config implies {list(value.shape)}; config and "
+                    "weights come from different transcoders"
+                )
         model.load_state_dict(tensors)
         return model if device is None else model.to(device)
 
@@ -576,8 +587,7 @@ def _encoder_backward(ctx, grad: Tensor, x: Tensor, w: Tensor, sparse: bool):
     return grad_x, grad_w, grad_b
 
 
-def _bag_weight_grad(layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, x: Tensor,
-                     num_features: int) -> Tensor:
+def _bag_weight_grad(layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, x: Tensor, num_features: int) -> Tensor:
     """Σ over entries of values · x[row, layer] into row (layer, col) of [L, F, d]: the encoder
     weight gradient from sparse entries, one embedding bag per (layer, feature)."""
     n, num_layers, d = x.shape
@@ -587,9 +597,13 @@ def _bag_weight_grad(layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, 
     order = torch.argsort(bag, stable=True)
     counts = torch.bincount(bag, minlength=num_layers * num_features)
     table = x.reshape(n * num_layers, d)  # row n·L + l is x[n, l]
-    out = nn.functional.embedding_bag((rows * num_layers + layer)[order], table,
-                                      counts.cumsum(0) - counts, mode="sum",
-                                      per_sample_weights=values.to(x.dtype)[order])
+    out = nn.functional.embedding_bag(
+        (rows * num_layers + layer)[order],
+        table,
+        counts.cumsum(0) - counts,
+        mode="sum",
+        per_sample_weights=values.to(x.dtype)[order],
+    )
     return out.view(num_layers, num_features, d)
 
 
@@ -652,8 +666,12 @@ class _EncodeActive(torch.autograd.Function):
         b_dtype = ctx.dtypes[2]
         grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_b = active.new_zeros(num_layers * num_features).index_add_(
-                0, layer * num_features + cols, active).view(num_layers, num_features).to(b_dtype)
+            grad_b = (
+                active.new_zeros(num_layers * num_features)
+                .index_add_(0, layer * num_features + cols, active)
+                .view(num_layers, num_features)
+                .to(b_dtype)
+            )
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = _bag_weight_grad(layer, rows, cols, active, x, num_features).to(ctx.dtypes[1])
@@ -700,8 +718,9 @@ class _SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, d: int, rows: Tensor, cols: Tensor, offsets: Tensor, bounds: list[int],
-                values: Tensor, *weights: Tensor) -> Tensor:
+    def forward(
+        ctx, d: int, rows: Tensor, cols: Tensor, offsets: Tensor, bounds: list[int], values: Tensor, *weights: Tensor
+    ) -> Tensor:
         n = offsets.shape[1]
         out = values.new_zeros(n, len(weights) * d)
         with torch.autocast(values.device.type, enabled=False):
@@ -709,8 +728,9 @@ class _SparseDecode(torch.autograd.Function):
                 seg = slice(bounds[l], bounds[l + 1])
                 if seg.start == seg.stop:
                     continue
-                part = nn.functional.embedding_bag(cols[seg], w.reshape(w.shape[0], -1), offsets[l],
-                                                   mode="sum", per_sample_weights=values[seg])
+                part = nn.functional.embedding_bag(
+                    cols[seg], w.reshape(w.shape[0], -1), offsets[l], mode="sum", per_sample_weights=values[seg]
+                )
                 out[:, l * d : (l + w.shape[1]) * d] += part
         ctx.d, ctx.bounds = d, bounds
         ctx.save_for_backward(rows, cols, offsets, values, *weights)
@@ -730,22 +750,32 @@ class _SparseDecode(torch.autograd.Function):
                 w2 = w.reshape(w.shape[0], -1)
                 if grad_values is not None and seg.start != seg.stop:
                     grad_values[seg] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                        g, w2, cols[seg], offsets[l], rows[seg], 0, -1)
+                        g, w2, cols[seg], offsets[l], rows[seg], 0, -1
+                    )
                 if not ctx.needs_input_grad[6 + l]:
                     grad_weights.append(None)
                     continue
                 by_feature = torch.argsort(cols[seg], stable=True)
                 counts = torch.bincount(cols[seg], minlength=w.shape[0])
                 grad_w = nn.functional.embedding_bag(
-                    rows[seg][by_feature], g, counts.cumsum(0) - counts, mode="sum",
-                    per_sample_weights=values[seg][by_feature])
+                    rows[seg][by_feature],
+                    g,
+                    counts.cumsum(0) - counts,
+                    mode="sum",
+                    per_sample_weights=values[seg][by_feature],
+                )
                 grad_weights.append(grad_w.view_as(w))
         return None, None, None, None, None, grad_values, *grad_weights
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    return read_tensors(path, CheckpointError, missing="save the transcoder again",
-                        corrupt="re-save the transcoder or copy the file again", missing_error=FileNotFoundError)
+    return read_tensors(
+        path,
+        CheckpointError,
+        missing="save the transcoder again",
+        corrupt="re-save the transcoder or copy the file again",
+        missing_error=FileNotFoundError,
+    )
 
 
 __all__ = ["CLTOutput", "CheckpointError", "CrossLayerTranscoder", "UnsupportedDictionaryError"]

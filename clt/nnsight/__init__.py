@@ -3,5 +3,13 @@
 from clt.nnsight.extractors import ActivationExtractor, BackgroundExtraction, ExtractionStopped
 from clt.nnsight.models import DEFAULT_MODEL, ModelLayout, ModelNotFoundError, find_layout, load_model
 
-__all__ = ["ActivationExtractor", "BackgroundExtraction", "DEFAULT_MODEL", "ExtractionStopped", "ModelLayout",
-           "ModelNotFoundError", "find_layout", "load_model"]
+__all__ = [
+    "ActivationExtractor",
+    "BackgroundExtraction",
+    "DEFAULT_MODEL",
+    "ExtractionStopped",
+    "ModelLayout",
+    "ModelNotFoundError",
+    "find_layout",
+    "load_model",
+]

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from clt.config.transcoder import OUTPUT_SITES
 from clt.data.corpus import DEFAULT_CORPUS, TokenWindow, load_texts, token_windows
 from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
-from clt.config.transcoder import OUTPUT_SITES
 from clt.training.data import MANIFEST, ActivationStore, StoreError, StoreWriter
 from clt.training.shards import STORE_DTYPES
 
@@ -64,8 +64,12 @@ class ActivationExtractor:
         self.layers = list(range(self.layout.num_layers)) if layers is None else sorted(set(layers))
         bad = [layer for layer in self.layers if not 0 <= layer < self.layout.num_layers]
         if bad or not self.layers:
-            raise ValueError(f"layers {bad or self.layers} are invalid: the model has layers 0..{self.layout.num_layers - 1}")
-        max_context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+            raise ValueError(
+                f"layers {bad or self.layers} are invalid: the model has layers 0..{self.layout.num_layers - 1}"
+            )
+        max_context = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
         if max_context is not None and context_length > max_context:
             raise ValueError(f"context_length={context_length} exceeds the model's context {max_context}")
         self.context_length, self.batch_size = context_length, batch_size
@@ -88,8 +92,9 @@ class ActivationExtractor:
         return token_windows(texts, self.tokenizer, self.context_length, prepend_bos=self.prepend_bos)
 
     @torch.no_grad()
-    def activations(self, windows: list[TokenWindow], *, dtype: torch.dtype = torch.float32,
-                    output_site: str = "mlp_out") -> dict[str, torch.Tensor]:
+    def activations(
+        self, windows: list[TokenWindow], *, dtype: torch.dtype = torch.float32, output_site: str = "mlp_out"
+    ) -> dict[str, torch.Tensor]:
         """One nnsight trace over a batch of windows: inputs/outputs [n, L, d] of the kept positions, as `dtype`.
 
         With ``output_site='mlp_in'`` the MLP outputs are not recorded and ``outputs`` is ``inputs``.
@@ -117,19 +122,33 @@ class ActivationExtractor:
         inputs = inputs.cpu()
         positions = torch.arange(width).expand(len(windows), width)[keep]
         window_ids = torch.tensor([hash_window(w) for w in windows]).unsqueeze(1).expand(-1, width)[keep]
-        return {"inputs": inputs, "outputs": inputs if output_site == "mlp_in" else outputs.cpu(),
-                "token_ids": ids[keep], "positions": positions, "window_ids": window_ids}
+        return {
+            "inputs": inputs,
+            "outputs": inputs if output_site == "mlp_in" else outputs.cpu(),
+            "token_ids": ids[keep],
+            "positions": positions,
+            "window_ids": window_ids,
+        }
 
-    def _stream(self, windows: Iterator[TokenWindow], max_tokens: int, done: int, progress: bool,
-                dtype: torch.dtype, output_site: str = "mlp_out",
-                stop: threading.Event | None = None) -> Iterator[tuple[dict, int]]:
+    def _stream(
+        self,
+        windows: Iterator[TokenWindow],
+        max_tokens: int,
+        done: int,
+        progress: bool,
+        dtype: torch.dtype,
+        output_site: str = "mlp_out",
+        stop: threading.Event | None = None,
+    ) -> Iterator[tuple[dict, int]]:
         bar = tqdm(total=max_tokens, initial=done, unit="tok", desc="extracting", disable=not progress)
         consumed = 0
         try:
             while done < max_tokens:
                 if stop is not None and stop.is_set():
-                    raise ExtractionStopped(f"extraction stopped on request after {done} tokens; run it again "
-                                            "with the same settings to resume")
+                    raise ExtractionStopped(
+                        f"extraction stopped on request after {done} tokens; run it again "
+                        "with the same settings to resume"
+                    )
                 chunk = list(itertools.islice(windows, self.batch_size))
                 if not chunk:
                     logger.warning("the corpus ran out after %d tokens (max_tokens=%d)", done, max_tokens)
@@ -179,46 +198,70 @@ class ActivationExtractor:
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         if num_writers < 1 or not 0 <= writer_rank < num_writers:
-            raise ValueError(f"writer_rank {writer_rank} is out of range for num_writers={num_writers}: "
-                             f"use 0..{max(num_writers, 1) - 1}")
+            raise ValueError(
+                f"writer_rank {writer_rank} is out of range for num_writers={num_writers}: "
+                f"use 0..{max(num_writers, 1) - 1}"
+            )
         windows = self.windows(source, text_field=text_field)
         if output_dir is None:
             if num_writers > 1:
                 raise ValueError("several writers share one store folder: pass output_dir")
-            parts = [b for b, _ in self._stream(windows, max_tokens, 0, progress, _dtype(store_dtype), output_site,
-                                                stop)]
+            parts = [
+                b for b, _ in self._stream(windows, max_tokens, 0, progress, _dtype(store_dtype), output_site, stop)
+            ]
             if not parts:
                 raise StoreError("the corpus produced no tokens")
             merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             return ActivationStore.from_nnsight_activations(
                 {**merged, "layers": self.layers, "model_name": self.model_name, "output_site": output_site},
-                batch_size, normalize)
+                batch_size,
+                normalize,
+            )
         if num_writers > 1:
             if (Path(output_dir) / MANIFEST).is_file():
                 logger.info("%s is already merged", output_dir)
                 return ActivationStore.open(output_dir, batch_size=batch_size, normalize=normalize)
             windows, max_tokens = self._share(windows, max_tokens, writer_rank, num_writers)
-        writer = StoreWriter(output_dir, layers=self.layers, d_model=self.d_model, model_name=self.model_name,
-                             dtype=store_dtype, shard_tokens=shard_tokens, extra=self._settings(source),
-                             compression=compression, output_site=output_site,
-                             part=(writer_rank, num_writers) if num_writers > 1 else None)
+        writer = StoreWriter(
+            output_dir,
+            layers=self.layers,
+            d_model=self.d_model,
+            model_name=self.model_name,
+            dtype=store_dtype,
+            shard_tokens=shard_tokens,
+            extra=self._settings(source),
+            compression=compression,
+            output_site=output_site,
+            part=(writer_rank, num_writers) if num_writers > 1 else None,
+        )
         if writer.manifest["extra"] != self._settings(source):
-            raise StoreError(f"cannot resume {output_dir}: it was extracted with {writer.manifest['extra']}, "
-                             f"this run uses {self._settings(source)}; use a new output folder")
+            raise StoreError(
+                f"cannot resume {output_dir}: it was extracted with {writer.manifest['extra']}, "
+                f"this run uses {self._settings(source)}; use a new output folder"
+            )
         skipped = writer.state.get("windows_done", 0)
         if writer.complete and writer.n_tokens >= max_tokens:
             logger.info("%s already holds %d tokens", output_dir, writer.n_tokens)
             return writer.finish(batch_size=batch_size, normalize=normalize)
         writer.manifest["complete"] = False
-        stream = self._stream(itertools.islice(windows, skipped, None), max_tokens, writer.n_tokens, progress,
-                              _dtype(store_dtype), output_site, stop)
+        stream = self._stream(
+            itertools.islice(windows, skipped, None),
+            max_tokens,
+            writer.n_tokens,
+            progress,
+            _dtype(store_dtype),
+            output_site,
+            stop,
+        )
         behind = self.device.type != "cpu" if write_behind is None else write_behind
         consumed = _write(writer, stream, skipped, behind=behind)
         return writer.finish(batch_size=batch_size, normalize=normalize, state={"windows_done": skipped + consumed})
 
-    def _share(self, windows: Iterator[TokenWindow], max_tokens: int, rank: int,
-               count: int) -> tuple[Iterator[TokenWindow], int]:
-        """Writer `rank`'s windows (rank, rank + count, ...) of those one process reads for `max_tokens`, and its tokens."""
+    def _share(
+        self, windows: Iterator[TokenWindow], max_tokens: int, rank: int, count: int
+    ) -> tuple[Iterator[TokenWindow], int]:
+        """Writer `rank`'s windows (rank, rank + count, ...) of those one process reads for `max_tokens`,
+        and its tokens."""
         bos_dropped = int(self.prepend_bos and self.exclude_bos)
         mine, budget, total = [], 0, 0
         for index, window in enumerate(windows):
@@ -234,12 +277,24 @@ class ActivationExtractor:
         return iter(mine), budget
 
     def _settings(self, source: Any) -> dict[str, Any]:
-        corpus = source if isinstance(source, str) else str(source) if isinstance(source, Path) else type(source).__name__
-        return {"corpus": corpus, "context_length": self.context_length, "prepend_bos": self.prepend_bos,
-                "exclude_bos": self.exclude_bos}
+        corpus = (
+            source if isinstance(source, str) else str(source) if isinstance(source, Path) else type(source).__name__
+        )
+        return {
+            "corpus": corpus,
+            "context_length": self.context_length,
+            "prepend_bos": self.prepend_bos,
+            "exclude_bos": self.exclude_bos,
+        }
 
-    def extract_from_dataset(self, dataset_path: Any = DEFAULT_CORPUS, max_tokens: int = 100_000, *,
-                             store_dtype: str = "float32", **kwargs: Any) -> dict[str, Any]:
+    def extract_from_dataset(
+        self,
+        dataset_path: Any = DEFAULT_CORPUS,
+        max_tokens: int = 100_000,
+        *,
+        store_dtype: str = "float32",
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """The seed's API: an activations dict for `ActivationStore.from_nnsight_activations`."""
         store = self.extract(dataset_path, max_tokens=max_tokens, store_dtype=store_dtype, **kwargs)
         data = store.shard(0)

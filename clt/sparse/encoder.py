@@ -29,9 +29,7 @@ logger = logging.getLogger(__name__)
 
 Params = tuple[Tensor, Tensor, Tensor | None]
 """Stacked encoder `(W_enc [L, f, h], b_enc [L, f], threshold [L, f] | None)`."""
-Kernel = Callable[
-    [Tensor, Tensor, Tensor, Tensor | None, float, int], tuple[Tensor, Tensor, Tensor]
-]
+Kernel = Callable[[Tensor, Tensor, Tensor, Tensor | None, float, int], tuple[Tensor, Tensor, Tensor]]
 
 
 class LayerFeatures(TypedDict):
@@ -187,9 +185,7 @@ class SparseCLTEncoder:
         """Sparse features of one layer for `hidden [B, T, h]`, `chunk_size` tokens at a time."""
         return self.encode_chunked(layer_idx, hidden)
 
-    def encode_chunked(
-        self, layer_idx: int, hidden: Tensor, chunk_size: int | None = None
-    ) -> LayerFeatures:
+    def encode_chunked(self, layer_idx: int, hidden: Tensor, chunk_size: int | None = None) -> LayerFeatures:
         """Like `encode_layer`, with an explicit number of tokens per chunk; identical results."""
         params = self._layer_params(layer_idx)
         size = self.chunk_size if chunk_size is None else chunk_size
@@ -240,9 +236,7 @@ class SparseCLTEncoder:
         order = torch.sort(activations, descending=True, stable=True).indices[:top_k_global]
         picked = (c[order].tolist() for c in (layer_ids, features, activations, positions, batches))
         return [
-            AttributionFeature(
-                layer=layer, feature=feature, activation=value, position=pos, batch=b
-            )
+            AttributionFeature(layer=layer, feature=feature, activation=value, position=pos, batch=b)
             for layer, feature, value, pos, b in zip(*picked, strict=True)
         ]
 
@@ -252,9 +246,7 @@ class SparseCLTEncoder:
         return self._params[layer]
 
     @torch.no_grad()
-    def _encode_rows(
-        self, x: Tensor, params: Params, chunk_size: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _encode_rows(self, x: Tensor, params: Params, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
         """Kernel outputs for `x [L, N, h]`, in tiles of at most `chunk_size` (layer, token) rows.
 
         A tile takes `min(N, chunk_size)` tokens of as many layers as fit, so each layer's
@@ -281,24 +273,18 @@ class SparseCLTEncoder:
                         buffers = x.new_empty(2, min(group, L) * tokens * f)
                     n = chunk.shape[0] * chunk.shape[1] * f
                     pre, mask = buffers[:, :n].view(2, *chunk.shape[:2], f)
-                    out = _sparse_topk_inplace(
-                        chunk, *tile_params, self.activation_threshold, k, pre, mask
-                    )
+                    out = _sparse_topk_inplace(chunk, *tile_params, self.activation_threshold, k, pre, mask)
                 values[layers, rows], indices[layers, rows], fraction[layers, rows] = out
         return values, indices, fraction
 
-    def _run_compiled(
-        self, x: Tensor, params: Params, k: int
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _run_compiled(self, x: Tensor, params: Params, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """The compiled kernel's outputs, or None when not compiling (any more)."""
         if self._compiled is None:
             return None
         try:
             return self._compiled(x, *params, self.activation_threshold, k)
         except Exception as err:  # compile errors surface on first call, in many types
-            logger.warning(
-                "torch.compile failed (%s: %s); using eager PyTorch", type(err).__name__, err
-            )
+            logger.warning("torch.compile failed (%s: %s); using eager PyTorch", type(err).__name__, err)
             self._compiled = None
             return None
 
@@ -352,9 +338,7 @@ def _try_compile(kernel: Kernel) -> Kernel | None:
     try:
         return torch.compile(kernel)
     except Exception as err:  # e.g. dynamo unsupported on this Python
-        logger.warning(
-            "torch.compile unavailable (%s: %s); using eager PyTorch", type(err).__name__, err
-        )
+        logger.warning("torch.compile unavailable (%s: %s); using eager PyTorch", type(err).__name__, err)
         return None
 
 

@@ -68,11 +68,8 @@ class TranscoderWeights:
                     f"{list(shape)}; check that W_enc is [features, hidden] (transpose it if not)"
                 )
         cross = self.W_dec_cross
-        if cross is not None:
-            if _expect(cross, "W_dec_cross", 3).shape[0] != f or cross.shape[2] != h:
-                raise ValueError(
-                    f"W_dec_cross has shape {list(cross.shape)}; expected [f={f}, n_out, h={h}]"
-                )
+        if cross is not None and (_expect(cross, "W_dec_cross", 3).shape[0] != f or cross.shape[2] != h):
+            raise ValueError(f"W_dec_cross has shape {list(cross.shape)}; expected [f={f}, n_out, h={h}]")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is not None and value.device != self.W_enc.device:
@@ -91,9 +88,7 @@ class TranscoderWeights:
         """Hidden size h of the layer the transcoder reads."""
         return self.W_enc.shape[1]
 
-    def to(
-        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> TranscoderWeights:
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TranscoderWeights:
         """A copy on another device and/or floating dtype."""
         moved: dict[str, Tensor | None] = {}
         for field in dataclasses.fields(self):
@@ -205,9 +200,7 @@ def _check_layers(root: Path, layers: list[int] | None, available: list[int]) ->
         return available
     missing = [layer for layer in layers if layer not in available]
     if missing:
-        raise TranscoderLoadError(
-            f"no transcoder for layer(s) {missing} in {root}; available layers: {available}"
-        )
+        raise TranscoderLoadError(f"no transcoder for layer(s) {missing} in {root}; available layers: {available}")
     return list(layers)
 
 
@@ -218,11 +211,9 @@ def _read_file(
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             if header_only:
                 return {}
-            return {key: handle.get_tensor(key) for key in handle.keys() if key not in skip}
+            return {key: handle.get_tensor(key) for key in handle.keys() if key not in skip}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError) as err:
-        raise TranscoderLoadError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
-        ) from err
+        raise TranscoderLoadError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
 def _take(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
@@ -238,9 +229,7 @@ def _build(path: Path, **fields: Tensor | None) -> TranscoderWeights:
         raise TranscoderLoadError(f"{path}: {err}") from err
 
 
-def _read_plt(
-    path: Path, layer: int, device: str | torch.device, load_decoder: bool
-) -> TranscoderWeights:
+def _read_plt(path: Path, layer: int, device: str | torch.device, load_decoder: bool) -> TranscoderWeights:
     tensors = _read_file(path, device, skip=() if load_decoder else ("W_dec",))
     return _build(
         path,
@@ -253,9 +242,7 @@ def _read_plt(
     )
 
 
-def _read_clt(
-    path: Path, layer: int, device: str | torch.device, load_decoder: bool
-) -> TranscoderWeights:
+def _read_clt(path: Path, layer: int, device: str | torch.device, load_decoder: bool) -> TranscoderWeights:
     tensors = _read_file(path, device)
     cross = None
     dec_path = path.with_name(f"W_dec_{layer}.safetensors")

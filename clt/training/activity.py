@@ -16,8 +16,9 @@ class FeatureActivity:
         self.tokens_seen = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor,
-               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def update(
+        self, features: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Record a batch of feature activations [..., L, F]; returns how many entries fired (a tensor).
 
         `reduce` sums a tensor over the ranks that hold the other rows of the batch (data
@@ -30,8 +31,9 @@ class FeatureActivity:
             packed = reduce(torch.cat([counts.reshape(-1), tokens.view(1)]))
             counts, tokens = packed[:-1].view_as(counts), packed[-1]
         self.fire_count += counts
-        self.tokens_since_fired = torch.where(counts > 0, torch.zeros_like(self.tokens_since_fired),
-                                              self.tokens_since_fired + tokens)
+        self.tokens_since_fired = torch.where(
+            counts > 0, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + tokens
+        )
         self.tokens_seen += tokens
         return counts.sum()
 
@@ -45,8 +47,11 @@ class FeatureActivity:
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint."""
-        return {"fire_count": self.fire_count.cpu(), "tokens_since_fired": self.tokens_since_fired.cpu(),
-                "tokens_seen": self.tokens_seen.cpu()}
+        return {
+            "fire_count": self.fire_count.cpu(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "tokens_seen": self.tokens_seen.cpu(),
+        }
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from `state()`."""

@@ -29,14 +29,18 @@ class CheckpointMismatchError(ValueError):
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """An optimizer's state as flat tensors plus JSON-able param groups."""
     state = optimizer.state_dict()
-    tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
-               for index, entries in state["state"].items() for name, value in entries.items()
-               if isinstance(value, torch.Tensor)}
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().contiguous()
+        for index, entries in state["state"].items()
+        for name, value in entries.items()
+        if isinstance(value, torch.Tensor)
+    }
     return tensors, state["param_groups"]
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           groups: list[dict[str, Any]]) -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
+) -> None:
     """Restore what `optimizer_tensors` saved."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -45,9 +49,15 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(directory: Path, step: int, model: CrossLayerTranscoder,
-                    optimizer_state: tuple[dict[str, torch.Tensor], list[dict[str, Any]]],
-                    tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: CrossLayerTranscoder,
+    optimizer_state: tuple[dict[str, torch.Tensor], list[dict[str, Any]]],
+    tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` atomically (optimizer_state: `optimizer_tensors`) and keep the newest `keep`."""
     final = directory / f"step_{step:08d}"
     tmp = directory / f".tmp_step_{step:08d}"
@@ -75,11 +85,17 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in `directory`, oldest first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
+    found = [
+        p
+        for p in directory.iterdir()
+        if p.is_dir() and _STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def load_checkpoint(path: Path) -> tuple[CrossLayerTranscoder, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: Path,
+) -> tuple[CrossLayerTranscoder, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(transcoder, optimizer tensors, state tensors, trainer state) of a checkpoint folder."""
     try:
         state = json.loads((path / "trainer_state.json").read_text())
@@ -87,4 +103,5 @@ def load_checkpoint(path: Path) -> tuple[CrossLayerTranscoder, dict[str, torch.T
         return model, load_file(str(path / "optimizer.safetensors")), load_file(str(path / "state.safetensors")), state
     except (OSError, ValueError) as err:
         raise CheckpointMismatchError(
-            f"checkpoint {path} is unreadable ({err}); delete it to resume from the previous one") from err
+            f"checkpoint {path} is unreadable ({err}); delete it to resume from the previous one"
+        ) from err

@@ -205,9 +205,14 @@ class ActivationStore:
         inputs, outputs = _stack(activations_dict, "inputs"), _stack(activations_dict, "outputs")
         if inputs.shape != outputs.shape or inputs.ndim != 3:
             raise StoreError(
-                f"inputs {tuple(inputs.shape)} and outputs {tuple(outputs.shape)} must both be [tokens, layers, d_model]"
+                f"inputs {tuple(inputs.shape)} and outputs {tuple(outputs.shape)} must both be "
+                "[tokens, layers, d_model]"
             )
-        default_layers = sorted(activations_dict["inputs"]) if isinstance(activations_dict["inputs"], dict) else range(inputs.shape[1])
+        default_layers = (
+            sorted(activations_dict["inputs"])
+            if isinstance(activations_dict["inputs"], dict)
+            else range(inputs.shape[1])
+        )
         layers = list(activations_dict.get("layers", default_layers))
         if len(layers) != inputs.shape[1]:
             raise StoreError(f"'layers' lists {len(layers)} layers but the activations have {inputs.shape[1]}")
@@ -218,14 +223,34 @@ class ActivationStore:
         shard = {"inputs": inputs, "outputs": outputs}
         for key in _META_KEYS:
             shard[key] = activations_dict.get(key, torch.full((n,), -1, dtype=torch.int64))
-        dtype = next(k for k, v in DTYPES.items() if v == inputs.dtype) if inputs.dtype in DTYPES.values() else "float32"
-        return cls([shard], [n], layers=layers, d_model=inputs.shape[2], stats=stats, batch_size=batch_size,
-                   normalize=normalize, model_name=activations_dict.get("model_name"), dtype=dtype,
-                   output_site=activations_dict.get("output_site", "mlp_out"))
+        dtype = (
+            next(k for k, v in DTYPES.items() if v == inputs.dtype) if inputs.dtype in DTYPES.values() else "float32"
+        )
+        return cls(
+            [shard],
+            [n],
+            layers=layers,
+            d_model=inputs.shape[2],
+            stats=stats,
+            batch_size=batch_size,
+            normalize=normalize,
+            model_name=activations_dict.get("model_name"),
+            dtype=dtype,
+            output_site=activations_dict.get("output_site", "mlp_out"),
+        )
 
     @classmethod
-    def open(cls, path: str | Path, *, batch_size: int = 64, normalize: bool = True, shuffle_shards: int = 4,
-             follow: bool | Any = False, timeout: float = 600.0, manifest: str = MANIFEST) -> ActivationStore:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        batch_size: int = 64,
+        normalize: bool = True,
+        shuffle_shards: int = 4,
+        follow: bool | Any = False,
+        timeout: float = 600.0,
+        manifest: str = MANIFEST,
+    ) -> ActivationStore:
         """Open a store folder written by `StoreWriter` (complete or not).
 
         `follow` (True, or the producer: a thread or process with ``is_alive()``) opens a store that
@@ -235,18 +260,35 @@ class ActivationStore:
         """
         path = Path(path)
         if follow is not False:
-            _wait(lambda: (path / manifest).is_file() and bool(read_manifest(path, manifest)["shards"]),
-                  _producer(follow), timeout, f"no shard of {path} was written")
+            _wait(
+                lambda: (path / manifest).is_file() and bool(read_manifest(path, manifest)["shards"]),
+                _producer(follow),
+                timeout,
+                f"no shard of {path} was written",
+            )
         data = read_manifest(path, manifest)
         stats = RunningStats(len(data["layers"]), data["d_model"])
         stats.sums = _load_safetensors(path / data.get("stats_file", STATS_FILE))
         if not data["complete"] and follow is False:
-            logger.warning("store %s is incomplete (%d tokens); resume the extraction to finish it", path, data["n_tokens"])
-        store = cls([path / s["file"] for s in data["shards"]], [s["n_tokens"] for s in data["shards"]],
-                    layers=data["layers"], d_model=data["d_model"], stats=stats, batch_size=batch_size,
-                    normalize=normalize, model_name=data.get("model_name"), dtype=data["dtype"], path=path,
-                    shuffle_shards=shuffle_shards, extra=data.get("extra", {}), output_site=data["output_site"],
-                    compression=data["compression"])
+            logger.warning(
+                "store %s is incomplete (%d tokens); resume the extraction to finish it", path, data["n_tokens"]
+            )
+        store = cls(
+            [path / s["file"] for s in data["shards"]],
+            [s["n_tokens"] for s in data["shards"]],
+            layers=data["layers"],
+            d_model=data["d_model"],
+            stats=stats,
+            batch_size=batch_size,
+            normalize=normalize,
+            model_name=data.get("model_name"),
+            dtype=data["dtype"],
+            path=path,
+            shuffle_shards=shuffle_shards,
+            extra=data.get("extra", {}),
+            output_site=data["output_site"],
+            compression=data["compression"],
+        )
         if follow is not False:
             store._written_order = True
             if not data["complete"]:
@@ -290,8 +332,10 @@ class ActivationStore:
         where = str(self.path) if self.path else "memory"
         fmt = self.dtype + ("+zstd" if self.compression == "zstd" else "")
         site = ", output_site=mlp_in" if self.output_site == "mlp_in" else ""
-        return (f"ActivationStore({self.n_tokens} tokens, layers={_span(self.layers)}, d_model={self.d_model}, "
-                f"dtype={fmt}{site}, shards={len(self.shards)}, at {where})")
+        return (
+            f"ActivationStore({self.n_tokens} tokens, layers={_span(self.layers)}, d_model={self.d_model}, "
+            f"dtype={fmt}{site}, shards={len(self.shards)}, at {where})"
+        )
 
     # following a store that is being written -----------------------------------------------
 
@@ -301,7 +345,7 @@ class ActivationStore:
         if follow is None:
             return True
         data = read_manifest(self.path, follow.manifest)  # type: ignore[arg-type]
-        for entry in data["shards"][len(self.shards):]:
+        for entry in data["shards"][len(self.shards) :]:
             self.shards.append(self.path / entry["file"])  # type: ignore[operator]
             self.shard_sizes.append(entry["n_tokens"])
         if data["complete"]:
@@ -312,8 +356,13 @@ class ActivationStore:
         """Wait until `enough()` holds or the store is complete."""
         follow = self._follow
         if follow is not None and not enough():
-            _wait(lambda: self._refresh() or enough(), follow.producer, follow.timeout,
-                  f"{self.path} got no new shard", progress=lambda: len(self.shards))
+            _wait(
+                lambda: self._refresh() or enough(),
+                follow.producer,
+                follow.timeout,
+                f"{self.path} got no new shard",
+                progress=lambda: len(self.shards),
+            )
 
     def wait_complete(self) -> ActivationStore:
         """Wait until a followed store is complete (returns self)."""
@@ -327,7 +376,9 @@ class ActivationStore:
         if self._cache is not None and self._cache[0] == index:
             return self._cache[1]
         source = self.shards[index]
-        data = load_shard(source, StoreError, missing=_MISSING, corrupt=_CORRUPT) if isinstance(source, Path) else source
+        data = (
+            load_shard(source, StoreError, missing=_MISSING, corrupt=_CORRUPT) if isinstance(source, Path) else source
+        )
         expected = (self.shard_sizes[index], self.num_layers, self.d_model)
         for key in self._stored_keys:
             if key not in data or data[key].shape != expected:
@@ -392,8 +443,14 @@ class ActivationStore:
         g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007 + window)
         return torch.randperm(n, generator=g)
 
-    def _gather(self, pieces: list[tuple[list[int], torch.Tensor]], lo: int, hi: int, dtype: torch.dtype,
-                opened: dict[int, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(
+        self,
+        pieces: list[tuple[list[int], torch.Tensor]],
+        lo: int,
+        hi: int,
+        dtype: torch.dtype,
+        opened: dict[int, dict[str, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows lo..hi of the batch made of `pieces` (a window's shards, row indices into their concatenation)."""
         keys = self._stored_keys
         out = [torch.empty((hi - lo, self.num_layers, self.d_model), dtype=dtype) for _ in keys]
@@ -477,19 +534,29 @@ class ActivationStore:
                         pending, pending_rows = [], 0
                         if pinned:  # page-locked: the copy to the GPU does not block
                             inputs, outputs = inputs.pin_memory(), outputs.pin_memory()
-                        yield ActivationBatch(inputs.to(device=device, dtype=dtype, non_blocking=True),
-                                              outputs.to(device=device, dtype=dtype, non_blocking=True))
+                        yield ActivationBatch(
+                            inputs.to(device=device, dtype=dtype, non_blocking=True),
+                            outputs.to(device=device, dtype=dtype, non_blocking=True),
+                        )
             epoch += 1
 
     def __iter__(self) -> Iterator[ActivationBatch]:
         return self.batches()
 
-    def save(self, path: str | Path, *, dtype: str | None = None, compression: str | None = None,
-             shard_tokens: int = 4096) -> ActivationStore:
+    def save(
+        self, path: str | Path, *, dtype: str | None = None, compression: str | None = None, shard_tokens: int = 4096
+    ) -> ActivationStore:
         """Write this store to a folder (e.g. an in-memory store, or in another format) and return the disk store."""
-        writer = StoreWriter(path, layers=self.layers, d_model=self.d_model, model_name=self.model_name,
-                             dtype=dtype or self.dtype, shard_tokens=shard_tokens, output_site=self.output_site,
-                             compression=compression or self.compression)
+        writer = StoreWriter(
+            path,
+            layers=self.layers,
+            d_model=self.d_model,
+            model_name=self.model_name,
+            dtype=dtype or self.dtype,
+            shard_tokens=shard_tokens,
+            output_site=self.output_site,
+            compression=compression or self.compression,
+        )
         for i in range(len(self.shards)):
             data = self.shard(i)
             for lo in range(0, self.shard_sizes[i], shard_tokens):
@@ -526,10 +593,14 @@ def _check_finite(stats: RunningStats, layers: list[int], *pairs: tuple[torch.Te
                 layer = layers[int(bad.any(-1).any(0).nonzero()[0])]
                 where = f"NaN/inf in MLP {name} activations of layer {layer}"
                 if values.dtype == torch.float16:
-                    raise StoreError(f"{where}: the model overflowed, or the values exceed float16's range (65504); "
-                                     "store them as bfloat16 or float32 (store_dtype=...)")
-                raise StoreError(f"{where}: the model overflowed; extract in float32 (dtype=torch.float32) "
-                                 "or check the model weights")
+                    raise StoreError(
+                        f"{where}: the model overflowed, or the values exceed float16's range (65504); "
+                        "store them as bfloat16 or float32 (store_dtype=...)"
+                    )
+                raise StoreError(
+                    f"{where}: the model overflowed; extract in float32 (dtype=torch.float32) "
+                    "or check the model weights"
+                )
     raise StoreError("the squares of the activations overflow float32 (|a| > 1e19): check the model weights")
 
 
@@ -544,8 +615,10 @@ def read_manifest(path: Path, name: str = MANIFEST) -> dict[str, Any]:
     file = path / name
     if not file.is_file():
         if name == MANIFEST and _part_manifests(path):
-            raise StoreError(f"{path} is being written by several writers and is not merged yet; wait for them "
-                             "to finish (the last one merges) or run merge_store(path)")
+            raise StoreError(
+                f"{path} is being written by several writers and is not merged yet; wait for them "
+                "to finish (the last one merges) or run merge_store(path)"
+            )
         raise StoreError(f"{path} is not an activation store (no {name}); create one with `clt extract`")
     try:
         manifest = json.loads(file.read_text())
@@ -588,21 +661,26 @@ def _producer(follow: Any) -> Any:
     return follow
 
 
-def _wait(ready: Callable[[], bool], producer: Any, timeout: float, what: str,
-          progress: Callable[[], int] | None = None) -> None:
+def _wait(
+    ready: Callable[[], bool], producer: Any, timeout: float, what: str, progress: Callable[[], int] | None = None
+) -> None:
     """Poll until `ready()`; StoreError when the producer died or `progress()` stood still for `timeout` s."""
     deadline, last = time.monotonic() + timeout, progress() if progress else None
     while not ready():
         if producer is not None and not producer.is_alive() and not ready():
             error = getattr(producer, "error", None)
             cause = f"it failed with {error!r}" if error is not None else "see its log"
-            raise StoreError(f"the extraction writing the store stopped before finishing it ({cause}); fix the cause "
-                             "and resume the extraction: the shards written so far are kept")
+            raise StoreError(
+                f"the extraction writing the store stopped before finishing it ({cause}); fix the cause "
+                "and resume the extraction: the shards written so far are kept"
+            )
         if progress is not None and progress() != last:
             deadline, last = time.monotonic() + timeout, progress()
         if time.monotonic() > deadline:
-            raise StoreError(f"{what} within {timeout:g} s: is the extraction still running? Resume it, or open "
-                             "the store with a longer timeout")
+            raise StoreError(
+                f"{what} within {timeout:g} s: is the extraction still running? Resume it, or open "
+                "the store with a longer timeout"
+            )
         time.sleep(_POLL_S)
 
 
@@ -658,28 +736,43 @@ class StoreWriter:
         self.path = writable_folder(path)
         self.shard_tokens = shard_tokens
         self.part = part
-        self._manifest_name, stats_name, self._prefix = part_names(rank, count) if part else (MANIFEST, STATS_FILE, "shard_")
+        self._manifest_name, stats_name, self._prefix = (
+            part_names(rank, count) if part else (MANIFEST, STATS_FILE, "shard_")
+        )
         self.stats = RunningStats(len(layers), d_model)
         self.manifest: dict[str, Any] = {
-            "version": STORE_VERSION, "model_name": model_name, "layers": list(layers), "d_model": d_model,
-            "dtype": dtype, "compression": compression, "output_site": output_site, "n_tokens": 0, "shards": [],
-            "complete": False, "state": {}, "extra": extra or {},
+            "version": STORE_VERSION,
+            "model_name": model_name,
+            "layers": list(layers),
+            "d_model": d_model,
+            "dtype": dtype,
+            "compression": compression,
+            "output_site": output_site,
+            "n_tokens": 0,
+            "shards": [],
+            "complete": False,
+            "state": {},
+            "extra": extra or {},
         }
         if part:
             self.manifest.update(part=[rank, count], stats_file=stats_name)
             if (self.path / MANIFEST).exists():
                 raise StoreError(f"{self.path} already holds a merged store; open it, or extract into a new folder")
         elif _part_manifests(self.path) and not (self.path / MANIFEST).exists():
-            raise StoreError(f"{self.path} is being written by several writers; resume them with the same "
-                             "writer_rank/num_writers, or run merge_store(path) once they have finished")
+            raise StoreError(
+                f"{self.path} is being written by several writers; resume them with the same "
+                "writer_rank/num_writers, or run merge_store(path) once they have finished"
+            )
         if (self.path / self._manifest_name).exists():
             old = read_manifest(self.path, self._manifest_name)
             if not resume:
                 raise StoreError(f"{self.path} already holds a store; choose another folder or resume it")
             for key in ("model_name", "layers", "d_model", "dtype", "compression", "output_site"):
                 if old[key] != self.manifest[key]:
-                    raise StoreError(f"cannot resume {self.path}: its {key} is {old[key]!r}, this run's is "
-                                     f"{self.manifest[key]!r}; use the same settings or a new folder")
+                    raise StoreError(
+                        f"cannot resume {self.path}: its {key} is {old[key]!r}, this run's is "
+                        f"{self.manifest[key]!r}; use the same settings or a new folder"
+                    )
             self.manifest = {**old, "version": STORE_VERSION}
             self.stats.sums = _load_safetensors(self.path / stats_name)
         self._stats_file = self.path / stats_name
@@ -704,8 +797,15 @@ class StoreWriter:
         """Whether `finish` was called on this store."""
         return self.manifest["complete"]
 
-    def add(self, inputs: torch.Tensor, outputs: torch.Tensor | None, *, token_ids: torch.Tensor,
-            positions: torch.Tensor, window_ids: torch.Tensor) -> None:
+    def add(
+        self,
+        inputs: torch.Tensor,
+        outputs: torch.Tensor | None,
+        *,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        window_ids: torch.Tensor,
+    ) -> None:
         """Buffer rows [n, L, d] (outputs None for an mlp_in store); `flush` writes them (every ~shard_tokens)."""
         expected = (len(self.manifest["layers"]), self.manifest["d_model"])
         mlp_in = self.manifest["output_site"] == "mlp_in"
@@ -715,8 +815,10 @@ class StoreWriter:
             raise StoreError("this store records MLP outputs (output_site='mlp_out'): pass them as outputs")
         targets = inputs if outputs is None else outputs
         if inputs.ndim != 3 or tuple(inputs.shape[1:]) != expected or inputs.shape != targets.shape:
-            raise StoreError(f"activations must be [n, {expected[0]}, {expected[1]}]; got inputs "
-                             f"{tuple(inputs.shape)} and outputs {tuple(targets.shape)}")
+            raise StoreError(
+                f"activations must be [n, {expected[0]}, {expected[1]}]; got inputs "
+                f"{tuple(inputs.shape)} and outputs {tuple(targets.shape)}"
+            )
         row = {"token_ids": token_ids.long(), "positions": positions.int(), "window_ids": window_ids.long()}
         seen = []  # the values a reader gets back
         for key, values in (("inputs", inputs),) if mlp_in else (("inputs", inputs), ("outputs", outputs)):
@@ -744,8 +846,9 @@ class StoreWriter:
 
     def _write_shard(self) -> None:
         name = shard_name(len(self.manifest["shards"]), self.manifest["compression"], self._prefix)
-        save_shard({k: [b[k] for b in self._buffer] for k in self._buffer[0]}, self.path / name,
-                   self.manifest["compression"])
+        save_shard(
+            {k: [b[k] for b in self._buffer] for k in self._buffer[0]}, self.path / name, self.manifest["compression"]
+        )
         self.stats.add(self._buffer_stats)
         atomic_save_tensors(self.stats.sums, self._stats_file)
         self.manifest["shards"].append({"file": name, "n_tokens": self._buffered})
@@ -760,8 +863,12 @@ class StoreWriter:
     def _recount(self) -> None:
         """Rebuild the statistics from the listed shards: a crash between writing the statistics
         and the manifest left them counting a shard the manifest does not list."""
-        logger.warning("%s: the statistics count %d rows but the manifest lists %d; recomputing them from the "
-                       "shards", self.path, int(self.stats.sums["count"]), self.manifest["n_tokens"])
+        logger.warning(
+            "%s: the statistics count %d rows but the manifest lists %d; recomputing them from the shards",
+            self.path,
+            int(self.stats.sums["count"]),
+            self.manifest["n_tokens"],
+        )
         self.stats = RunningStats(len(self.manifest["layers"]), self.manifest["d_model"])
         if self.manifest["shards"]:
             store = ActivationStore.open(self.path, normalize=False, manifest=self._manifest_name)
@@ -770,7 +877,9 @@ class StoreWriter:
                 self.stats.update(data["inputs"], data["outputs"])
         atomic_save_tensors(self.stats.sums, self._stats_file)
 
-    def finish(self, *, batch_size: int = 64, normalize: bool = True, state: dict[str, Any] | None = None) -> ActivationStore:
+    def finish(
+        self, *, batch_size: int = 64, normalize: bool = True, state: dict[str, Any] | None = None
+    ) -> ActivationStore:
         """Write what is buffered, mark the store (or this writer's part) complete and open it.
 
         The last writer of a multi-writer store to finish merges the parts and opens the merged store;
@@ -794,36 +903,49 @@ def merge_store(path: str | Path, *, batch_size: int = 64, normalize: bool = Tru
     path = Path(path)
     files = _part_manifests(path)
     if not files:
-        raise StoreError(f"{path} holds no partial manifests (manifest.partRofW.json) to merge; write them with "
-                         "extract(..., writer_rank=r, num_writers=w)")
+        raise StoreError(
+            f"{path} holds no partial manifests (manifest.partRofW.json) to merge; write them with "
+            "extract(..., writer_rank=r, num_writers=w)"
+        )
     parts = sorted((read_manifest(path, f.name) for f in files), key=lambda m: m["part"][0])
     count = parts[0]["part"][1]
     if any(m["part"][1] != count for m in parts):
-        raise StoreError(f"{path} holds parts of different writer counts {sorted({m['part'][1] for m in parts})}; "
-                         "delete the parts of the run you do not want and merge again")
+        raise StoreError(
+            f"{path} holds parts of different writer counts {sorted({m['part'][1] for m in parts})}; "
+            "delete the parts of the run you do not want and merge again"
+        )
     missing = sorted(set(range(count)) - {m["part"][0] for m in parts})
     unfinished = [m["part"][0] for m in parts if not m["complete"]]
     if missing or unfinished:
-        raise StoreError(f"cannot merge {path}: writers {missing or unfinished} of {count} have not "
-                         f"{'started' if missing else 'finished'}; run (or resume) them with writer_rank=r, "
-                         f"num_writers={count}, then merge")
+        raise StoreError(
+            f"cannot merge {path}: writers {missing or unfinished} of {count} have not "
+            f"{'started' if missing else 'finished'}; run (or resume) them with writer_rank=r, "
+            f"num_writers={count}, then merge"
+        )
     first = parts[0]
     for key in ("model_name", "layers", "d_model", "dtype", "compression", "output_site", "extra"):
         for other in parts[1:]:
             if other[key] != first[key]:
-                raise StoreError(f"cannot merge {path}: writer {other['part'][0]} has {key} {other[key]!r} but "
-                                 f"writer 0 has {first[key]!r}; re-extract that part with the same settings")
+                raise StoreError(
+                    f"cannot merge {path}: writer {other['part'][0]} has {key} {other[key]!r} but "
+                    f"writer 0 has {first[key]!r}; re-extract that part with the same settings"
+                )
     stats = RunningStats(len(first["layers"]), first["d_model"])
     for part in parts:
         other = RunningStats(len(first["layers"]), first["d_model"])
         other.sums = _load_safetensors(path / part["stats_file"])
         stats.add(other)
     atomic_save_tensors(stats.sums, path / STATS_FILE)
-    manifest = {key: first[key] for key in ("model_name", "layers", "d_model", "dtype", "compression",
-                                            "output_site", "extra")}
-    manifest.update(version=STORE_VERSION, n_tokens=sum(m["n_tokens"] for m in parts),
-                    shards=[s for m in parts for s in m["shards"]], complete=True,
-                    state={"writers": count, "parts": [m["state"] for m in parts]})
+    manifest = {
+        key: first[key] for key in ("model_name", "layers", "d_model", "dtype", "compression", "output_site", "extra")
+    }
+    manifest.update(
+        version=STORE_VERSION,
+        n_tokens=sum(m["n_tokens"] for m in parts),
+        shards=[s for m in parts for s in m["shards"]],
+        complete=True,
+        state={"writers": count, "parts": [m["state"] for m in parts]},
+    )
     atomic_write_text(json.dumps(manifest, indent=1), path / MANIFEST)
     return ActivationStore.open(path, batch_size=batch_size, normalize=normalize)
 
@@ -834,5 +956,13 @@ def tokens_to_gib(n_tokens: int, num_layers: int, d_model: int, dtype: str = "fl
     return n_tokens * num_layers * per_row * 2 / 2**30
 
 
-__all__ = ["ActivationBatch", "ActivationStore", "NormStats", "RunningStats", "StoreError", "StoreWriter",
-           "merge_store", "writable_folder"]
+__all__ = [
+    "ActivationBatch",
+    "ActivationStore",
+    "NormStats",
+    "RunningStats",
+    "StoreError",
+    "StoreWriter",
+    "merge_store",
+    "writable_folder",
+]

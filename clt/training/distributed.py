@@ -120,20 +120,29 @@ def split_problems(ctx: Dist, cfg: CLTConfig, micro_batch: int, mixed_precision:
     if ctx.sharded and mixed_precision == "fp16":
         # GradScaler decides per rank whether its gradients overflowed; with sharded features one rank
         # could skip a step the others take, and the replicated b_dec/W_skip would drift apart.
-        return ["parallel='features' does not support mixed_precision='fp16' (each rank's loss scaler "
-                "would skip steps on its own); use mixed_precision='bf16' or parallel='data'"]
+        return [
+            "parallel='features' does not support mixed_precision='fp16' (each rank's loss scaler "
+            "would skip steps on its own); use mixed_precision='bf16' or parallel='data'"
+        ]
     if not ctx.sharded:
         if micro_batch % w == 0:
             return []
-        return [(f"the micro-batch of {micro_batch} rows (batch_size / grad_accumulation_steps) is not divisible "
-                 f"by the world size {w}; make batch_size / grad_accumulation_steps a multiple of {w}")]
+        return [
+            (
+                f"the micro-batch of {micro_batch} rows (batch_size / grad_accumulation_steps) is not divisible "
+                f"by the world size {w}; make batch_size / grad_accumulation_steps a multiple of {w}"
+            )
+        ]
     problems = []
     if cfg.num_features % w:
-        problems.append(f"num_features={cfg.num_features} is not divisible by the world size {w}; use "
-                        f"{(cfg.num_features // w + 1) * w} features or {w} ranks that divide it")
+        problems.append(
+            f"num_features={cfg.num_features} is not divisible by the world size {w}; use "
+            f"{(cfg.num_features // w + 1) * w} features or {w} ranks that divide it"
+        )
     if cfg.architecture != "transcoder" or cfg.matryoshka_prefixes:
-        problems.append("parallel='features' shards plain transcoders only (not MOLT or Matryoshka); "
-                        "use parallel='data'")
+        problems.append(
+            "parallel='features' shards plain transcoders only (not MOLT or Matryoshka); use parallel='data'"
+        )
     return problems
 
 
@@ -213,8 +222,9 @@ def shard_state(state: dict[str, Tensor], ctx: Dist, names: dict[int, str] | Non
     return {k: _shard(v, shard_dim(_entry(k, names)), ctx) for k, v in state.items()}
 
 
-def gather_state(state: dict[str, Tensor], ctx: Dist, names: dict[int, str] | None = None, *,
-                 to_all: bool = False) -> dict[str, Tensor]:
+def gather_state(
+    state: dict[str, Tensor], ctx: Dist, names: dict[int, str] | None = None, *, to_all: bool = False
+) -> dict[str, Tensor]:
     """The whole-dictionary state from every rank's part (on rank 0; empty elsewhere unless `to_all`)."""
     whole = {k: _gather(state[k], shard_dim(_entry(k, names)), ctx, to_all) for k in sorted(state)}
     return whole if ctx.is_main or to_all else {}
@@ -248,8 +258,10 @@ class DistributedTranscoder(CrossLayerTranscoder):
     def from_full(cls, model: CrossLayerTranscoder, ctx: Dist) -> DistributedTranscoder:
         """This rank's part of a whole transcoder (same device and weights)."""
         if type(model) is not CrossLayerTranscoder:
-            raise DistributedError(f"distributed training takes a CrossLayerTranscoder, got {type(model).__name__}; "
-                                   "train it in one process")
+            raise DistributedError(
+                f"distributed training takes a CrossLayerTranscoder, got {type(model).__name__}; "
+                "train it in one process"
+            )
         part = cls(model.cfg, ctx)
         part.load_state_dict(shard_state(model.state_dict(), ctx))
         return part.to(model.W_enc.device)
@@ -428,8 +440,9 @@ def barrier() -> None:
     dist.barrier()
 
 
-def run_local(fn: Callable[..., None], args: tuple = (), *, world_size: int = 2, timeout_s: float = 600.0,
-              threads: int = 1) -> None:
+def run_local(
+    fn: Callable[..., None], args: tuple = (), *, world_size: int = 2, timeout_s: float = 600.0, threads: int = 1
+) -> None:
     """Run fn(rank, *args) in `world_size` spawned processes with torchrun's env vars for a local gloo group
     (tests, benchmarks); raises if a rank fails, kills them all after `timeout_s`."""
     import time
@@ -438,10 +451,16 @@ def run_local(fn: Callable[..., None], args: tuple = (), *, world_size: int = 2,
 
     # This process hosts the rendezvous store, as torchrun's agent does: its port is bound from the start
     # (a port found free and released first could be taken before rank 0 binds it).
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout_s))
-    context = mp.start_processes(_local_rank, args=(world_size, store.port, threads, fn, args), nprocs=world_size,
-                                 join=False, start_method="spawn")
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+    )
+    context = mp.start_processes(
+        _local_rank,
+        args=(world_size, store.port, threads, fn, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -452,8 +471,15 @@ def run_local(fn: Callable[..., None], args: tuple = (), *, world_size: int = 2,
 
 
 def _local_rank(rank: int, world_size: int, port: int, threads: int, fn: Callable[..., None], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), TORCHELASTIC_USE_AGENT_STORE="True")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+    )
     torch.set_num_threads(threads)
     try:
         fn(rank, *args)
@@ -465,11 +491,23 @@ def _local_rank(rank: int, world_size: int, port: int, threads: int, fn: Callabl
 def memory_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of this rank's parameters and optimizer state."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                if isinstance(v, Tensor))
+    state = sum(
+        v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)
+    )
     return params + state
 
 
-__all__ = ["PARALLEL_MODES", "Dist", "DistributedError", "DistributedTranscoder", "check_agreement",
-           "gather_state", "global_fvu", "init_distributed", "local_device", "memory_bytes", "run_local",
-           "shard_state"]
+__all__ = [
+    "PARALLEL_MODES",
+    "Dist",
+    "DistributedError",
+    "DistributedTranscoder",
+    "check_agreement",
+    "gather_state",
+    "global_fvu",
+    "init_distributed",
+    "local_device",
+    "memory_bytes",
+    "run_local",
+    "shard_state",
+]

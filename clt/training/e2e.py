@@ -40,12 +40,16 @@ def store_windows(store: ActivationStore, tokenizer: Any, *, min_tokens: int = 2
     for i in range(len(store.shards)):
         data = store.metadata(i)
         if any(key not in data for key in ("token_ids", "positions", "window_ids")) or bool(
-                (data["token_ids"] < 0).any()):
-            raise StoreError("this store does not record token_ids/positions/window_ids per row, which the KL "
-                             "objective needs to rebuild its windows; extract the store with `clt extract` "
-                             "(ActivationExtractor) or set kl_coef=0")
-        for window, position, token in zip(data["window_ids"].tolist(), data["positions"].tolist(),
-                                           data["token_ids"].tolist()):
+            (data["token_ids"] < 0).any()
+        ):
+            raise StoreError(
+                "this store does not record token_ids/positions/window_ids per row, which the KL "
+                "objective needs to rebuild its windows; extract the store with `clt extract` "
+                "(ActivationExtractor) or set kl_coef=0"
+            )
+        for window, position, token in zip(
+            data["window_ids"].tolist(), data["positions"].tolist(), data["token_ids"].tolist()
+        ):
             rows.setdefault(window, {})[position] = token
     bos = bos_id(tokenizer) if prepend_bos else None
     windows = []
@@ -57,19 +61,32 @@ def store_windows(store: ActivationStore, tokenizer: Any, *, min_tokens: int = 2
         if len(ids) >= min_tokens:
             windows.append(TokenWindow(tuple(ids), window_id, 0))
     if not windows:
-        raise StoreError(f"no complete token windows of at least {min_tokens} tokens in {store}; "
-                         "extract more tokens or set kl_coef=0")
+        raise StoreError(
+            f"no complete token windows of at least {min_tokens} tokens in {store}; "
+            "extract more tokens or set kl_coef=0"
+        )
     return windows
 
 
 class KLObjective:
     """Mean next-token KL(original ‖ spliced) over a few store windows, differentiable w.r.t. the transcoder."""
 
-    def __init__(self, model: Any, tokenizer: Any, store: ActivationStore, transcoder: CrossLayerTranscoder, *,
-                 windows_per_step: int = 4, seed: int = 0, keep_bos: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        store: ActivationStore,
+        transcoder: CrossLayerTranscoder,
+        *,
+        windows_per_step: int = 4,
+        seed: int = 0,
+        keep_bos: bool = True,
+    ) -> None:
         if store.model_name and transcoder.cfg.model_name and store.model_name != transcoder.cfg.model_name:
-            raise ValueError(f"the store holds activations of {store.model_name!r} but the transcoder is for "
-                             f"{transcoder.cfg.model_name!r}; use the model the store was extracted from")
+            raise ValueError(
+                f"the store holds activations of {store.model_name!r} but the transcoder is for "
+                f"{transcoder.cfg.model_name!r}; use the model the store was extracted from"
+            )
         self.model, self.windows_per_step, self.seed = model, windows_per_step, seed
         self.lm, self.mlp_paths = language_model(model, tokenizer, transcoder)
         self.windows = store_windows(store, tokenizer)
@@ -98,8 +115,9 @@ class KLObjective:
         if batchtopk is not None:
             batchtopk.eval()  # the inference threshold, as in the replacement model
         try:
-            logq = spliced_logits(self.lm, self.mlp_paths, transcoder, ids, mask, "replace", keep,
-                                  grad=True).log_softmax(-1)
+            logq = spliced_logits(
+                self.lm, self.mlp_paths, transcoder, ids, mask, "replace", keep, grad=True
+            ).log_softmax(-1)
         finally:
             if was_training:
                 batchtopk.train()
@@ -110,12 +128,15 @@ class KLObjective:
         """Add the gradient of coef · KL on step `step`'s windows to the transcoder's `.grad`; returns the KL."""
         kl = self.loss(transcoder, self.windows_at(step))
         if not torch.isfinite(kl):
-            raise FloatingPointError(f"the KL term became {float(kl)} at step {step}; lower kl_coef or "
-                                     "learning_rate (the last checkpoint is intact)")
+            raise FloatingPointError(
+                f"the KL term became {float(kl)} at step {step}; lower kl_coef or "
+                "learning_rate (the last checkpoint is intact)"
+            )
         weighted = coef * kl
         params = [p for p in transcoder.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(scaler.scale(weighted) if scaler is not None else weighted, params,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            scaler.scale(weighted) if scaler is not None else weighted, params, allow_unused=True
+        )
         for param, grad in zip(params, grads):
             if grad is not None:
                 param.grad = grad if param.grad is None else param.grad + grad

@@ -65,8 +65,7 @@ def _tokens_mean(per_token: Tensor) -> Tensor:
 def reconstruction_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
     """Squared error summed over layers and dimensions, mean over tokens."""
     if reconstruction.shape != target.shape:
-        raise ValueError(f"reconstruction {list(reconstruction.shape)} and target "
-                         f"{list(target.shape)} differ in shape")
+        raise ValueError(f"reconstruction {list(reconstruction.shape)} and target {list(target.shape)} differ in shape")
     return _tokens_mean((reconstruction - target).square().sum(dim=(-2, -1)))
 
 
@@ -82,8 +81,9 @@ def fvu(reconstruction: Tensor, target: Tensor, *, per_layer: bool = True) -> Te
     return (resid / total.clamp_min(torch.finfo(torch.float64).tiny)).to(target.dtype)
 
 
-def sparsity_loss(features: Tensor, decoder_norms: Tensor, *, coefficient: float = 1.0,
-                  c: float = 1.0, kind: str = "tanh") -> Tensor:
+def sparsity_loss(
+    features: Tensor, decoder_norms: Tensor, *, coefficient: float = 1.0, c: float = 1.0, kind: str = "tanh"
+) -> Tensor:
     """coefficient · Σ tanh(c · a · ‖W_dec‖) ('tanh') or Σ a · ‖W_dec‖ ('l1'), mean over tokens."""
     weighted = features * decoder_norms.to(features.dtype)
     if kind == "tanh":
@@ -95,8 +95,7 @@ def sparsity_loss(features: Tensor, decoder_norms: Tensor, *, coefficient: float
     return coefficient * _tokens_mean(per_token.sum(dim=(-2, -1)))
 
 
-def l0_loss(preactivations: Tensor, threshold: Tensor, *, bandwidth: float,
-            coefficient: float = 1.0) -> Tensor:
+def l0_loss(preactivations: Tensor, threshold: Tensor, *, bandwidth: float, coefficient: float = 1.0) -> Tensor:
     """coefficient · Σ H(z − θ), mean over tokens; θ gets the rectangle-kernel pseudo-gradient."""
     active = heaviside_step(preactivations, threshold, bandwidth)
     return coefficient * _tokens_mean(active.sum(dim=(-2, -1)))
@@ -109,16 +108,23 @@ def sparsity_lambda_at(step: int, final: float, warmup_steps: int) -> float:
     return float(final) * min(1.0, max(step, 0) / warmup_steps)
 
 
-def preactivation_loss(preactivations: Tensor, threshold: Tensor, decoder_norms: Tensor, *,
-                       coefficient: float = 3e-6) -> Tensor:
+def preactivation_loss(
+    preactivations: Tensor, threshold: Tensor, decoder_norms: Tensor, *, coefficient: float = 3e-6
+) -> Tensor:
     """coefficient · Σ ReLU(θ − z) · ‖W_dec‖ (lifts dead JumpReLU features), mean over tokens."""
     gap = torch.relu(threshold.to(preactivations.dtype) - preactivations)
     return coefficient * _tokens_mean((gap * decoder_norms.to(gap.dtype)).sum(dim=(-2, -1)))
 
 
-def auxiliary_topk_loss(preactivations: Tensor, residual: Tensor, dead_mask: Tensor,
-                        decode: Callable[[Tensor], Tensor], *, k_aux: int,
-                        coefficient: float = 1 / 32) -> Tensor:
+def auxiliary_topk_loss(
+    preactivations: Tensor,
+    residual: Tensor,
+    dead_mask: Tensor,
+    decode: Callable[[Tensor], Tensor],
+    *,
+    k_aux: int,
+    coefficient: float = 1 / 32,
+) -> Tensor:
     """Gao et al. 2024: reconstruct the residual e = y − ŷ from the top-k_aux dead features.
 
     `decode` maps features [..., L, F] to outputs [..., L, d] without the decoder bias, e.g.
@@ -127,8 +133,7 @@ def auxiliary_topk_loss(preactivations: Tensor, residual: Tensor, dead_mask: Ten
     """
     dead = dead_mask.to(device=preactivations.device, dtype=torch.bool)
     if dead.shape != preactivations.shape[-2:]:
-        raise ValueError(f"dead_mask {list(dead.shape)} must be [L, F] = "
-                         f"{list(preactivations.shape[-2:])}")
+        raise ValueError(f"dead_mask {list(dead.shape)} must be [L, F] = {list(preactivations.shape[-2:])}")
     if not bool(dead.any()):
         return preactivations.new_zeros(())
     k = min(k_aux, int(dead.sum(-1).max()))
@@ -139,11 +144,19 @@ def auxiliary_topk_loss(preactivations: Tensor, residual: Tensor, dead_mask: Ten
     return coefficient * err / e.square().sum(dim=(-2, -1)).mean().clamp_min(1e-12)
 
 
-def compute_losses(model: CrossLayerTranscoder, inputs: Tensor, targets: Tensor, *,
-                   sparsity_coef: float = 0.0, sparsity_c: float = 1.0,
-                   sparsity_kind: str = "tanh", preactivation_coef: float = 0.0,
-                   dead_mask: Tensor | None = None, k_aux: int = 0,
-                   aux_coef: float = 1 / 32) -> tuple[LossTerms, CLTOutput]:
+def compute_losses(
+    model: CrossLayerTranscoder,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    sparsity_coef: float = 0.0,
+    sparsity_c: float = 1.0,
+    sparsity_kind: str = "tanh",
+    preactivation_coef: float = 0.0,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+    aux_coef: float = 1 / 32,
+) -> tuple[LossTerms, CLTOutput]:
     """All loss terms on standardised inputs and targets [..., L, d]; returns (terms, output).
 
     The pre-activation term applies to JumpReLU models; the auxiliary term to TopK/BatchTopK
@@ -160,21 +173,22 @@ def compute_losses(model: CrossLayerTranscoder, inputs: Tensor, targets: Tensor,
     use_pre = bool(preactivation_coef) and act == "jumprelu"
     norms = model.decoder_norms() if sparsity_coef or use_pre else None
     zero = out.reconstruction.new_zeros(())
-    recon = sum((reconstruction_loss(r, targets) for r in recons[1:]),
-                reconstruction_loss(recons[0], targets))
-    metrics = {f"fvu_prefix_{m}": fvu(r.float(), targets.float(), per_layer=False)
-               for m, r in zip(prefixes, recons)}
+    recon = sum((reconstruction_loss(r, targets) for r in recons[1:]), reconstruction_loss(recons[0], targets))
+    metrics = {f"fvu_prefix_{m}": fvu(r.float(), targets.float(), per_layer=False) for m, r in zip(prefixes, recons)}
     sparse = zero
     if sparsity_coef:
-        sparse = sparsity_loss(out.features, norms, coefficient=sparsity_coef, c=sparsity_c,
-                               kind=sparsity_kind)
+        sparse = sparsity_loss(out.features, norms, coefficient=sparsity_coef, c=sparsity_c, kind=sparsity_kind)
     pre = zero
     if use_pre:
-        pre = preactivation_loss(out.preactivations, model.threshold, norms,
-                                 coefficient=preactivation_coef)
+        pre = preactivation_loss(out.preactivations, model.threshold, norms, coefficient=preactivation_coef)
     aux = zero
     if act in ("topk", "batchtopk") and dead_mask is not None and k_aux > 0:
-        aux = auxiliary_topk_loss(out.preactivations, targets - out.reconstruction, dead_mask,
-                                  lambda a: model.decode_features_normalized(a, inputs),
-                                  k_aux=k_aux, coefficient=aux_coef)
+        aux = auxiliary_topk_loss(
+            out.preactivations,
+            targets - out.reconstruction,
+            dead_mask,
+            lambda a: model.decode_features_normalized(a, inputs),
+            k_aux=k_aux,
+            coefficient=aux_coef,
+        )
     return LossTerms(recon, sparse, pre, aux, MappingProxyType(metrics)), out

@@ -46,8 +46,9 @@ class ReconstructionMetrics:
 
 
 @torch.no_grad()
-def reconstruction_metrics(transcoder: CrossLayerTranscoder, store: ActivationStore, *, max_tokens: int = 10_000,
-                           batch_size: int = 1024) -> ReconstructionMetrics:
+def reconstruction_metrics(
+    transcoder: CrossLayerTranscoder, store: ActivationStore, *, max_tokens: int = 10_000, batch_size: int = 1024
+) -> ReconstructionMetrics:
     """FVU, L0, dead fraction and activation frequency on the first `max_tokens` tokens of a store."""
     was_training = transcoder.training
     transcoder.eval()
@@ -67,10 +68,14 @@ def reconstruction_metrics(transcoder: CrossLayerTranscoder, store: ActivationSt
     transcoder.train(was_training)
     n = inputs.shape[0]
     return ReconstructionMetrics(
-        fvu_per_layer=(resid / total).tolist(), fvu=float(resid.sum() / total.sum()),
-        l0_per_layer=(l0 / n).tolist(), l0=float(l0.sum() / n),
+        fvu_per_layer=(resid / total).tolist(),
+        fvu=float(resid.sum() / total.sum()),
+        l0_per_layer=(l0 / n).tolist(),
+        l0=float(l0.sum() / n),
         dead_fraction=float((activity.fire_count == 0).float().mean()),
-        activation_frequency=activity.frequency().float().cpu(), n_tokens=n)
+        activation_frequency=activity.frequency().float().cpu(),
+        n_tokens=n,
+    )
 
 
 @dataclasses.dataclass
@@ -119,9 +124,17 @@ def _layer_features(transcoder: CrossLayerTranscoder, layer: int, x_std: torch.T
     return w.activate(z)[..., layer, :]
 
 
-def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscoder, ids: torch.Tensor,
-                   mask: torch.Tensor, mode: str, keep: torch.Tensor | None = None, *,
-                   grad: bool = False) -> torch.Tensor:
+def spliced_logits(
+    lm: Any,
+    mlp_paths: list[str],
+    transcoder: CrossLayerTranscoder,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    keep: torch.Tensor | None = None,
+    *,
+    grad: bool = False,
+) -> torch.Tensor:
     """Logits [B, T, V] with the covered MLP outputs replaced ('replace'), zeroed ('zero') or kept
     ('none'); positions where `keep` [B, T] is true keep the model's own outputs. With `grad` the
     logits stay differentiable w.r.t. the transcoder (through the frozen model)."""
@@ -144,8 +157,9 @@ def spliced_logits(lm: Any, mlp_paths: list[str], transcoder: CrossLayerTranscod
                     contrib = torch.einsum("...f,fjd->...jd", a, transcoder.W_dec[l])
                     if pending is None:
                         pending = contrib.new_zeros(*contrib.shape[:-2], L, contrib.shape[-1])
-                    pending = pending.index_add(-2, torch.arange(l, l + contrib.shape[-2], device=contrib.device),
-                                                contrib)
+                    pending = pending.index_add(
+                        -2, torch.arange(l, l + contrib.shape[-2], device=contrib.device), contrib
+                    )
                     y_std = pending[..., l, :] + transcoder.b_dec[l]
                 if transcoder.cfg.skip_connection:
                     y_std = y_std + x_std @ transcoder.W_skip[l].T
@@ -175,7 +189,8 @@ def language_model(model: Any, tokenizer: Any, transcoder: CrossLayerTranscoder)
     if cfg.d_model != layout.d_model or max(cfg.layers) >= layout.num_layers:
         raise ValueError(
             f"the transcoder (layers {cfg.layers}, d_model {cfg.d_model}) does not fit the model "
-            f"({layout.num_layers} layers, d_model {layout.d_model}); use a transcoder trained on this model")
+            f"({layout.num_layers} layers, d_model {layout.d_model}); use a transcoder trained on this model"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm = LanguageModel(model, tokenizer=tokenizer)
@@ -199,9 +214,18 @@ def _spliced(original: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | Non
 
 
 @torch.no_grad()
-def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTranscoder, texts: list[str] | None = None,
-                        *, max_windows: int = 16, context_length: int = 64, batch_size: int = 8,
-                        prepend_bos: bool = True, keep_bos: bool = True) -> ReplacementMetrics:
+def replacement_metrics(
+    model: Any,
+    tokenizer: Any,
+    transcoder: CrossLayerTranscoder,
+    texts: list[str] | None = None,
+    *,
+    max_windows: int = 16,
+    context_length: int = 64,
+    batch_size: int = 8,
+    prepend_bos: bool = True,
+    keep_bos: bool = True,
+) -> ReplacementMetrics:
     """KL, top-1 agreement and fraction of CE recovered with the transcoder spliced into the model.
 
     With `keep_bos` (default) the BOS position keeps the model's own MLP outputs in both the
@@ -213,8 +237,9 @@ def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTransc
     transcoder = transcoder.eval()
     lm, mlp_paths = language_model(model, tokenizer, transcoder)
     windows = []
-    for window in token_windows(load_texts(texts if texts is not None else "pydoc"), tokenizer, context_length,
-                                prepend_bos=prepend_bos):
+    for window in token_windows(
+        load_texts(texts if texts is not None else "pydoc"), tokenizer, context_length, prepend_bos=prepend_bos
+    ):
         if len(window.token_ids) >= 2:
             windows.append(window)
         if len(windows) >= max_windows:
@@ -227,8 +252,10 @@ def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTransc
         ids, mask = pad_windows(windows[lo : lo + batch_size], pad)
         ids, mask = ids.to(device), mask.to(device)
         keep = bos_keep_mask(mask, prepend_bos, keep_bos)
-        logp = {mode: spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode, keep).log_softmax(-1)
-                for mode in ("none", "replace", "zero")}
+        logp = {
+            mode: spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode, keep).log_softmax(-1)
+            for mode in ("none", "replace", "zero")
+        }
         valid = next_token_valid(mask)
         targets = ids[:, 1:]
         for mode, key in (("none", "ce_original"), ("replace", "ce_replaced"), ("zero", "ce_zero_ablated")):
@@ -243,6 +270,12 @@ def replacement_metrics(model: Any, tokenizer: Any, transcoder: CrossLayerTransc
     mean = {k: v / count for k, v in sums.items()}
     gap = mean["ce_zero_ablated"] - mean["ce_original"]
     recovered = (mean["ce_zero_ablated"] - mean["ce_replaced"]) / gap if abs(gap) > 1e-12 else float("nan")
-    return ReplacementMetrics(kl=mean["kl"], top1_agreement=mean["top1"], ce_original=mean["ce_original"],
-                              ce_replaced=mean["ce_replaced"], ce_zero_ablated=mean["ce_zero_ablated"],
-                              ce_recovered=recovered, n_tokens=count)
+    return ReplacementMetrics(
+        kl=mean["kl"],
+        top1_agreement=mean["top1"],
+        ce_original=mean["ce_original"],
+        ce_replaced=mean["ce_replaced"],
+        ce_zero_ablated=mean["ce_zero_ablated"],
+        ce_recovered=recovered,
+        n_tokens=count,
+    )

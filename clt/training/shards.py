@@ -27,8 +27,15 @@ COMPRESSIONS = ("none", "zstd")
 SCALE_SUFFIX = "_scale"
 _INT8_MAX = 127
 _ZSTD_LEVEL = 3
-_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-                       torch.int64: "I64", torch.int32: "I32", torch.int8: "I8"}
+_SAFETENSORS_DTYPES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+}
 
 
 def zstandard() -> Any:
@@ -36,8 +43,9 @@ def zstandard() -> Any:
     try:
         import zstandard as zstd
     except ImportError as err:
-        raise ImportError("compression='zstd' needs the zstandard package: pip install zstandard "
-                          "(or pip install 'clt[compress]')") from err
+        raise ImportError(
+            "compression='zstd' needs the zstandard package: pip install zstandard (or pip install 'clt[compress]')"
+        ) from err
     return zstd
 
 
@@ -92,8 +100,11 @@ def save_shard(parts: dict[str, list[torch.Tensor]], path: Path, compression: st
     for key, tensors in parts.items():
         shape = [sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]]
         size = sum(t.numel() for t in tensors) * tensors[0].element_size()
-        header[key] = {"dtype": _SAFETENSORS_DTYPES[tensors[0].dtype], "shape": shape,
-                       "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[tensors[0].dtype],
+            "shape": shape,
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -123,5 +134,15 @@ def load_shard(path: Path, error: type[Exception], *, missing: str, corrupt: str
         raise error(f"{path} is corrupt or truncated ({err}); {corrupt}") from err
 
 
-__all__ = ["COMPRESSIONS", "FLOAT_DTYPES", "STORE_DTYPES", "decode", "dequantize_int8", "encode", "load_shard",
-           "quantize_int8", "save_shard", "shard_name"]
+__all__ = [
+    "COMPRESSIONS",
+    "FLOAT_DTYPES",
+    "STORE_DTYPES",
+    "decode",
+    "dequantize_int8",
+    "encode",
+    "load_shard",
+    "quantize_int8",
+    "save_shard",
+    "shard_name",
+]

@@ -72,21 +72,32 @@ class CLTTrainer:
         self.dist = distributed.init_distributed(c.parallel, c.device, c.dist_timeout_s)
         if self.dist is not None:
             distributed.check_agreement(
-                self.dist, {"transcoder": clt_config.to_dict(), "training": c.to_dict(), "store_tokens": store.n_tokens,
-                            "store_layers": store.layers},
-                distributed.split_problems(self.dist, clt_config, c.batch_size // c.grad_accumulation_steps,
-                                         c.mixed_precision))
+                self.dist,
+                {
+                    "transcoder": clt_config.to_dict(),
+                    "training": c.to_dict(),
+                    "store_tokens": store.n_tokens,
+                    "store_layers": store.layers,
+                },
+                distributed.split_problems(
+                    self.dist, clt_config, c.batch_size // c.grad_accumulation_steps, c.mixed_precision
+                ),
+            )
         if clt_config.num_layers != store.num_layers or clt_config.d_model != store.d_model:
             raise ValueError(
                 f"the transcoder expects {clt_config.num_layers} layers of width {clt_config.d_model} but the store "
                 f"holds {store.num_layers} layers of width {store.d_model}; set num_layers={store.num_layers}, "
-                f"d_model={store.d_model}")
+                f"d_model={store.d_model}"
+            )
         if clt_config.layers != list(range(clt_config.num_layers)) and clt_config.layers != store.layers:
             raise ValueError(f"CLTConfig.layers {clt_config.layers} differ from the store's layers {store.layers}")
         if training_config.mixed_precision == "fp16" and not training_config.device.startswith("cuda"):
             raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' on CPU")
-        self.clt_config = clt_config.replace(layers=store.layers, model_name=clt_config.model_name or store.model_name,
-                                             output_site=getattr(store, "output_site", clt_config.output_site))
+        self.clt_config = clt_config.replace(
+            layers=store.layers,
+            model_name=clt_config.model_name or store.model_name,
+            output_site=getattr(store, "output_site", clt_config.output_site),
+        )
         self.cfg, self.store, self.callbacks = training_config, store, callbacks or []
         self.device = torch.device(distributed.local_device(c.device) if self.dist else c.device)
         if training_config.retain_freed_memory and self.device.type == "cpu":
@@ -102,8 +113,9 @@ class CLTTrainer:
         params = list(self.model.parameters())
         # one fused kernel per step instead of ~10 passes over every parameter (CPU and CUDA)
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, betas=tuple(c.adam_betas),
-                                           weight_decay=c.weight_decay, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=c.learning_rate, betas=tuple(c.adam_betas), weight_decay=c.weight_decay, fused=fused or None
+        )
         self.scaler = torch.amp.GradScaler("cuda") if c.mixed_precision == "fp16" else None
         self.activity = FeatureActivity(self.clt_config.num_layers, self.model.cfg.num_features, self.device)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -131,7 +143,9 @@ class CLTTrainer:
 
     def sparsity_lambda_at(self, step: int) -> float:
         """Sparsity coefficient at `step`."""
-        warmup = self.cfg.sparsity_warmup_steps if self.cfg.sparsity_warmup_steps is not None else self.cfg.training_steps
+        warmup = (
+            self.cfg.sparsity_warmup_steps if self.cfg.sparsity_warmup_steps is not None else self.cfg.training_steps
+        )
         return sparsity_lambda_at(step, self.cfg.sparsity_lambda, warmup)
 
     # training ------------------------------------------------------------------------------
@@ -176,9 +190,18 @@ class CLTTrainer:
             x, y = model.normalize_inputs(batch.inputs), model.normalize_outputs(batch.outputs)
             dead = self.activity.dead_mask(c.dead_after_tokens)
             with self._autocast():
-                terms, out = compute_losses(model, x, y, sparsity_coef=lam, sparsity_c=c.sparsity_c,
-                                            sparsity_kind=c.sparsity_kind, preactivation_coef=c.preactivation_coef,
-                                            dead_mask=dead, k_aux=k_aux, aux_coef=c.aux_coef)
+                terms, out = compute_losses(
+                    model,
+                    x,
+                    y,
+                    sparsity_coef=lam,
+                    sparsity_c=c.sparsity_c,
+                    sparsity_kind=c.sparsity_kind,
+                    preactivation_coef=c.preactivation_coef,
+                    dead_mask=dead,
+                    k_aux=k_aux,
+                    aux_coef=c.aux_coef,
+                )
             loss = terms.total / accumulation
             self._check_loss(loss)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -195,8 +218,11 @@ class CLTTrainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if c.grad_clip_norm:
-            clip = model.clip_grad_norm if self.dist is not None else functools.partial(
-                torch.nn.utils.clip_grad_norm_, model.parameters())
+            clip = (
+                model.clip_grad_norm
+                if self.dist is not None
+                else functools.partial(torch.nn.utils.clip_grad_norm_, model.parameters())
+            )
             sums["grad_norm"] = clip(c.grad_clip_norm).detach().double()
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -230,14 +256,16 @@ class CLTTrainer:
         elif not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {float(loss)} at step {self.step}; lower learning_rate, enable grad_clip_norm, "
-                "or check the store for outliers (the last checkpoint is intact)")
+                "or check the store for outliers (the last checkpoint is intact)"
+            )
 
     def _raise_if_nonfinite(self) -> None:
         if bool(self._nonfinite):
             raise FloatingPointError(
                 f"a batch or the loss held NaN/inf before step {self.step}: the store is corrupt or training "
                 "diverged (lower learning_rate, enable grad_clip_norm, re-extract the store); the last checkpoint "
-                "is intact")
+                "is intact"
+            )
 
     def train(self, *, progress: bool = True) -> CrossLayerTranscoder:
         """Train to `training_steps` (resuming if a checkpoint was loaded); returns the transcoder."""
@@ -247,8 +275,13 @@ class CLTTrainer:
         self._log = self._open_log() if self.is_main else None
         self._wandb_run = self._wandb() if self.is_main else None
         self._clock = (time.perf_counter(), self.step)
-        bar = tqdm(total=c.training_steps, initial=self.step, desc="training", unit="step",
-                   disable=not progress or not self.is_main)
+        bar = tqdm(
+            total=c.training_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not progress or not self.is_main,
+        )
         try:
             if c.profile_steps:
                 with self._profiler() as profiler:
@@ -278,8 +311,9 @@ class CLTTrainer:
         if self.dist is not None and not self.dist.sharded:
             split = {"rank": self.dist.rank, "world_size": self.dist.world_size}
         dtype = FLOAT_DTYPES.get(self.store.dtype, torch.float32) if self.device.type == "cuda" else torch.float32
-        return self.store.batches(micro, seed=c.seed, start=self.step * c.grad_accumulation_steps,
-                                  device=self.device, dtype=dtype, **split)
+        return self.store.batches(
+            micro, seed=c.seed, start=self.step * c.grad_accumulation_steps, device=self.device, dtype=dtype, **split
+        )
 
     def _run(self, batches: Any, until: int, bar: Any) -> None:
         c = self.cfg
@@ -339,11 +373,13 @@ class CLTTrainer:
         if model.cfg.to_dict() != self.clt_config.to_dict():
             raise CheckpointMismatchError(
                 f"checkpoint {path} holds a transcoder with config {model.cfg.to_dict()}, this run asks for "
-                f"{self.clt_config.to_dict()}; use a new output_dir or the checkpoint's config")
+                f"{self.clt_config.to_dict()}; use a new output_dir or the checkpoint's config"
+            )
         if state.get("store_tokens") != self.store.n_tokens:
             raise CheckpointMismatchError(
                 f"checkpoint {path} was trained on a store of {state.get('store_tokens')} tokens, this store has "
-                f"{self.store.n_tokens}; resume with the same store or start in a new output_dir")
+                f"{self.store.n_tokens}; resume with the same store or start in a new output_dir"
+            )
         weights = model.state_dict()
         activity = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("activity.")}
         if isinstance(self.model, DistributedTranscoder):
@@ -364,7 +400,11 @@ class CLTTrainer:
             return None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step] if path.exists() else []
+        kept = (
+            [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            if path.exists()
+            else []
+        )
         path.write_text("".join(line + "\n" for line in kept))
         return path.open("a")
 
@@ -386,17 +426,22 @@ class CLTTrainer:
         logger.info("profile of %d steps:\n%s", self.cfg.profile_steps, table)
 
 
-def _kl_objective(cfg: TrainingConfig, language_model: tuple[Any, Any] | None, store: ActivationStore,
-                  model: CrossLayerTranscoder) -> Any:
+def _kl_objective(
+    cfg: TrainingConfig, language_model: tuple[Any, Any] | None, store: ActivationStore, model: CrossLayerTranscoder
+) -> Any:
     """The end-to-end KL term (`clt.training.e2e`) when kl_coef > 0."""
     if not cfg.kl_coef:
         return None
     if language_model is None:
-        raise ValueError("kl_coef > 0 needs the language model: pass CLTTrainer(..., language_model=(model, "
-                         "tokenizer)), or set kl_coef=0")
+        raise ValueError(
+            "kl_coef > 0 needs the language model: pass CLTTrainer(..., language_model=(model, "
+            "tokenizer)), or set kl_coef=0"
+        )
     if isinstance(model, DistributedTranscoder):
-        raise ValueError("kl_coef > 0 is not supported under torchrun with several ranks yet; train with the "
-                         "KL term in one process, or set kl_coef=0")
+        raise ValueError(
+            "kl_coef > 0 is not supported under torchrun with several ranks yet; train with the "
+            "KL term in one process, or set kl_coef=0"
+        )
     from clt.training.e2e import KLObjective
 
     return KLObjective(*language_model, store, model, windows_per_step=cfg.kl_windows, seed=cfg.seed)
@@ -432,4 +477,5 @@ def _check_finite(batch: Any, step: int, layers: list[int]) -> None:
             layer = int((~finite).flatten(0, -3).any(0).any(-1).nonzero()[0])
             raise FloatingPointError(
                 f"the batch of step {step} holds NaN/inf MLP {name} at layer {layers[layer]}: the store is "
-                "corrupt (re-extract it, or the shard holding it); the last checkpoint is intact")
+                "corrupt (re-extract it, or the shard holding it); the last checkpoint is intact"
+            )

@@ -43,31 +43,54 @@ def feature_card_figure(card: FeatureCard, *, n_contexts: int = 8, radius: int =
     from plotly.subplots import make_subplots
 
     if len(card.bin_edges) != len(card.histogram) + 1:
-        raise ValueError(f"card {card.key} has {len(card.histogram)} histogram bins but "
-                         f"{len(card.bin_edges)} bin edges (expected {len(card.histogram) + 1})")
-    fig = make_subplots(rows=2, cols=2, row_heights=[0.38, 0.62], vertical_spacing=0.14,
-                        specs=[[{}, {}], [{"colspan": 2}, None]],
-                        subplot_titles=("activation histogram (where it fires)", "output tokens",
-                                        "top activating contexts"))
+        raise ValueError(
+            f"card {card.key} has {len(card.histogram)} histogram bins but "
+            f"{len(card.bin_edges)} bin edges (expected {len(card.histogram) + 1})"
+        )
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        row_heights=[0.38, 0.62],
+        vertical_spacing=0.14,
+        specs=[[{}, {}], [{"colspan": 2}, None]],
+        subplot_titles=("activation histogram (where it fires)", "output tokens", "top activating contexts"),
+    )
     edges = card.bin_edges
-    fig.add_trace(go.Bar(x=[(a + b) / 2 for a, b in pairwise(edges)], y=card.histogram,
-                         width=[b - a for a, b in pairwise(edges)], marker_color="#f58518",
-                         name="activations", showlegend=False,
-                         hovertemplate="activation %{x:.3g}: %{y} tokens<extra></extra>"),
-                  row=1, col=1)
+    fig.add_trace(
+        go.Bar(
+            x=[(a + b) / 2 for a, b in pairwise(edges)],
+            y=card.histogram,
+            width=[b - a for a, b in pairwise(edges)],
+            marker_color="#f58518",
+            name="activations",
+            showlegend=False,
+            hovertemplate="activation %{x:.3g}: %{y} tokens<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
     fig.update_xaxes(title_text="activation", row=1, col=1)
     fig.update_yaxes(title_text="tokens", row=1, col=1)
 
     logits = [*card.top_logits, *card.bottom_logits]
     if logits:
         shown = [token_label(t) for t, _ in logits]
-        fig.add_trace(go.Bar(x=[v for _, v in logits], y=list(range(len(logits))),
-                             orientation="h", hovertext=shown, showlegend=False,
-                             marker_color=[_PROMOTED if v >= 0 else _SUPPRESSED for _, v in logits],
-                             hovertemplate="“%{hovertext}”: %{x:.3g}<extra></extra>"),
-                      row=1, col=2)
-        fig.update_yaxes(tickmode="array", tickvals=list(range(len(logits))), ticktext=shown,
-                         autorange="reversed", row=1, col=2)
+        fig.add_trace(
+            go.Bar(
+                x=[v for _, v in logits],
+                y=list(range(len(logits))),
+                orientation="h",
+                hovertext=shown,
+                showlegend=False,
+                marker_color=[_PROMOTED if v >= 0 else _SUPPRESSED for _, v in logits],
+                hovertemplate="“%{hovertext}”: %{x:.3g}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
+        fig.update_yaxes(
+            tickmode="array", tickvals=list(range(len(logits))), ticktext=shown, autorange="reversed", row=1, col=2
+        )
         fig.update_xaxes(title_text="direct logit effect", row=1, col=2)
     else:
         _note(fig, "no unembedding was given when the cards were built", "x2", "y2")
@@ -75,23 +98,41 @@ def feature_card_figure(card: FeatureCard, *, n_contexts: int = 8, radius: int =
     contexts = card.contexts[:n_contexts]
     if contexts:
         z, text, hover = _context_grid(contexts, radius)
-        fig.add_trace(go.Heatmap(z=z, text=text, hovertext=hover, texttemplate="%{text}",
-                                 textfont={"size": 12},
-                                 hovertemplate="%{hovertext}<extra></extra>",
-                                 colorscale="Oranges", zmin=0,
-                                 zmax=max(card.max_activation, 1e-9), xgap=2, ygap=2,
-                                 colorbar={"title": {"text": "act."}, "len": 0.55, "y": 0.28}),
-                      row=2, col=1)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                text=text,
+                hovertext=hover,
+                texttemplate="%{text}",
+                textfont={"size": 12},
+                hovertemplate="%{hovertext}<extra></extra>",
+                colorscale="Oranges",
+                zmin=0,
+                zmax=max(card.max_activation, 1e-9),
+                xgap=2,
+                ygap=2,
+                colorbar={"title": {"text": "act."}, "len": 0.55, "y": 0.28},
+            ),
+            row=2,
+            col=1,
+        )
         ranks = [f"#{i + 1} ({c.activation:.3g})" for i, c in enumerate(contexts)]
-        fig.update_yaxes(tickmode="array", tickvals=list(range(len(contexts))), ticktext=ranks,
-                         autorange="reversed", row=2, col=1)
+        fig.update_yaxes(
+            tickmode="array", tickvals=list(range(len(contexts))), ticktext=ranks, autorange="reversed", row=2, col=1
+        )
         fig.update_xaxes(showticklabels=False, row=2, col=1)
     else:
         _note(fig, "the feature never fired on the scanned tokens", "x3", "y3")
     label = f": {token_label(card.label)}" if card.label else ""
-    fig.update_layout(title={"text": f"Feature {card.layer}/{card.feature}{label} · density "
-                                     f"{card.density:.3%} · max {card.max_activation:.3g}"},
-                      height=760, plot_bgcolor="white", bargap=0.05)
+    fig.update_layout(
+        title={
+            "text": f"Feature {card.layer}/{card.feature}{label} · density "
+            f"{card.density:.3%} · max {card.max_activation:.3g}"
+        },
+        height=760,
+        plot_bgcolor="white",
+        bargap=0.05,
+    )
     return fig
 
 
@@ -120,8 +161,15 @@ def _context_grid(contexts: Sequence[Context], radius: int) -> tuple[list, list,
 
 
 def _note(fig: go.Figure, text: str, xref: str, yref: str) -> None:
-    fig.add_annotation(text=text, xref=f"{xref} domain", yref=f"{yref} domain", x=0.5, y=0.5,
-                       showarrow=False, font={"color": "#777777"})
+    fig.add_annotation(
+        text=text,
+        xref=f"{xref} domain",
+        yref=f"{yref} domain",
+        x=0.5,
+        y=0.5,
+        showarrow=False,
+        font={"color": "#777777"},
+    )
 
 
 def read_metrics(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -129,8 +177,7 @@ def read_metrics(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"no metrics file at {path} "
-                                    "(the trainer writes output_dir/metrics.jsonl)")
+            raise FileNotFoundError(f"no metrics file at {path} (the trainer writes output_dir/metrics.jsonl)")
         records = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
@@ -154,8 +201,13 @@ def training_curves_figure(metrics: str | Path | Iterable[Mapping[str, Any]]) ->
     from plotly.subplots import make_subplots
 
     records = sorted(read_metrics(metrics), key=lambda r: r["step"])
-    fig = make_subplots(rows=3, cols=2, subplot_titles=[title for title, _ in _TRAINING_PANELS],
-                        vertical_spacing=0.1, horizontal_spacing=0.1)
+    fig = make_subplots(
+        rows=3,
+        cols=2,
+        subplot_titles=[title for title, _ in _TRAINING_PANELS],
+        vertical_spacing=0.1,
+        horizontal_spacing=0.1,
+    )
     for k, (title, keys) in enumerate(_TRAINING_PANELS):
         row, col = k // 2 + 1, k % 2 + 1
         drawn = False
@@ -164,9 +216,18 @@ def training_curves_figure(metrics: str | Path | Iterable[Mapping[str, Any]]) ->
             if not points or (key in _OPTIONAL_TERMS and not any(v for _, v in points)):
                 continue
             drawn = True
-            fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points],
-                                     mode="lines", name=key, legendgroup=title,
-                                     showlegend=len(keys) > 1), row=row, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=[s for s, _ in points],
+                    y=[v for _, v in points],
+                    mode="lines",
+                    name=key,
+                    legendgroup=title,
+                    showlegend=len(keys) > 1,
+                ),
+                row=row,
+                col=col,
+            )
         if not drawn:
             axis = "" if k == 0 else str(k + 1)
             _note(fig, "not logged", f"x{axis}", f"y{axis}")
@@ -175,9 +236,12 @@ def training_curves_figure(metrics: str | Path | Iterable[Mapping[str, Any]]) ->
     return fig
 
 
-def layer_metrics_figure(fvu_per_layer: Sequence[float] | ReconstructionMetrics,
-                         l0_per_layer: Sequence[float] | None = None, *,
-                         layers: Sequence[int] | None = None) -> go.Figure:
+def layer_metrics_figure(
+    fvu_per_layer: Sequence[float] | ReconstructionMetrics,
+    l0_per_layer: Sequence[float] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+) -> go.Figure:
     """Bars of FVU and L0 per layer; pass both lists, or a `ReconstructionMetrics` alone."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -190,8 +254,7 @@ def layer_metrics_figure(fvu_per_layer: Sequence[float] | ReconstructionMetrics,
         raise ValueError("l0_per_layer is missing: pass it, or a ReconstructionMetrics alone")
     fvu, l0 = [float(v) for v in fvu_per_layer], [float(v) for v in l0_per_layer]
     if len(fvu) != len(l0):
-        raise ValueError(f"{len(fvu)} FVU values but {len(l0)} L0 values: give one of each "
-                         "per layer")
+        raise ValueError(f"{len(fvu)} FVU values but {len(l0)} L0 values: give one of each per layer")
     names = list(layers) if layers is not None else list(range(len(fvu)))
     if len(names) != len(fvu):
         raise ValueError(f"{len(names)} layer names for {len(fvu)} layers")
@@ -200,13 +263,18 @@ def layer_metrics_figure(fvu_per_layer: Sequence[float] | ReconstructionMetrics,
     fig.add_trace(go.Bar(x=x, y=fvu, name="FVU", marker_color="#4c78a8"), row=1, col=1)
     fig.add_trace(go.Bar(x=x, y=l0, name="L0", marker_color="#f58518"), row=1, col=2)
     fig.update_xaxes(title_text="layer", type="category")
-    fig.update_layout(title={"text": "Reconstruction by layer"}, showlegend=False,
-                      plot_bgcolor="white", height=420)
+    fig.update_layout(title={"text": "Reconstruction by layer"}, showlegend=False, plot_bgcolor="white", height=420)
     return fig
 
 
-def pareto_figure(rows: Iterable[Mapping[str, Any]], *, x: str = "L0", y: str = "FVU",
-                  label: str = "dictionary", title: str = "Sparsity vs reconstruction") -> go.Figure:
+def pareto_figure(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    x: str = "L0",
+    y: str = "FVU",
+    label: str = "dictionary",
+    title: str = "Sparsity vs reconstruction",
+) -> go.Figure:
     """FVU against L0 (or any two numeric keys), one trace per dictionary type: a point, or a line
     through a sweep's points in order of x; rows missing x or y are left out."""
     import plotly.graph_objects as go
@@ -223,13 +291,24 @@ def pareto_figure(rows: Iterable[Mapping[str, Any]], *, x: str = "L0", y: str = 
     fig = go.Figure()
     for name, points in groups.items():
         points.sort()
-        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=token_label(name),
-                                 mode="lines+markers" if len(points) > 1 else "markers", marker={"size": 10},
-                                 hovertemplate=f"{token_label(name)}<br>{x} %{{x:.3g}}<br>{y} %{{y:.4g}}"
-                                               "<extra></extra>"))
-    fig.update_layout(title={"text": title}, xaxis_title=f"{x} (active features per token, all layers)"
-                      if x == "L0" else x, yaxis_title=y, plot_bgcolor="white", height=520,
-                      legend={"title": {"text": label}})
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in points],
+                y=[p[1] for p in points],
+                name=token_label(name),
+                mode="lines+markers" if len(points) > 1 else "markers",
+                marker={"size": 10},
+                hovertemplate=f"{token_label(name)}<br>{x} %{{x:.3g}}<br>{y} %{{y:.4g}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title={"text": title},
+        xaxis_title=f"{x} (active features per token, all layers)" if x == "L0" else x,
+        yaxis_title=y,
+        plot_bgcolor="white",
+        height=520,
+        legend={"title": {"text": label}},
+    )
     fig.update_xaxes(showgrid=True, gridcolor="#eee")
     fig.update_yaxes(showgrid=True, gridcolor="#eee")
     return fig
@@ -244,5 +323,11 @@ def save_figure_html(fig: go.Figure, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["feature_card_figure", "layer_metrics_figure", "pareto_figure", "read_metrics", "save_figure_html",
-           "training_curves_figure"]
+__all__ = [
+    "feature_card_figure",
+    "layer_metrics_figure",
+    "pareto_figure",
+    "read_metrics",
+    "save_figure_html",
+    "training_curves_figure",
+]

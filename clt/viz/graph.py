@@ -66,11 +66,17 @@ def token_label(token: str) -> str:
     return html.escape(token.replace("\n", "↵").replace("\t", "⇥"), quote=False)
 
 
-def graph_figure(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                 labels: Mapping[str, str] | None = None,
-                 cards: Mapping[str, FeatureCard] | None = None, title: str | None = None,
-                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                 max_edges: int | None = DEFAULT_MAX_EDGES) -> go.Figure:
+def graph_figure(
+    graph: Graph,
+    *,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    labels: Mapping[str, str] | None = None,
+    cards: Mapping[str, FeatureCard] | None = None,
+    title: str | None = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    max_edges: int | None = DEFAULT_MAX_EDGES,
+) -> go.Figure:
     """The pruned graph as a plotly figure with a node-threshold slider (module docstring).
 
     `labels` maps node ids to labels; `cards` (e.g. `FeatureCards`) gives feature labels and top
@@ -86,16 +92,27 @@ def graph_figure(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: f
     traces are lines and draw none; hidden traces of other thresholds are not rendered), so
     ``document.querySelectorAll('.scatterlayer .trace.scatter path.point').length`` counts them.
     """
-    return _build(graph, node_threshold=node_threshold, edge_threshold=edge_threshold,
-                  labels=labels, cards=cards, title=title, thresholds=thresholds,
-                  max_edges=max_edges)[0]
+    return _build(
+        graph,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        labels=labels,
+        cards=cards,
+        title=title,
+        thresholds=thresholds,
+        max_edges=max_edges,
+    )[0]
 
 
 def graph_html(graph: Graph, **kwargs: Any) -> str:
     """A standalone HTML page (plotly.js inline, click highlighting) of `graph_figure`."""
     fig, data = _build(graph, **kwargs)
-    return fig.to_html(include_plotlyjs=True, full_html=True, post_script=_click_script(data),
-                       config={"displaylogo": False, "responsive": True})
+    return fig.to_html(
+        include_plotlyjs=True,
+        full_html=True,
+        post_script=_click_script(data),
+        config={"displaylogo": False, "responsive": True},
+    )
 
 
 def save_graph_html(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
@@ -111,11 +128,17 @@ def save_graph_html(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
 _DIRECTIONS = {"upstream + downstream": "both", "upstream": "up", "downstream": "down"}
 
 
-def _build(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-           labels: Mapping[str, str] | None = None,
-           cards: Mapping[str, FeatureCard] | None = None, title: str | None = None,
-           thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-           max_edges: int | None = DEFAULT_MAX_EDGES) -> tuple[go.Figure, dict[str, Any]]:
+def _build(
+    graph: Graph,
+    *,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    labels: Mapping[str, str] | None = None,
+    cards: Mapping[str, FeatureCard] | None = None,
+    title: str | None = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    max_edges: int | None = DEFAULT_MAX_EDGES,
+) -> tuple[go.Figure, dict[str, Any]]:
     """The figure and the data its click script needs (trace groups, links, node positions)."""
     import plotly.graph_objects as go
 
@@ -135,29 +158,39 @@ def _build(graph: Graph, *, node_threshold: float = 0.8, edge_threshold: float =
     groups: list[dict[str, Any]] = []
     spans: list[range] = []
     for level in levels:
-        result = _capped(graph, prune(graph, node_threshold=level, edge_threshold=edge_threshold),
-                         max_edges)
+        result = _capped(graph, prune(graph, node_threshold=level, edge_threshold=edge_threshold), max_edges)
         new, group = _threshold_traces(graph, nodes, result, sizes, hover, len(traces))
         spans.append(range(len(traces), len(traces) + len(new)))
         traces.extend(new)
         groups.append(group)
     highlight = [len(traces), len(traces) + 1]
     for sign in (1, -1):
-        traces.append(go.Scatter(x=[], y=[], mode="lines", meta=HIGHLIGHT_META, hoverinfo="skip",
-                                 showlegend=False,
-                                 line={"color": _EDGE_COLOURS[sign], "width": 2.4}))
+        traces.append(
+            go.Scatter(
+                x=[],
+                y=[],
+                mode="lines",
+                meta=HIGHLIGHT_META,
+                hoverinfo="skip",
+                showlegend=False,
+                line={"color": _EDGE_COLOURS[sign], "width": 2.4},
+            )
+        )
     visible = [[i in span for i in range(highlight[0])] + [True, True] for span in spans]
     for trace, shown in zip(traces, visible[active]):
         trace.visible = shown
     fig = go.Figure(traces)
-    if title is None:
-        title = _default_title(graph, edge_threshold)
-    else:
-        title = html.escape(title, quote=False)
+    title = _default_title(graph, edge_threshold) if title is None else html.escape(title, quote=False)
     fig.update_layout(**_layout(graph, title, levels, visible, active))
-    data = {"groups": groups, "highlight": highlight, "directions": _DIRECTIONS,
-            "edgeOpacity": _EDGE_OPACITY, "nodeOpacity": _NODE_OPACITY,
-            "dimNodes": _DIM_NODES, "dimEdges": _DIM_EDGES}
+    data = {
+        "groups": groups,
+        "highlight": highlight,
+        "directions": _DIRECTIONS,
+        "edgeOpacity": _EDGE_OPACITY,
+        "nodeOpacity": _NODE_OPACITY,
+        "dimNodes": _DIM_NODES,
+        "dimEdges": _DIM_EDGES,
+    }
     return fig, data
 
 
@@ -174,38 +207,71 @@ def _capped(graph: Graph, result: PruneResult, max_edges: int | None) -> PruneRe
     return result._replace(edge_mask=keep.view_as(result.edge_mask) & result.edge_mask)
 
 
-def _layout(graph: Graph, title: str, levels: list[float], visible: list[list[bool]],
-            active: int) -> dict[str, Any]:
+def _layout(graph: Graph, title: str, levels: list[float], visible: list[list[bool]], active: int) -> dict[str, Any]:
     """Axes (tokens × rows), the threshold slider and the highlight-direction buttons."""
     n_rows = graph.n_layers + 2
-    steps = [{"label": f"{level:g}", "method": "update", "args": [{"visible": shown}, {}]}
-             for level, shown in zip(levels, visible)]
+    steps = [
+        {"label": f"{level:g}", "method": "update", "args": [{"visible": shown}, {}]}
+        for level, shown in zip(levels, visible)
+    ]
     buttons = [{"label": label, "method": "skip", "args": [None]} for label in _DIRECTIONS]
     return {
-        "title": {"text": title, "x": 0.01, "y": 1.0, "yref": "container", "yanchor": "top",
-                  "pad": {"t": 12}},
-        "xaxis": {"tickmode": "array", "tickvals": list(range(graph.n_tokens)),
-                  "ticktext": [token_label(t) for t in graph.tokens],
-                  "range": [-0.6, graph.n_tokens - 0.4], "showgrid": False, "zeroline": False},
-        "yaxis": {"tickmode": "array", "tickvals": list(range(n_rows)),
-                  "ticktext": ["embeddings", *(f"layer {i}" for i in range(graph.n_layers)),
-                               "logits"],
-                  "range": [-0.6, n_rows - 0.2], "showgrid": True, "zeroline": False},
-        "height": max(560, 70 * n_rows + 300), "plot_bgcolor": "white", "hovermode": "closest",
+        "title": {"text": title, "x": 0.01, "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 12}},
+        "xaxis": {
+            "tickmode": "array",
+            "tickvals": list(range(graph.n_tokens)),
+            "ticktext": [token_label(t) for t in graph.tokens],
+            "range": [-0.6, graph.n_tokens - 0.4],
+            "showgrid": False,
+            "zeroline": False,
+        },
+        "yaxis": {
+            "tickmode": "array",
+            "tickvals": list(range(n_rows)),
+            "ticktext": ["embeddings", *(f"layer {i}" for i in range(graph.n_layers)), "logits"],
+            "range": [-0.6, n_rows - 0.2],
+            "showgrid": True,
+            "zeroline": False,
+        },
+        "height": max(560, 70 * n_rows + 300),
+        "plot_bgcolor": "white",
+        "hovermode": "closest",
         "margin": {"t": 140, "b": 170},
-        "sliders": [{"active": active, "currentvalue": {"prefix": "node threshold: "},
-                     "pad": {"t": 90}, "steps": steps}],
-        "updatemenus": [{"type": "buttons", "direction": "right", "x": 0.0, "xanchor": "left",
-                         "y": 1.0, "yanchor": "bottom", "showactive": True, "active": 0,
-                         "pad": {"l": 150}, "buttons": buttons}],
-        "annotations": [{"text": "click a node to highlight:", "showarrow": False,
-                         "xref": "paper", "yref": "paper", "x": 0.0, "xanchor": "left",
-                         "y": 1.012, "yanchor": "bottom"}],
+        "sliders": [
+            {"active": active, "currentvalue": {"prefix": "node threshold: "}, "pad": {"t": 90}, "steps": steps}
+        ],
+        "updatemenus": [
+            {
+                "type": "buttons",
+                "direction": "right",
+                "x": 0.0,
+                "xanchor": "left",
+                "y": 1.0,
+                "yanchor": "bottom",
+                "showactive": True,
+                "active": 0,
+                "pad": {"l": 150},
+                "buttons": buttons,
+            }
+        ],
+        "annotations": [
+            {
+                "text": "click a node to highlight:",
+                "showarrow": False,
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0.0,
+                "xanchor": "left",
+                "y": 1.012,
+                "yanchor": "bottom",
+            }
+        ],
     }
 
 
-def _threshold_traces(graph: Graph, nodes: list[Node], result: PruneResult, sizes: list[float],
-                      hover: list[str], offset: int) -> tuple[list[Any], dict[str, Any]]:
+def _threshold_traces(
+    graph: Graph, nodes: list[Node], result: PruneResult, sizes: list[float], hover: list[str], offset: int
+) -> tuple[list[Any], dict[str, Any]]:
     """Edge and node traces of one pruned graph, and their indices, links and node positions."""
     import plotly.graph_objects as go
 
@@ -213,8 +279,7 @@ def _threshold_traces(graph: Graph, nodes: list[Node], result: PruneResult, size
     positions = _positions(graph, [nodes[i] for i in kept])
     edges = graph.edges_df(node_mask=result.node_mask, edge_mask=result.edge_mask)
     top = float(edges["weight"].abs().max()) if len(edges) else 1.0
-    segments: dict[tuple[int, int], tuple[list[float | None], list[float | None]]] = (
-        defaultdict(lambda: ([], [])))
+    segments: dict[tuple[int, int], tuple[list[float | None], list[float | None]]] = defaultdict(lambda: ([], []))
     links = []
     columns = (edges["target"].tolist(), edges["source"].tolist(), edges["weight"].tolist())
     for t, s, w in zip(*columns):
@@ -227,8 +292,18 @@ def _threshold_traces(graph: Graph, nodes: list[Node], result: PruneResult, size
     traces = []
     for (sign, bucket), (xs, ys) in sorted(segments.items()):
         line = {"color": _EDGE_COLOURS[sign], "width": _EDGE_WIDTHS[bucket]}
-        traces.append(go.Scatter(x=xs, y=ys, mode="lines", meta=EDGE_META, hoverinfo="skip",
-                                 showlegend=False, opacity=_EDGE_OPACITY, line=line))
+        traces.append(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                meta=EDGE_META,
+                hoverinfo="skip",
+                showlegend=False,
+                opacity=_EDGE_OPACITY,
+                line=line,
+            )
+        )
     edge_indices = list(range(offset, offset + len(traces)))
     node_indices = []
     for kind, (colour, symbol, name) in _KIND_STYLE.items():
@@ -237,16 +312,33 @@ def _threshold_traces(graph: Graph, nodes: list[Node], result: PruneResult, size
             continue
         node_indices.append(offset + len(traces))
         logit = kind == "logit"
-        traces.append(go.Scatter(
-            x=[positions[i][0] for i in members], y=[positions[i][1] for i in members],
-            mode="markers+text" if logit else "markers", meta=NODE_META, name=name,
-            customdata=[nodes[i].id for i in members], hovertext=[hover[i] for i in members],
-            hovertemplate="%{hovertext}<extra></extra>", textposition="top center",
-            text=[token_label(nodes[i].token) for i in members] if logit else None,
-            marker={"color": colour, "symbol": symbol, "size": [sizes[i] for i in members],
-                    "opacity": _NODE_OPACITY, "line": {"color": "#333333", "width": 0.6}}))
-    group = {"nodes": node_indices, "edges": edge_indices, "links": links,
-             "pos": {nodes[i].id: list(positions[i]) for i in kept}}
+        traces.append(
+            go.Scatter(
+                x=[positions[i][0] for i in members],
+                y=[positions[i][1] for i in members],
+                mode="markers+text" if logit else "markers",
+                meta=NODE_META,
+                name=name,
+                customdata=[nodes[i].id for i in members],
+                hovertext=[hover[i] for i in members],
+                hovertemplate="%{hovertext}<extra></extra>",
+                textposition="top center",
+                text=[token_label(nodes[i].token) for i in members] if logit else None,
+                marker={
+                    "color": colour,
+                    "symbol": symbol,
+                    "size": [sizes[i] for i in members],
+                    "opacity": _NODE_OPACITY,
+                    "line": {"color": "#333333", "width": 0.6},
+                },
+            )
+        )
+    group = {
+        "nodes": node_indices,
+        "edges": edge_indices,
+        "links": links,
+        "pos": {nodes[i].id: list(positions[i]) for i in kept},
+    }
     return traces, group
 
 
@@ -284,8 +376,13 @@ def _default_title(graph: Graph, edge_threshold: float) -> str:
     return f"Attribution graph: “{token_label(prompt)}”{model} · edge threshold {edge_threshold:g}"
 
 
-def _hover(graph: Graph, node: Node, influence: float, labels: Mapping[str, str] | None,
-           cards: Mapping[str, FeatureCard] | None) -> str:
+def _hover(
+    graph: Graph,
+    node: Node,
+    influence: float,
+    labels: Mapping[str, str] | None,
+    cards: Mapping[str, FeatureCard] | None,
+) -> str:
     """Hover text of one node (every piece of graph or card text escaped)."""
     card = None
     if cards is not None and node.kind == "feature":
@@ -314,8 +411,7 @@ def _hover(graph: Graph, node: Node, influence: float, labels: Mapping[str, str]
 def _context_text(tokens: Sequence[str], focus: int, radius: int = 6) -> str:
     """Up to `radius` tokens either side of the focus token, which is bold; escaped."""
     lo, hi = max(0, focus - radius), min(len(tokens), focus + radius + 1)
-    parts = [f"<b>{token_label(t)}</b>" if i == focus else token_label(t)
-             for i, t in zip(range(lo, hi), tokens[lo:hi])]
+    parts = [f"<b>{token_label(t)}</b>" if i == focus else token_label(t) for i, t in zip(range(lo, hi), tokens[lo:hi])]
     return ("…" if lo > 0 else "") + "".join(parts) + ("…" if hi < len(tokens) else "")
 
 
@@ -411,5 +507,14 @@ def _click_script(data: dict[str, Any]) -> str:
     return _CLICK_JS % _script_json(data)
 
 
-__all__ = ["DEFAULT_MAX_EDGES", "DEFAULT_THRESHOLDS", "EDGE_META", "HIGHLIGHT_META", "NODE_META", "graph_figure",
-           "graph_html", "save_graph_html", "token_label"]
+__all__ = [
+    "DEFAULT_MAX_EDGES",
+    "DEFAULT_THRESHOLDS",
+    "EDGE_META",
+    "HIGHLIGHT_META",
+    "NODE_META",
+    "graph_figure",
+    "graph_html",
+    "save_graph_html",
+    "token_label",
+]

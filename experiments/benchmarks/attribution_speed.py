@@ -155,14 +155,24 @@ def child_ours(spec: dict, out: Path, batch_size: int | None) -> dict:
         settings["batch_size"] = batch_size
     ids = torch.tensor(spec["token_ids"])
     graph, seconds, peak, before, method = _measure(
-        lambda: attribute(ids, model, transcoder, tokenizer=tokenizer, progress=False, **settings))
+        lambda: attribute(ids, model, transcoder, tokenizer=tokenizer, progress=False, **settings)
+    )
     graph.save(out.with_suffix(".graph.json"))
-    return {"seconds": seconds, "peak_bytes": peak, "rss_before_bytes": before,
-            "load_peak_bytes": load_peak, "load_seconds": load_s, "memory_method": method,
-            "n_active_features": graph.n_active_features, "n_feature_nodes": graph.n_features,
-            "n_logits": graph.n_logits, "n_nodes": graph.n_nodes,
-            "threads": torch.get_num_threads(), "settings": settings,
-            "graph": str(out.with_suffix(".graph.json"))}
+    return {
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "rss_before_bytes": before,
+        "load_peak_bytes": load_peak,
+        "load_seconds": load_s,
+        "memory_method": method,
+        "n_active_features": graph.n_active_features,
+        "n_feature_nodes": graph.n_features,
+        "n_logits": graph.n_logits,
+        "n_nodes": graph.n_nodes,
+        "threads": torch.get_num_threads(),
+        "settings": settings,
+        "graph": str(out.with_suffix(".graph.json")),
+    }
 
 
 def child_ct(spec: dict, out: Path, scores: bool) -> dict:
@@ -172,27 +182,41 @@ def child_ct(spec: dict, out: Path, scores: bool) -> dict:
     from circuit_tracer.graph import compute_graph_scores
 
     t0 = time.perf_counter()
-    model = ReplacementModel.from_pretrained(spec["model_dir"], spec["ct_transcoder"],
-                                             backend="nnsight", device=torch.device("cpu"),
-                                             dtype=torch.float32)
+    model = ReplacementModel.from_pretrained(
+        spec["model_dir"], spec["ct_transcoder"], backend="nnsight", device=torch.device("cpu"), dtype=torch.float32
+    )
     _touch(model.parameters())
     load_s = time.perf_counter() - t0
     load_peak = _status_kib("VmHWM") * 1024
     s = spec["settings"]
     ids = torch.tensor(spec["token_ids"])
     graph, seconds, peak, before, method = _measure(
-        lambda: attribute(ids, model, max_n_logits=s["max_n_logits"],
-                          desired_logit_prob=s["desired_logit_prob"], batch_size=s["batch_size"],
-                          max_feature_nodes=s["max_feature_nodes"], verbose=False))
+        lambda: attribute(
+            ids,
+            model,
+            max_n_logits=s["max_n_logits"],
+            desired_logit_prob=s["desired_logit_prob"],
+            batch_size=s["batch_size"],
+            max_feature_nodes=s["max_feature_nodes"],
+            verbose=False,
+        )
+    )
     path = out.with_suffix(".graph.pt")
     graph.to_pt(str(path))
-    result = {"seconds": seconds, "peak_bytes": peak, "rss_before_bytes": before,
-              "load_peak_bytes": load_peak, "load_seconds": load_s, "memory_method": method,
-              "n_active_features": int(graph.active_features.shape[0]),
-              "n_feature_nodes": len(graph.selected_features),
-              "n_logits": len(graph.logit_targets),
-              "n_nodes": int(graph.adjacency_matrix.shape[0]),
-              "threads": torch.get_num_threads(), "graph": str(path)}
+    result = {
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "rss_before_bytes": before,
+        "load_peak_bytes": load_peak,
+        "load_seconds": load_s,
+        "memory_method": method,
+        "n_active_features": int(graph.active_features.shape[0]),
+        "n_feature_nodes": len(graph.selected_features),
+        "n_logits": len(graph.logit_targets),
+        "n_nodes": int(graph.adjacency_matrix.shape[0]),
+        "threads": torch.get_num_threads(),
+        "graph": str(path),
+    }
     if scores:
         replacement, completeness = compute_graph_scores(graph)
         result["ct_scores"] = [float(replacement), float(completeness)]
@@ -208,8 +232,7 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float32).contiguous().clone()
-             for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
     config = model.config.to_dict()
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
@@ -253,8 +276,7 @@ def prepare_model(name: str, work_dir: Path, prompt_ids: list[int] | None = None
     return model, tokenizer, folder
 
 
-def build_transcoder(model, tokenizer, kind: str, num_features: int, active_per_token: float,
-                     seed: int):
+def build_transcoder(model, tokenizer, kind: str, num_features: int, active_per_token: float, seed: int):
     """A random JumpReLU PLT/CLT over all model layers, standardised with the model's statistics
     on the default corpus, thresholds giving ~active_per_token features per layer and token."""
     import torch
@@ -267,8 +289,15 @@ def build_transcoder(model, tokenizer, kind: str, num_features: int, active_per_
 
     layout = find_layout(model)
     L, d, F = layout.num_layers, layout.d_model, num_features
-    cfg = CLTConfig(num_features=F, num_layers=L, d_model=d, activation_fn="jumprelu",
-                    cross_layer=kind == "clt", skip_connection=False, seed=seed)
+    cfg = CLTConfig(
+        num_features=F,
+        num_layers=L,
+        d_model=d,
+        activation_fn="jumprelu",
+        cross_layer=kind == "clt",
+        skip_connection=False,
+        seed=seed,
+    )
     tc = CrossLayerTranscoder(cfg)
     text = "\n".join(default_corpus()[:20])
     rm = ReplacementModel(model, tc, tokenizer)
@@ -276,7 +305,7 @@ def build_transcoder(model, tokenizer, kind: str, num_features: int, active_per_
     bos, *ids = encode_prompt(tokenizer, text)
     xs, ys = [], []
     for start in range(0, CALIBRATION_TOKENS, window - 1):  # windows of BOS + window-1 tokens
-        clean = rm.prepare([bos, *ids[start:start + window - 1]], zero_bos=False)
+        clean = rm.prepare([bos, *ids[start : start + window - 1]], zero_bos=False)
         xs.append(clean.mlp_inputs[1:])  # without the BOS position
         ys.append(clean.mlp_outputs[1:])
     x, y = torch.cat(xs), torch.cat(ys)
@@ -284,8 +313,7 @@ def build_transcoder(model, tokenizer, kind: str, num_features: int, active_per_
     with torch.no_grad():
         tc.b_enc.copy_(torch.randn(L, F, generator=gen) * 0.3)
         tc.b_dec.copy_(torch.randn(L, d, generator=gen) * 0.1)
-        tc.set_normalization(x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0),
-                             y.std(0).clamp_min(1e-6))
+        tc.set_normalization(x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0), y.std(0).clamp_min(1e-6))
         z = tc.preactivations(x).float()  # [n, L, F]
         q = min(max(1.0 - active_per_token / F, 0.0), 1.0)
         theta = torch.quantile(z.transpose(0, 1).reshape(L, -1), q, dim=1).clamp_min(1e-3)
@@ -303,8 +331,12 @@ def prepare(args: argparse.Namespace) -> dict:
     work = args.work_dir
     model, tokenizer, folder = prepare_model(args.model, work)
     ids = encode_prompt(tokenizer, args.prompt)
-    settings = {"max_n_logits": args.max_n_logits, "desired_logit_prob": args.desired_logit_prob,
-                "batch_size": args.batch_size, "max_feature_nodes": args.max_feature_nodes}
+    settings = {
+        "max_n_logits": args.max_n_logits,
+        "desired_logit_prob": args.desired_logit_prob,
+        "batch_size": args.batch_size,
+        "max_feature_nodes": args.max_feature_nodes,
+    }
     specs = {}
     for kind in args.kinds:
         tag = f"{args.model}-{kind}-F{args.num_features}-a{args.active_per_token:g}-s{args.seed}"
@@ -313,14 +345,19 @@ def prepare(args: argparse.Namespace) -> dict:
         if not tc_path.is_file() or not (ct_dir / "config.yaml").is_file():
             print(f"building the {kind.upper()} transcoder {tag} (once)", flush=True)
             torch.manual_seed(args.seed)
-            tc = build_transcoder(model, tokenizer, kind, args.num_features,
-                                  args.active_per_token, args.seed)
+            tc = build_transcoder(model, tokenizer, kind, args.num_features, args.active_per_token, args.seed)
             export_circuit_tracer(tc, ct_dir, num_model_layers=tc.cfg.num_layers, overwrite=True)
             tc.save(tc_path)
-        specs[kind] = {"model": args.model, "kind": kind, "model_dir": str(folder.resolve()),
-                       "transcoder": str(tc_path.resolve()),
-                       "ct_transcoder": str(ct_dir.resolve()), "token_ids": ids,
-                       "tokens": [tokenizer.decode([i]) for i in ids], "settings": settings}
+        specs[kind] = {
+            "model": args.model,
+            "kind": kind,
+            "model_dir": str(folder.resolve()),
+            "transcoder": str(tc_path.resolve()),
+            "ct_transcoder": str(ct_dir.resolve()),
+            "token_ids": ids,
+            "tokens": [tokenizer.decode([i]) for i in ids],
+            "settings": settings,
+        }
     return specs
 
 
@@ -332,9 +369,13 @@ def run_child(python: str, mode: str, spec: dict, out: Path, extra: list[str] = 
     spec_path = out.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "--child", mode, "--spec",
-                           str(spec_path), "--out", str(out), *extra], env=env, text=True,
-                          capture_output=True, check=False)
+    proc = subprocess.run(
+        [python, str(Path(__file__).resolve()), "--child", mode, "--spec", str(spec_path), "--out", str(out), *extra],
+        env=env,
+        text=True,
+        capture_output=True,
+        check=False,
+    )
     if proc.returncode != 0 or not out.is_file():
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"the {mode} run failed (exit {proc.returncode}):\n{tail}")
@@ -381,16 +422,21 @@ def compare_graphs(ours_path: str, ct_path: str) -> dict:
 
     return {
         "same_feature_set": fo == fc,
-        "n_features_ours": len(fo), "n_features_ct": len(fc),
-        "features_only_ours": len(fo - fc), "features_only_ct": len(fc - fo),
-        "n_active_ours": ours.n_active_features, "n_active_ct": ct.n_active_features,
+        "n_features_ours": len(fo),
+        "n_features_ct": len(fc),
+        "features_only_ours": len(fo - fc),
+        "features_only_ct": len(fc - fo),
+        "n_active_ours": ours.n_active_features,
+        "n_active_ct": ct.n_active_features,
         "same_logit_targets": same_logits,
-        "logit_ids_ours": ours.logit_token_ids, "logit_ids_ct": ct.logit_token_ids,
-        "max_abs_logit_prob_diff": (float((ours.logit_probabilities - ct.logit_probabilities)
-                                          .abs().max()) if same_logits else None),
-        "max_rel_activation_diff": (float(((act_o - act_c).abs()
-                                           / act_c.abs().clamp_min(1e-12)).max())
-                                    if n_feat else 0.0),
+        "logit_ids_ours": ours.logit_token_ids,
+        "logit_ids_ct": ct.logit_token_ids,
+        "max_abs_logit_prob_diff": (
+            float((ours.logit_probabilities - ct.logit_probabilities).abs().max()) if same_logits else None
+        ),
+        "max_rel_activation_diff": (
+            float(((act_o - act_c).abs() / act_c.abs().clamp_min(1e-12)).max()) if n_feat else 0.0
+        ),
         "same_node_order": ko == kc,
         "max_abs_adjacency": scale,
         "max_rel_adjacency_diff": rel(diff),
@@ -402,25 +448,29 @@ def compare_graphs(ours_path: str, ct_path: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="model alias (smollm2-135m, tiny-llama) or path")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="model alias (smollm2-135m, tiny-llama) or path")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--kinds", default="plt,clt", help="comma-separated: plt, clt")
     parser.add_argument("--num-features", type=int, default=256, help="features per layer")
-    parser.add_argument("--active-per-token", type=float, default=4.0,
-                        help="features active per layer and token on the calibration text")
+    parser.add_argument(
+        "--active-per-token",
+        type=float,
+        default=4.0,
+        help="features active per layer and token on the calibration text",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-n-logits", type=int, default=10)
     parser.add_argument("--desired-logit-prob", type=float, default=0.95)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="targets per backward pass (default: AttributionConfig's)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="targets per backward pass (default: AttributionConfig's)"
+    )
     parser.add_argument("--max-feature-nodes", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/clt-bench"))
-    parser.add_argument("--ct-python", default=DEFAULT_CT_PYTHON,
-                        help="python of the virtualenv with circuit-tracer")
+    parser.add_argument("--ct-python", default=DEFAULT_CT_PYTHON, help="python of the virtualenv with circuit-tracer")
     parser.add_argument("--child", choices=["ours", "ours-b1", "ct"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -445,8 +495,11 @@ def main() -> int:
     have_ct = Path(args.ct_python).exists()
     baseline = "circuit-tracer" if have_ct else "ours, batch_size=1"
     if not have_ct:
-        print(f"{args.ct_python} does not exist: the baseline is our own attribute with "
-              "batch_size=1 (one target per backward pass), not circuit-tracer", flush=True)
+        print(
+            f"{args.ct_python} does not exist: the baseline is our own attribute with "
+            "batch_size=1 (one target per backward pass), not circuit-tracer",
+            flush=True,
+        )
     t_start = time.perf_counter()
     specs = prepare(args)
     prep_s = time.perf_counter() - t_start
@@ -456,35 +509,36 @@ def main() -> int:
         ours_runs, base_runs = [], []
         for r in range(args.repeats):
             stem = f"{args.model}-{kind}-r{r}"
-            print(f"[{time.perf_counter() - t_start:6.0f}s] {kind.upper()} repeat {r + 1}: ours",
-                  flush=True)
+            print(f"[{time.perf_counter() - t_start:6.0f}s] {kind.upper()} repeat {r + 1}: ours", flush=True)
             ours_runs.append(run_child(sys.executable, "ours", spec, runs_dir / f"{stem}-ours.json"))
-            print(f"[{time.perf_counter() - t_start:6.0f}s] {kind.upper()} repeat {r + 1}: "
-                  f"{baseline}", flush=True)
+            print(f"[{time.perf_counter() - t_start:6.0f}s] {kind.upper()} repeat {r + 1}: {baseline}", flush=True)
             if have_ct:
-                base_runs.append(run_child(args.ct_python, "ct", spec,
-                                           runs_dir / f"{stem}-ct.json",
-                                           ["--scores"] if r == 0 else []))
+                base_runs.append(
+                    run_child(args.ct_python, "ct", spec, runs_dir / f"{stem}-ct.json", ["--scores"] if r == 0 else [])
+                )
             else:
-                base_runs.append(run_child(sys.executable, "ours-b1", spec,
-                                           runs_dir / f"{stem}-b1.json"))
+                base_runs.append(run_child(sys.executable, "ours-b1", spec, runs_dir / f"{stem}-b1.json"))
         ours = min(ours_runs, key=lambda x: x["seconds"])
         base = min(base_runs, key=lambda x: x["seconds"])
         entry = {
-            "setting": kind, "model": args.model, "prompt": args.prompt,
-            "tokens": spec["tokens"], "baseline": baseline,
-            "ours_seconds": ours["seconds"], "baseline_seconds": base["seconds"],
+            "setting": kind,
+            "model": args.model,
+            "prompt": args.prompt,
+            "tokens": spec["tokens"],
+            "baseline": baseline,
+            "ours_seconds": ours["seconds"],
+            "baseline_seconds": base["seconds"],
             "speed_ratio": base["seconds"] / ours["seconds"],
             "ours_peak_mib": max(x["peak_bytes"] for x in ours_runs) / MiB,
             "baseline_peak_mib": max(x["peak_bytes"] for x in base_runs) / MiB,
             "ours_rss_before_mib": ours["rss_before_bytes"] / MiB,
             "baseline_rss_before_mib": base["rss_before_bytes"] / MiB,
-            "ours_increase_mib": max(x["peak_bytes"] - x["rss_before_bytes"]
-                                     for x in ours_runs) / MiB,
-            "baseline_increase_mib": max(x["peak_bytes"] - x["rss_before_bytes"]
-                                         for x in base_runs) / MiB,
-            "n_active_features": ours["n_active_features"], "n_logits": ours["n_logits"],
-            "ours_runs": ours_runs, "baseline_runs": base_runs,
+            "ours_increase_mib": max(x["peak_bytes"] - x["rss_before_bytes"] for x in ours_runs) / MiB,
+            "baseline_increase_mib": max(x["peak_bytes"] - x["rss_before_bytes"] for x in base_runs) / MiB,
+            "n_active_features": ours["n_active_features"],
+            "n_logits": ours["n_logits"],
+            "ours_runs": ours_runs,
+            "baseline_runs": base_runs,
         }
         entry["memory_ratio"] = entry["baseline_peak_mib"] / entry["ours_peak_mib"]
         if have_ct:
@@ -494,11 +548,17 @@ def main() -> int:
 
     total_s = time.perf_counter() - t_start
     load = os.getloadavg()
-    report = {"device": f"CPU, {os.cpu_count()} cores", "threads": ours["threads"],
-              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_average": load,
-              "baseline": baseline, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                             for k, v in vars(args).items()},
-              "preparation_seconds": prep_s, "total_seconds": total_s, "results": results}
+    report = {
+        "device": f"CPU, {os.cpu_count()} cores",
+        "threads": ours["threads"],
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "load_average": load,
+        "baseline": baseline,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "preparation_seconds": prep_s,
+        "total_seconds": total_s,
+        "results": results,
+    }
     out = args.work_dir / "attribution_speed.json"
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
@@ -508,44 +568,71 @@ def main() -> int:
 
 def print_table(report: dict) -> None:
     results = report["results"]
-    print(f"\ndevice: {report['device']}, torch threads {report['threads']}, load average "
-          f"{report['load_average'][0]:.2f}; baseline: {report['baseline']}; peak MiB = peak "
-          "resident memory during the attribute call (model and transcoder included); +MiB = peak minus "
-          "resident memory just before the call")
-    head = ("setting", "ours s", "baseline s", "speed ratio", "peak MiB ours",
-            "peak MiB baseline", "memory ratio", "+MiB ours", "+MiB baseline")
+    print(
+        f"\ndevice: {report['device']}, torch threads {report['threads']}, load average "
+        f"{report['load_average'][0]:.2f}; baseline: {report['baseline']}; peak MiB = peak "
+        "resident memory during the attribute call (model and transcoder included); +MiB = peak minus "
+        "resident memory just before the call"
+    )
+    head = (
+        "setting",
+        "ours s",
+        "baseline s",
+        "speed ratio",
+        "peak MiB ours",
+        "peak MiB baseline",
+        "memory ratio",
+        "+MiB ours",
+        "+MiB baseline",
+    )
     rows = []
     for e in results:
-        name = (f"{e['model']} {e['setting'].upper()} ({e['n_active_features']} active, "
-                f"{e['n_logits']} logits, {len(e['tokens'])} tokens)")
-        rows.append((name, f"{e['ours_seconds']:.2f}", f"{e['baseline_seconds']:.2f}",
-                     f"{e['speed_ratio']:.2f}", f"{e['ours_peak_mib']:.0f}",
-                     f"{e['baseline_peak_mib']:.0f}", f"{e['memory_ratio']:.2f}",
-                     f"{e['ours_increase_mib']:.0f}", f"{e['baseline_increase_mib']:.0f}"))
+        name = (
+            f"{e['model']} {e['setting'].upper()} ({e['n_active_features']} active, "
+            f"{e['n_logits']} logits, {len(e['tokens'])} tokens)"
+        )
+        rows.append(
+            (
+                name,
+                f"{e['ours_seconds']:.2f}",
+                f"{e['baseline_seconds']:.2f}",
+                f"{e['speed_ratio']:.2f}",
+                f"{e['ours_peak_mib']:.0f}",
+                f"{e['baseline_peak_mib']:.0f}",
+                f"{e['memory_ratio']:.2f}",
+                f"{e['ours_increase_mib']:.0f}",
+                f"{e['baseline_increase_mib']:.0f}",
+            )
+        )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     for e in results:
         a = e.get("agreement")
         if a is None:
             continue
         dp = a["max_abs_logit_prob_diff"]
         dp = "n/a" if dp is None else f"{dp:.1e}"
-        print(f"\n{e['setting'].upper()} agreement with circuit-tracer: same feature nodes "
-              f"{a['same_feature_set']} ({a['n_features_ours']} of {a['n_active_ours']} active "
-              f"ours, {a['n_features_ct']} of {a['n_active_ct']} circuit-tracer), same logit "
-              f"targets {a['same_logit_targets']} (max |Δp| {dp}), "
-              f"same node order {a['same_node_order']}")
-        print(f"  max |ΔA| / max |A| = {a['max_rel_adjacency_diff']:.2e} (feature rows "
-              f"{a['max_rel_adjacency_diff_feature_rows']:.2e}, logit rows "
-              f"{a['max_rel_adjacency_diff_logit_rows']:.2e}); max relative activation "
-              f"difference {a['max_rel_activation_diff']:.2e}")
+        print(
+            f"\n{e['setting'].upper()} agreement with circuit-tracer: same feature nodes "
+            f"{a['same_feature_set']} ({a['n_features_ours']} of {a['n_active_ours']} active "
+            f"ours, {a['n_features_ct']} of {a['n_active_ct']} circuit-tracer), same logit "
+            f"targets {a['same_logit_targets']} (max |Δp| {dp}), "
+            f"same node order {a['same_node_order']}"
+        )
+        print(
+            f"  max |ΔA| / max |A| = {a['max_rel_adjacency_diff']:.2e} (feature rows "
+            f"{a['max_rel_adjacency_diff_feature_rows']:.2e}, logit rows "
+            f"{a['max_rel_adjacency_diff_logit_rows']:.2e}); max relative activation "
+            f"difference {a['max_rel_activation_diff']:.2e}"
+        )
         ct = a.get("scores_ct") or [float("nan")] * 2
-        print(f"  replacement / completeness: ours {a['scores_ours'][0]:.4f} / "
-              f"{a['scores_ours'][1]:.4f}, circuit-tracer {ct[0]:.4f} / {ct[1]:.4f} "
-              f"(its graph by our graph_scores: {a['scores_ct_graph_by_ours'][0]:.4f} / "
-              f"{a['scores_ct_graph_by_ours'][1]:.4f})")
+        print(
+            f"  replacement / completeness: ours {a['scores_ours'][0]:.4f} / "
+            f"{a['scores_ours'][1]:.4f}, circuit-tracer {ct[0]:.4f} / {ct[1]:.4f} "
+            f"(its graph by our graph_scores: {a['scores_ct_graph_by_ours'][0]:.4f} / "
+            f"{a['scores_ct_graph_by_ours'][1]:.4f})"
+        )
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import rotated_min_s
 
 from clt.config.base import ConfigBase
 from clt.config.cli_args import add_config_arguments, config_from_args
@@ -60,7 +61,6 @@ from clt.data.corpus import DEFAULT_CORPUS, load_texts
 from clt.nnsight.extractors import ActivationExtractor, pad_windows
 from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
 from clt.training.data import ActivationStore
-from timing import rotated_min_s
 
 
 @dataclasses.dataclass
@@ -107,8 +107,9 @@ def benchmark_windows(extractor: ActivationExtractor, tokens: int) -> tuple[list
 def extraction_table(cfg: BenchConfig, work: Path) -> tuple[dict[str, float], ActivationStore]:
     """Time the forward baselines, the trace alone and extraction into a disk store."""
     model, tokenizer = load_model(cfg.model)
-    extractor = ActivationExtractor(cfg.model, model=model, tokenizer=tokenizer, context_length=cfg.context_length,
-                                    batch_size=cfg.batch_size)
+    extractor = ActivationExtractor(
+        cfg.model, model=model, tokenizer=tokenizer, context_length=cfg.context_length, batch_size=cfg.batch_size
+    )
     texts, windows, stored = benchmark_windows(extractor, cfg.tokens)
     batches = [windows[i : i + cfg.batch_size] for i in range(0, len(windows), cfg.batch_size)]
     padded = [pad_windows(b, extractor.pad_id) for b in batches]
@@ -127,9 +128,15 @@ def extraction_table(cfg: BenchConfig, work: Path) -> tuple[dict[str, float], Ac
             extractor.activations(batch, dtype=torch.float16)
 
     def extract(write_behind: bool = False) -> None:
-        last["store"] = extractor.extract(texts, max_tokens=stored, output_dir=work / f"store_{next(stores)}",
-                                          store_dtype="float16", shard_tokens=cfg.shard_tokens, progress=False,
-                                          write_behind=write_behind)
+        last["store"] = extractor.extract(
+            texts,
+            max_tokens=stored,
+            output_dir=work / f"store_{next(stores)}",
+            store_dtype="float16",
+            shard_tokens=cfg.shard_tokens,
+            progress=False,
+            write_behind=write_behind,
+        )
 
     def cleanup(name: str) -> None:
         if name.startswith("extract"):
@@ -144,9 +151,11 @@ def extraction_table(cfg: BenchConfig, work: Path) -> tuple[dict[str, float], Ac
     }
     if cfg.write_behind:
         variants["extract, write-behind thread"] = lambda: extract(write_behind=True)
-    print(f"model={cfg.model} layers={len(extractor.layers)} d_model={extractor.d_model} windows={len(windows)} "
-          f"batches={len(batches)}x{cfg.batch_size} context={cfg.context_length} tokens={real_tokens} "
-          f"(stored {stored}) threads={torch.get_num_threads()} device=cpu")
+    print(
+        f"model={cfg.model} layers={len(extractor.layers)} d_model={extractor.d_model} windows={len(windows)} "
+        f"batches={len(batches)}x{cfg.batch_size} context={cfg.context_length} tokens={real_tokens} "
+        f"(stored {stored}) threads={torch.get_num_threads()} device=cpu"
+    )
     with torch.no_grad():  # warm up on one batch: first-call allocations, nnsight's first trace
         model(input_ids=padded[0][0], attention_mask=padded[0][1])
     extractor.activations(batches[0], dtype=torch.float16)
@@ -158,8 +167,10 @@ def extraction_table(cfg: BenchConfig, work: Path) -> tuple[dict[str, float], Ac
     print(f"\n{'(a) extraction':32s} {'min s':>8s} {'tokens/s':>10s} {'ratio to forward':>17s}")
     for name, seconds in timings.items():
         print(f"{name:32s} {seconds:8.2f} {real_tokens / seconds:10.0f} {seconds / base:17.3f}")
-    print(f"{'extract / decoder-only forward':32s} {'':8s} {'':10s} "
-          f"{timings['extract -> disk store (fp16)'] / timings['forward (decoder only)']:17.3f}")
+    print(
+        f"{'extract / decoder-only forward':32s} {'':8s} {'':10s} "
+        f"{timings['extract -> disk store (fp16)'] / timings['forward (decoder only)']:17.3f}"
+    )
     return timings, store
 
 
@@ -193,13 +204,19 @@ def read_table(cfg: BenchConfig, store: ActivationStore) -> dict[str, float]:
         for _ in range(n_batches):
             next(stream)
 
-    variants = {"numpy fromfile": numpy_read, "numpy memmap + copy": numpy_memmap,
-                "store.shard(i) + clone, all": shards, "store.tensors() (float32)": tensors,
-                f"store.batches({cfg.read_batch_size}), 1 epoch": batches}
+    variants = {
+        "numpy fromfile": numpy_read,
+        "numpy memmap + copy": numpy_memmap,
+        "store.shard(i) + clone, all": shards,
+        "store.tensors() (float32)": tensors,
+        f"store.batches({cfg.read_batch_size}), 1 epoch": batches,
+    }
     timings = rotated_min_s(variants, cfg.read_repeats)
     base = min(timings["numpy fromfile"], timings["numpy memmap + copy"])
-    print(f"\n{'(b) store reads':32s} {'min s':>8s} {'GB/s':>10s} {'throughput / numpy':>19s}   "  # faster numpy
-          f"({len(files)} shards, {nbytes / 1e9:.3f} GB, fp16)")
+    print(
+        f"\n{'(b) store reads':32s} {'min s':>8s} {'GB/s':>10s} {'throughput / numpy':>19s}   "  # faster numpy
+        f"({len(files)} shards, {nbytes / 1e9:.3f} GB, fp16)"
+    )
     for name, seconds in timings.items():
         print(f"{name:32s} {seconds:8.3f} {nbytes / seconds / 1e9:10.2f} {base / seconds:19.3f}")
     return timings

@@ -35,8 +35,16 @@ from clt.training.distributed import memory_bytes, run_local
 from clt.training.trainer import CLTTrainer
 
 
-def dictionary_bytes(layers: int, features: int, d_model: int, *, cross_layer: bool = True, world_size: int = 1,
-                     jumprelu: bool = True, grads: bool = False) -> int:
+def dictionary_bytes(
+    layers: int,
+    features: int,
+    d_model: int,
+    *,
+    cross_layer: bool = True,
+    world_size: int = 1,
+    jumprelu: bool = True,
+    grads: bool = False,
+) -> int:
     """Bytes per rank of a float32 transcoder's parameters + AdamW moments (+ gradients) under feature sharding:
     W_enc, b_enc, θ and the decoders split over the ranks, b_dec replicated (the estimate of experiments/configs)."""
     pairs = layers * (layers + 1) // 2 if cross_layer else layers
@@ -49,17 +57,29 @@ def _store(spec: dict) -> ActivationStore:
     g = torch.Generator().manual_seed(0)
     n, L, d = spec["tokens"], spec["layers"], spec["d_model"]
     x = torch.randn(n, L, d, generator=g)
-    y = torch.tanh(x @ (torch.randn(d, d, generator=g) / d ** 0.5)) + 0.1 * torch.randn(n, L, d, generator=g)
+    y = torch.tanh(x @ (torch.randn(d, d, generator=g) / d**0.5)) + 0.1 * torch.randn(n, L, d, generator=g)
     return ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=spec["batch"])
 
 
 def _measure(rank: int, spec: dict, parallel: str, out: str) -> None:
     """Train warm-up + timed steps; rank 0 writes tokens/s, every rank its memory, to `out`.{rank}.json."""
-    cfg = CLTConfig(num_features=spec["features"], num_layers=spec["layers"], d_model=spec["d_model"],
-                    activation_fn=spec["activation"], topk=spec["topk"])
+    cfg = CLTConfig(
+        num_features=spec["features"],
+        num_layers=spec["layers"],
+        d_model=spec["d_model"],
+        activation_fn=spec["activation"],
+        topk=spec["topk"],
+    )
     total = spec["warmup"] + spec["steps"]
-    training = TrainingConfig(batch_size=spec["batch"], training_steps=total, learning_rate=1e-4, lr_warmup_steps=1,
-                              log_every=total, parallel=parallel, dist_timeout_s=600)
+    training = TrainingConfig(
+        batch_size=spec["batch"],
+        training_steps=total,
+        learning_rate=1e-4,
+        lr_warmup_steps=1,
+        log_every=total,
+        parallel=parallel,
+        dist_timeout_s=600,
+    )
     marks: dict[int, float] = {}
 
     def clock(step: int, metrics: dict) -> None:
@@ -69,26 +89,34 @@ def _measure(rank: int, spec: dict, parallel: str, out: str) -> None:
     trainer = CLTTrainer(cfg, training, _store(spec), callbacks=[clock])
     trainer.train(progress=False)
     seconds = marks[total] - marks[spec["warmup"]]
-    result = {"tokens_per_s": spec["steps"] * spec["batch"] / seconds,
-              "dictionary_bytes": memory_bytes(trainer.model, trainer.optimizer),
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = {
+        "tokens_per_s": spec["steps"] * spec["batch"] / seconds,
+        "dictionary_bytes": memory_bytes(trainer.model, trainer.optimizer),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     Path(f"{out}.{rank}.json").write_text(json.dumps(result))
 
 
 def run(spec: dict) -> dict[str, dict]:
     """Each variant's rank-0 tokens/s and per-rank memory, measured in this run."""
-    variants = {"1 process, 2 threads": (1, 2, "data"), "1 process, 1 thread": (1, 1, "data"),
-                "2 ranks, data parallel": (2, 1, "data"), "2 ranks, feature sharding": (2, 1, "features")}
+    variants = {
+        "1 process, 2 threads": (1, 2, "data"),
+        "1 process, 1 thread": (1, 1, "data"),
+        "2 ranks, data parallel": (2, 1, "data"),
+        "2 ranks, feature sharding": (2, 1, "features"),
+    }
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, (world, threads, parallel) in variants.items():
             out = str(Path(folder) / parallel) + str(world) + str(threads)
             run_local(_measure, (spec, parallel, out), world_size=world, threads=threads, timeout_s=1800)
             ranks = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
-            results[name] = {"tokens_per_s": ranks[0]["tokens_per_s"],
-                             "dictionary_bytes": max(r["dictionary_bytes"] for r in ranks),
-                             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
-                             "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks]}
+            results[name] = {
+                "tokens_per_s": ranks[0]["tokens_per_s"],
+                "dictionary_bytes": max(r["dictionary_bytes"] for r in ranks),
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+                "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
+            }
     return results
 
 
@@ -96,23 +124,35 @@ def report(spec: dict, results: dict[str, dict]) -> str:
     """A table and the ratios 2 ranks / 1 process."""
     lines = [f"{'variant':28s} {'tokens/s':>10s} {'dict MB/rank':>13s} {'peak RSS MB':>12s}"]
     for name, r in results.items():
-        lines.append(f"{name:28s} {r['tokens_per_s']:10.0f} {r['dictionary_bytes'] / 2**20:13.1f} "
-                     f"{r['peak_rss_bytes'] / 2**20:12.1f}")
+        lines.append(
+            f"{name:28s} {r['tokens_per_s']:10.0f} {r['dictionary_bytes'] / 2**20:13.1f} "
+            f"{r['peak_rss_bytes'] / 2**20:12.1f}"
+        )
     one, one_thread = results["1 process, 2 threads"], results["1 process, 1 thread"]
     sharded, data = results["2 ranks, feature sharding"], results["2 ranks, data parallel"]
-    predicted = [dictionary_bytes(spec["layers"], spec["features"], spec["d_model"], world_size=w,
-                                  jumprelu=spec["activation"] == "jumprelu") for w in (1, 2)]
+    predicted = [
+        dictionary_bytes(
+            spec["layers"], spec["features"], spec["d_model"], world_size=w, jumprelu=spec["activation"] == "jumprelu"
+        )
+        for w in (1, 2)
+    ]
     mb = 2**20
-    lines.append(f"dictionary_bytes() predicts {predicted[0] / mb:.1f} / {predicted[1] / mb:.1f} MB per rank at "
-                 f"1 / 2 ranks (measured {one['dictionary_bytes'] / mb:.1f} / {sharded['dictionary_bytes'] / mb:.1f})")
-    lines.append(f"memory per rank, feature sharding 2 ranks / 1 process: "
-                 f"{sharded['dictionary_bytes'] / one['dictionary_bytes']:.3f} (target <= 0.55); "
-                 f"peak RSS {sharded['peak_rss_bytes'] / one['peak_rss_bytes']:.3f} (per rank: "
-                 + ", ".join(f"{b / one['peak_rss_bytes']:.3f}" for b in sharded["peak_rss_bytes_per_rank"])
-                 + "; rank 0 builds the whole dictionary once)")
+    lines.append(
+        f"dictionary_bytes() predicts {predicted[0] / mb:.1f} / {predicted[1] / mb:.1f} MB per rank at "
+        f"1 / 2 ranks (measured {one['dictionary_bytes'] / mb:.1f} / {sharded['dictionary_bytes'] / mb:.1f})"
+    )
+    lines.append(
+        f"memory per rank, feature sharding 2 ranks / 1 process: "
+        f"{sharded['dictionary_bytes'] / one['dictionary_bytes']:.3f} (target <= 0.55); "
+        f"peak RSS {sharded['peak_rss_bytes'] / one['peak_rss_bytes']:.3f} (per rank: "
+        + ", ".join(f"{b / one['peak_rss_bytes']:.3f}" for b in sharded["peak_rss_bytes_per_rank"])
+        + "; rank 0 builds the whole dictionary once)"
+    )
     for name, r in (("data parallel", data), ("feature sharding", sharded)):
-        lines.append(f"tokens/s {name} 2 ranks / 1 process: {r['tokens_per_s'] / one['tokens_per_s']:.2f} "
-                     f"(2 threads), {r['tokens_per_s'] / one_thread['tokens_per_s']:.2f} (1 thread)")
+        lines.append(
+            f"tokens/s {name} 2 ranks / 1 process: {r['tokens_per_s'] / one['tokens_per_s']:.2f} "
+            f"(2 threads), {r['tokens_per_s'] / one_thread['tokens_per_s']:.2f} (1 thread)"
+        )
     return "\n".join(lines)
 
 
@@ -129,8 +169,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args()
-    spec = {k: getattr(args, k) for k in ("layers", "d_model", "features", "batch", "activation", "topk", "tokens",
-                                          "warmup", "steps")}
+    spec = {
+        k: getattr(args, k)
+        for k in ("layers", "d_model", "features", "batch", "activation", "topk", "tokens", "warmup", "steps")
+    }
     results = run(spec)
     print(json.dumps(spec))
     print(report(spec, results))

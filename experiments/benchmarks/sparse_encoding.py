@@ -17,11 +17,11 @@ import argparse
 import dataclasses
 
 import torch
+from timing import rotated_min_s
 
 from clt.config.base import ConfigBase
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.sparse import SparseCLTEncoder, TranscoderWeights, random_transcoders
-from timing import rotated_min_s
 
 
 @dataclasses.dataclass
@@ -78,38 +78,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     layers = list(range(cfg.layers))
     transcoders = random_transcoders(layers, cfg.d_hidden, cfg.d_features, seed=0)
     gen = torch.Generator().manual_seed(1)
-    hidden = {
-        layer: 2 * torch.randn(cfg.batch, cfg.seq, cfg.d_hidden, generator=gen) for layer in layers
-    }
-    options = dict(
-        top_k=cfg.top_k, activation_threshold=cfg.activation_threshold, chunk_size=cfg.chunk_size
-    )
+    hidden = {layer: 2 * torch.randn(cfg.batch, cfg.seq, cfg.d_hidden, generator=gen) for layer in layers}
+    options = dict(top_k=cfg.top_k, activation_threshold=cfg.activation_threshold, chunk_size=cfg.chunk_size)
 
     with torch.no_grad():
         baseline = manual_loop(transcoders, hidden, cfg.top_k, cfg.activation_threshold)
-    variants = {
-        "manual per-layer loop": lambda: manual_loop(
-            transcoders, hidden, cfg.top_k, cfg.activation_threshold
-        )
-    }
-    encoders = {
-        "encode_all_layers (eager)": SparseCLTEncoder(transcoders, use_compile=False, **options)
-    }
+    variants = {"manual per-layer loop": lambda: manual_loop(transcoders, hidden, cfg.top_k, cfg.activation_threshold)}
+    encoders = {"encode_all_layers (eager)": SparseCLTEncoder(transcoders, use_compile=False, **options)}
     if cfg.compile:
-        encoders["encode_all_layers (compiled)"] = SparseCLTEncoder(
-            transcoders, use_compile=True, **options
-        )
+        encoders["encode_all_layers (compiled)"] = SparseCLTEncoder(transcoders, use_compile=True, **options)
     for name, encoder in encoders.items():
         result = encoder.encode_all_layers(hidden)
         for layer in layers:
-            torch.testing.assert_close(
-                result[layer]["activations"], baseline[layer].values, atol=1e-4, rtol=1e-4
-            )
+            torch.testing.assert_close(result[layer]["activations"], baseline[layer].values, atol=1e-4, rtol=1e-4)
         variants[name] = lambda encoder=encoder: encoder.encode_all_layers(hidden)
     eager = encoders["encode_all_layers (eager)"]
-    variants["encode_layer loop (eager)"] = lambda: [
-        eager.encode_layer(i, hidden[i]) for i in layers
-    ]
+    variants["encode_layer loop (eager)"] = lambda: [eager.encode_layer(i, hidden[i]) for i in layers]
 
     print(
         f"L={cfg.layers} h={cfg.d_hidden} f={cfg.d_features} B={cfg.batch} T={cfg.seq} "

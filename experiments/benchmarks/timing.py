@@ -6,8 +6,13 @@ import time
 from collections.abc import Callable
 
 
-def rotated_min_s(variants: dict[str, Callable[[], object]], repeats: int, *, warm_up: int = 1,
-                  after: Callable[[str], None] | None = None) -> dict[str, float]:
+def rotated_min_s(
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    *,
+    warm_up: int = 1,
+    after: Callable[[str], None] | None = None,
+) -> dict[str, float]:
     """Best wall time (s) of each variant, run in rotation after `warm_up` untimed rounds.
 
     Taking the minimum over rounds and interleaving the variants keeps the comparison fair on a

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from timing import rotated_min_s
 
 from clt.config.base import ConfigBase
 from clt.config.cli_args import add_config_arguments, config_from_args
@@ -55,7 +56,6 @@ from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.training.data import ActivationStore
 from clt.training.trainer import CLTTrainer
-from timing import rotated_min_s
 
 SPARSIFY_SCRIPT = Path(__file__).resolve().parents[1] / "sparsify" / "sparsify_steps.py"
 
@@ -154,7 +154,9 @@ def step_flops(cfg: BenchConfig, cross: bool) -> float:
 
 def best_step_times(trainers: dict[str, CLTTrainer], steps: int, warmup: int) -> dict[str, float]:
     """Best seconds per `train_step` of each trainer, the trainers stepping in rotation."""
-    steppers = {name: functools.partial(trainer.train_step, trainer.bench_batches) for name, trainer in trainers.items()}
+    steppers = {
+        name: functools.partial(trainer.train_step, trainer.bench_batches) for name, trainer in trainers.items()
+    }
     return rotated_min_s(steppers, steps, warm_up=warmup)
 
 
@@ -233,22 +235,15 @@ def part_b(cfg: BenchConfig, store: ActivationStore, peaks: dict[torch.dtype, fl
 def part_c(cfg: BenchConfig, store: ActivationStore) -> dict:
     """TopK/BatchTopK: tokens/s with the sparse and the dense decoder, and the speed-up."""
     print(
-        f"\n(c) TopK/BatchTopK, sparse vs dense decoder: L={cfg.layers} d={cfg.d_model} "
-        f"F={cfg.features} B={cfg.batch}"
+        f"\n(c) TopK/BatchTopK, sparse vs dense decoder: L={cfg.layers} d={cfg.d_model} F={cfg.features} B={cfg.batch}"
     )
     print(f"{'variant':16s} {'k':>4s} {'sparse tok/s':>13s} {'dense tok/s':>12s} {'speed-up':>9s}")
     rows = {}
     for k in cfg.topk_values:
         variants = [
-            (act, cross, sparse)
-            for act in ("topk", "batchtopk")
-            for cross in (True, False)
-            for sparse in ("on", "off")
+            (act, cross, sparse) for act in ("topk", "batchtopk") for cross in (True, False) for sparse in ("on", "off")
         ]
-        trainers = {
-            v: make_trainer(cfg, store, v[0], v[1], k=k, sparse=v[2], sparsity_lambda=0.0)
-            for v in variants
-        }
+        trainers = {v: make_trainer(cfg, store, v[0], v[1], k=k, sparse=v[2], sparsity_lambda=0.0) for v in variants}
         times = best_step_times(trainers, cfg.steps, cfg.warmup)
         del trainers
         for act in ("topk", "batchtopk"):
@@ -271,13 +266,9 @@ def part_d(cfg: BenchConfig, x: torch.Tensor, y: torch.Tensor) -> dict | None:
         f"F={cfg.features} k={cfg.sparsify_k} B={cfg.batch}"
     )
     if not python.exists():
-        print(
-            f"skipped: {python} is missing (create it with bash experiments/sparsify/setup_venv.sh)"
-        )
+        print(f"skipped: {python} is missing (create it with bash experiments/sparsify/setup_venv.sh)")
         return None
-    store = ActivationStore.from_nnsight_activations(
-        {"inputs": x, "outputs": y}, batch_size=cfg.batch
-    )
+    store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=cfg.batch)
     lr = 2e-4 / (cfg.features / 2**14) ** 0.5
     ours = make_trainer(
         cfg,
@@ -314,9 +305,7 @@ def part_d(cfg: BenchConfig, x: torch.Tensor, y: torch.Tensor) -> dict | None:
             "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
             "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
         }
-        child = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
+        child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         try:
             for line in child.stdout:  # sparsify prints which decoder it uses on import
                 if line.strip() == "ready":
@@ -368,9 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     started = time.perf_counter()
     x, y = synthetic_activations(cfg)
-    store = ActivationStore.from_nnsight_activations(
-        {"inputs": x, "outputs": y}, batch_size=cfg.batch
-    )
+    store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=cfg.batch)
     results: dict = {}
     peaks: dict[torch.dtype, float] = {}
     if "a" in cfg.parts or "b" in cfg.parts:

@@ -37,8 +37,7 @@ from pathlib import Path
 import torch
 
 CASES = {  # name: (CLTConfig overrides, transcoder layers, model layers M)
-    "plt_jumprelu_skip": ({"cross_layer": False, "activation_fn": "jumprelu",
-                           "skip_connection": True}, [0, 1, 2], 3),
+    "plt_jumprelu_skip": ({"cross_layer": False, "activation_fn": "jumprelu", "skip_connection": True}, [0, 1, 2], 3),
     "clt_relu": ({"cross_layer": True, "activation_fn": "relu"}, [0, 1, 2], 3),
     "clt_jumprelu": ({"cross_layer": True, "activation_fn": "jumprelu"}, [0, 1, 2, 3], 4),
     "clt_batchtopk": ({"cross_layer": True, "activation_fn": "batchtopk", "topk": 4}, [0, 1, 2], 3),
@@ -67,9 +66,14 @@ def _graph():
 
     g = torch.Generator().manual_seed(0)
     n_layers, n_pos, n_features = 3, 5, 12
-    feats = torch.stack([torch.randint(0, n_layers, (n_features,), generator=g),
-                         torch.randint(1, n_pos, (n_features,), generator=g),
-                         torch.randint(0, F, (n_features,), generator=g)], 1).unique(dim=0)
+    feats = torch.stack(
+        [
+            torch.randint(0, n_layers, (n_features,), generator=g),
+            torch.randint(1, n_pos, (n_features,), generator=g),
+            torch.randint(0, F, (n_features,), generator=g),
+        ],
+        1,
+    ).unique(dim=0)
     n_feats = len(feats)
     n = n_feats + (n_layers + 1) * n_pos + 3
     adjacency = torch.randn(n, n, generator=g) * (torch.rand(n, n, generator=g) < 0.3)
@@ -77,11 +81,20 @@ def _graph():
     adjacency[n_feats:-3] = 0  # error and token rows are empty
     adjacency[:, -3:] = 0  # logits are never sources
     ids = [1, 5, 6, 7, 8]
-    return Graph(prompt="a b c d e", token_ids=ids, tokens=[str(i) for i in ids], features=feats,
-                 activations=torch.rand(len(feats), generator=g) + 0.1, adjacency=adjacency,
-                 logit_token_ids=[9, 10, 11], logit_tokens=["9", "10", "11"],
-                 logit_probabilities=torch.tensor([0.6, 0.2, 0.1]), n_layers=n_layers,
-                 config=AttributionConfig(), model_name="random")
+    return Graph(
+        prompt="a b c d e",
+        token_ids=ids,
+        tokens=[str(i) for i in ids],
+        features=feats,
+        activations=torch.rand(len(feats), generator=g) + 0.1,
+        adjacency=adjacency,
+        logit_token_ids=[9, 10, 11],
+        logit_tokens=["9", "10", "11"],
+        logit_probabilities=torch.tensor([0.6, 0.2, 0.1]),
+        n_layers=n_layers,
+        config=AttributionConfig(),
+        model_name="random",
+    )
 
 
 def write(out: Path) -> dict:
@@ -106,8 +119,12 @@ def write(out: Path) -> dict:
     torch.save(to_circuit_tracer_dict(graph), out / "graph.pt")
     replacement, completeness = graph_scores(graph)
     pruned = prune(graph)
-    return {"replacement": replacement, "completeness": completeness,
-            "node_mask": pruned.node_mask.tolist(), "edge_count": int(pruned.edge_mask.sum())}
+    return {
+        "replacement": replacement,
+        "completeness": completeness,
+        "node_mask": pruned.node_mask.tolist(),
+        "edge_count": int(pruned.edge_mask.sum()),
+    }
 
 
 def read_back(out: Path) -> list[tuple[str, bool, str]]:
@@ -115,14 +132,22 @@ def read_back(out: Path) -> list[tuple[str, bool, str]]:
     from clt.attribution.interop import load_circuit_tracer_graph
 
     graph, back = _graph(), load_circuit_tracer_graph(out / "graph_ct.pt")
-    same = (torch.equal(graph.adjacency, back.adjacency)
-            and torch.equal(graph.features, back.features)
-            and torch.equal(graph.activations, back.activations)
-            and graph.token_ids == back.token_ids and graph.logit_token_ids == back.logit_token_ids
-            and torch.equal(graph.logit_probabilities, back.logit_probabilities)
-            and graph.n_layers == back.n_layers)
-    return [("graph: Graph.to_pt file -> load_circuit_tracer_graph", same,
-             f"{back.n_features} features, {back.n_nodes} nodes, logit tokens {back.logit_tokens}")]
+    same = (
+        torch.equal(graph.adjacency, back.adjacency)
+        and torch.equal(graph.features, back.features)
+        and torch.equal(graph.activations, back.activations)
+        and graph.token_ids == back.token_ids
+        and graph.logit_token_ids == back.logit_token_ids
+        and torch.equal(graph.logit_probabilities, back.logit_probabilities)
+        and graph.n_layers == back.n_layers
+    )
+    return [
+        (
+            "graph: Graph.to_pt file -> load_circuit_tracer_graph",
+            same,
+            f"{back.n_features} features, {back.n_nodes} nodes, logit tokens {back.logit_tokens}",
+        )
+    ]
 
 
 # ----------------------------------------------------------------- circuit-tracer side
@@ -139,9 +164,14 @@ def check(out: Path) -> list[tuple[str, bool, str]]:
     results = []
     for name in CASES:
         for lazy in (False, True):
-            tc, _ = load_transcoders_from_cache(name, cache_dir=out, device=torch.device("cpu"),
-                                                dtype=torch.float32, lazy_encoder=lazy,
-                                                lazy_decoder=lazy)
+            tc, _ = load_transcoders_from_cache(
+                name,
+                cache_dir=out,
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                lazy_encoder=lazy,
+                lazy_decoder=lazy,
+            )
             io = load_file(str(out / f"{name}.io"))
             x = io["x"].transpose(0, 1).contiguous()  # circuit-tracer: [layers, positions, d]
             with torch.no_grad():
@@ -151,8 +181,9 @@ def check(out: Path) -> list[tuple[str, bool, str]]:
             d_act = float((acts - io["features"]).abs().max())
             d_rec = float((recon - io["reconstruction"]).abs().max())
             kind = "CLT" if isinstance(tc, CrossLayerTranscoder) else "TranscoderSet"
-            detail = (f"max |Δ activation| {d_act:.2e}, max |Δ reconstruction| {d_rec:.2e}, "
-                      f"{int((acts > 0).sum())} active")
+            detail = (
+                f"max |Δ activation| {d_act:.2e}, max |Δ reconstruction| {d_rec:.2e}, {int((acts > 0).sum())} active"
+            )
             results.append((f"{name} ({kind}, lazy={lazy})", d_act < TOL and d_rec < TOL, detail))
     data = torch.load(out / "graph.pt", weights_only=True)
     data["cfg"] = UnifiedConfig.from_dict(data["cfg"])
@@ -161,14 +192,17 @@ def check(out: Path) -> list[tuple[str, bool, str]]:
     expected = json.loads((out / "expected.json").read_text())
     replacement, completeness = compute_graph_scores(graph)
     pruned = prune_graph(graph)
-    d_score = max(abs(replacement - expected["replacement"]),
-                  abs(completeness - expected["completeness"]))
+    d_score = max(abs(replacement - expected["replacement"]), abs(completeness - expected["completeness"]))
     same_nodes = pruned.node_mask.tolist() == expected["node_mask"]
     edges = int(pruned.edge_mask.sum())
-    detail = (f"|Δ score| {d_score:.1e}, node masks equal {same_nodes}, edges {edges} vs "
-              f"{expected['edge_count']}")
-    results.append(("graph: to_circuit_tracer_dict -> Graph.from_pt, scores and pruning",
-                    d_score < 1e-5 and same_nodes and edges == expected["edge_count"], detail))
+    detail = f"|Δ score| {d_score:.1e}, node masks equal {same_nodes}, edges {edges} vs {expected['edge_count']}"
+    results.append(
+        (
+            "graph: to_circuit_tracer_dict -> Graph.from_pt, scores and pruning",
+            d_score < 1e-5 and same_nodes and edges == expected["edge_count"],
+            detail,
+        )
+    )
     graph.to_pt(str(out / "graph_ct.pt"))
     return results
 
@@ -182,8 +216,9 @@ def _report(results: list[tuple[str, bool, str]]) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", type=Path, help="(internal) run circuit-tracer's side on DIR")
-    parser.add_argument("--ct-python", default="/work/ct-venv/bin/python",
-                        help="python of the virtualenv that has circuit-tracer")
+    parser.add_argument(
+        "--ct-python", default="/work/ct-venv/bin/python", help="python of the virtualenv that has circuit-tracer"
+    )
     parser.add_argument("--out", type=Path, help="folder for the files (default: a temporary one)")
     args = parser.parse_args()
     if args.check is not None:
@@ -194,8 +229,9 @@ def main() -> int:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         (out / "expected.json").write_text(json.dumps(write(out)))
-        proc = subprocess.run([args.ct_python, __file__, "--check", str(out)], check=False,
-                              text=True, capture_output=True)
+        proc = subprocess.run(
+            [args.ct_python, __file__, "--check", str(out)], check=False, text=True, capture_output=True
+        )
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)
             print(f"FAIL  circuit-tracer side exited with {proc.returncode}")

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 import torch
 from torch import nn
-
-import pytest
 
 from clt.attribution import (
     AttributionConfig,
@@ -33,15 +32,30 @@ from clt.nnsight.models import find_layout
 PROMPT = "The for statement iterates over the items"
 
 
-def random_transcoder(model: nn.Module, *, cross_layer: bool = True, activation: str = "relu",
-                      skip: bool = False, output_bias: bool = True, num_features: int = 12,
-                      seed: int = 0) -> CrossLayerTranscoder:
+def random_transcoder(
+    model: nn.Module,
+    *,
+    cross_layer: bool = True,
+    activation: str = "relu",
+    skip: bool = False,
+    output_bias: bool = True,
+    num_features: int = 12,
+    seed: int = 0,
+) -> CrossLayerTranscoder:
     """A random transcoder standardised with the model's own activation statistics (as after
     training), plus a random encoder bias and (unless told) decoder bias."""
     layout = find_layout(model)
     L, d = layout.num_layers, layout.d_model
-    cfg = CLTConfig(num_features=num_features, num_layers=L, d_model=d, activation_fn=activation,
-                    cross_layer=cross_layer, skip_connection=skip, jumprelu_threshold=0.05, seed=seed)
+    cfg = CLTConfig(
+        num_features=num_features,
+        num_layers=L,
+        d_model=d,
+        activation_fn=activation,
+        cross_layer=cross_layer,
+        skip_connection=skip,
+        jumprelu_threshold=0.05,
+        seed=seed,
+    )
     tc = CrossLayerTranscoder(cfg)
     ids = torch.randint(3, layout.vocab_size, (64,), generator=torch.Generator().manual_seed(seed))
     clean = ReplacementModel(model, tc).prepare(ids)
@@ -63,8 +77,9 @@ class LinearOracle:
 
     def __init__(self, rm: ReplacementModel, ids: torch.Tensor) -> None:
         self.rm, self.model, self.ids = rm, rm.model, ids
-        self.norms = {m: None for m in self.model.modules()
-                      if isinstance(m, nn.LayerNorm) or "RMSNorm" in type(m).__name__}
+        self.norms = {
+            m: None for m in self.model.modules() if isinstance(m, nn.LayerNorm) or "RMSNorm" in type(m).__name__
+        }
         self.mlps = [self.model.get_submodule(p) for p in rm.layout.mlp_paths]
         self.first_block = self.model.get_submodule(rm.layout.layer_paths[0])
         self.state = rm.prepare(ids, zero_bos=False)
@@ -102,8 +117,9 @@ class LinearOracle:
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
         return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
 
-    def run(self, deltas: dict[int, torch.Tensor] | None = None,
-            embedding_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run(
+        self, deltas: dict[int, torch.Tensor] | None = None, embedding_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits [n, vocab] and MLP inputs (per layer, [n, d]) with MLP outputs y + skip change + δ."""
         from transformers import AttentionInterface
 
@@ -122,6 +138,7 @@ class LinearOracle:
                 if m in deltas:
                     y += deltas[m]
                 return y[None].to(output.dtype)
+
             return hook
 
         def embed_hook(module, args, kwargs):
@@ -183,7 +200,7 @@ class LinearOracle:
         """Run with every feature, error and embedding removed: only constant terms remain."""
         state, rm = self.state, self.rm
         deltas = {m: -state.errors[:, m].clone() for m in range(rm.n_layers)}
-        for i, m in enumerate(rm.layers):
+        for i, _m in enumerate(rm.layers):
             decoder = rm.raw_decoder(i).detach()  # [F, J, d]
             for j in range(decoder.shape[1]):
                 deltas[rm.layers[i + j]] -= state.activations[:, i] @ decoder[:, j]
@@ -214,8 +231,10 @@ def test_replacement_logits_equal_the_model(tiny, case):
 
 def _hook_inventory(model: nn.Module) -> list[tuple]:
     """Every module's hook ids and whether its forward is patched (transformers may hold hooks)."""
-    return [(name, list(m._forward_hooks), list(m._forward_pre_hooks), "forward" in m.__dict__)
-            for name, m in model.named_modules()]
+    return [
+        (name, list(m._forward_hooks), list(m._forward_pre_hooks), "forward" in m.__dict__)
+        for name, m in model.named_modules()
+    ]
 
 
 def test_model_is_restored_after_attribution(tiny_llama):
@@ -239,13 +258,16 @@ def test_rows_sum_to_targets_minus_constants(tiny, case):
     """Σ row + constant terms = target (pre-activation, or logit − mean logit), all rows."""
     name, model, tokenizer = tiny
     rm = ReplacementModel(model, random_transcoder(model, **CASES[case]), tokenizer)
-    graph = attribute(PROMPT, rm, zero_bos=False, max_n_logits=5, desired_logit_prob=1.0,
-                      progress=False)
+    graph = attribute(PROMPT, rm, zero_bos=False, max_n_logits=5, desired_logit_prob=1.0, progress=False)
     assert graph.n_features > 20 and graph.n_logits == 5
     oracle = LinearOracle(rm, torch.tensor(graph.token_ids))
     targets = oracle.target_values(graph, *oracle.run())
-    torch.testing.assert_close(targets[: graph.n_features], oracle.state.preactivations[
-        graph.features[:, 1], graph.features[:, 0], graph.features[:, 2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        targets[: graph.n_features],
+        oracle.state.preactivations[graph.features[:, 1], graph.features[:, 0], graph.features[:, 2]],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     constants = oracle.target_values(graph, *oracle.all_sources_removed(graph))
     sums = graph.adjacency[_graph_rows(graph)].sum(1)
     scale = targets.abs().max()
@@ -256,18 +278,21 @@ def test_without_biases_the_only_constant_is_the_encoder_bias(tiny_llama):
     model, tokenizer = tiny_llama
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
     tc = random_transcoder(model, output_bias=False)
-    graph = attribute(PROMPT, model, tc, tokenizer=tokenizer, zero_bos=False, max_n_logits=4,
-                      desired_logit_prob=1.0, progress=False)
+    graph = attribute(
+        PROMPT, model, tc, tokenizer=tokenizer, zero_bos=False, max_n_logits=4, desired_logit_prob=1.0, progress=False
+    )
     folded = tc.fold_normalization()
     layers, positions, features = graph.features.unbind(1)
     z = ReplacementModel(model, tc, tokenizer).prepare(graph.token_ids).preactivations
-    expected = torch.cat([z[positions, layers, features] - folded.b_enc[layers, features],
-                          z.new_tensor(0).new_zeros(0)])
+    expected = torch.cat(
+        [z[positions, layers, features] - folded.b_enc[layers, features], z.new_tensor(0).new_zeros(0)]
+    )
     sums = graph.adjacency[_graph_rows(graph)].sum(1)
     torch.testing.assert_close(sums[: graph.n_features], expected.detach(), rtol=1e-4, atol=1e-5)
     logits = ReplacementModel(model, tc, tokenizer).prepare(graph.token_ids).logits[-1]
-    torch.testing.assert_close(sums[graph.n_features :],
-                               logits[graph.logit_token_ids] - logits.mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        sums[graph.n_features :], logits[graph.logit_token_ids] - logits.mean(), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -276,8 +301,7 @@ def test_edges_equal_the_effect_of_removing_their_source(tiny, case):
     by the edge weight."""
     name, model, tokenizer = tiny
     rm = ReplacementModel(model, random_transcoder(model, **CASES[case]), tokenizer)
-    graph = attribute(PROMPT, rm, zero_bos=False, max_n_logits=3, desired_logit_prob=1.0,
-                      batch_size=7, progress=False)
+    graph = attribute(PROMPT, rm, zero_bos=False, max_n_logits=3, desired_logit_prob=1.0, batch_size=7, progress=False)
     oracle = LinearOracle(rm, torch.tensor(graph.token_ids))
     clean = oracle.target_values(graph, *oracle.run())
     rows = _graph_rows(graph)
@@ -379,9 +403,18 @@ def test_graph_file_stores_the_adjacency_sparsely_and_reads_dense_version_1_file
     assert "nonzero_mask" in adjacency  # mostly zeros: a bit mask plus the nonzero values
     n_values = len(base64.b64decode(adjacency["data"])) // 4
     assert n_values == int((graph.adjacency != 0).sum()) < graph.adjacency.numel() // 2
-    dense = {**data, "version": 1, "tensors": {**data["tensors"], "adjacency": {
-        "dtype": "float32", "shape": list(graph.adjacency.shape),
-        "data": base64.b64encode(graph.adjacency.numpy().astype("<f4").tobytes()).decode()}}}
+    dense = {
+        **data,
+        "version": 1,
+        "tensors": {
+            **data["tensors"],
+            "adjacency": {
+                "dtype": "float32",
+                "shape": list(graph.adjacency.shape),
+                "data": base64.b64encode(graph.adjacency.numpy().astype("<f4").tobytes()).decode(),
+            },
+        },
+    }
     assert torch.equal(Graph.from_dict(dense).adjacency, graph.adjacency)
     broken = {**data, "tensors": {**data["tensors"], "adjacency": {**adjacency, "data": adjacency["data"][:16]}}}
     with pytest.raises(GraphFileError, match="nonzero mask .* does not match"):
@@ -431,15 +464,15 @@ def test_a_transcoder_covering_some_layers(tiny_llama):
     """Layers 0 and 2 of 3: layer 1's MLP output is all error; logits and row sums still hold."""
     model, tokenizer = tiny_llama
     full = random_transcoder(model)
-    tc = CrossLayerTranscoder(CLTConfig(num_features=12, num_layers=2, d_model=32, activation_fn="relu",
-                                        layers=[0, 2]))
+    tc = CrossLayerTranscoder(CLTConfig(num_features=12, num_layers=2, d_model=32, activation_fn="relu", layers=[0, 2]))
     with torch.no_grad():
         tc.W_enc.copy_(full.W_enc[[0, 2]])
         tc.b_enc.copy_(full.b_enc[[0, 2]])
         tc.W_dec[0].copy_(full.W_dec[0][:, [0, 2]])
         tc.W_dec[1].copy_(full.W_dec[2])
-        tc.set_normalization(full.input_mean[[0, 2]], full.input_std[[0, 2]], full.output_mean[[0, 2]],
-                             full.output_std[[0, 2]])
+        tc.set_normalization(
+            full.input_mean[[0, 2]], full.input_std[[0, 2]], full.output_mean[[0, 2]], full.output_std[[0, 2]]
+        )
     rm = ReplacementModel(model, tc.eval(), tokenizer)
     state = rm.prepare(PROMPT)
     assert (rm(PROMPT) - state.logits).abs().max() <= 1e-4

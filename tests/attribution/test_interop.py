@@ -45,15 +45,12 @@ def one_thread():
 
 
 def _kw(cross_layer: bool, activation: str, skip: bool = False, **extra) -> dict[str, Any]:
-    return {"cross_layer": cross_layer, "activation_fn": activation, "skip_connection": skip,
-            **extra}
+    return {"cross_layer": cross_layer, "activation_fn": activation, "skip_connection": skip, **extra}
 
 
-def _transcoder(*, layers=(0, 1, 2), stats: bool = True, seed: int = 0,
-                **kw) -> CrossLayerTranscoder:
+def _transcoder(*, layers=(0, 1, 2), stats: bool = True, seed: int = 0, **kw) -> CrossLayerTranscoder:
     """A random transcoder with biases, thresholds, skip and standardisation all non-trivial."""
-    cfg = CLTConfig(num_features=F, num_layers=len(layers), d_model=D, layers=list(layers),
-                    seed=seed, **kw)
+    cfg = CLTConfig(num_features=F, num_layers=len(layers), d_model=D, layers=list(layers), seed=seed, **kw)
     return randomize_parameters(CrossLayerTranscoder(cfg), seed + 100, standardisation=stats)
 
 
@@ -111,32 +108,38 @@ def _model_inputs(model: CrossLayerTranscoder, M: int, n: int = 64, seed: int = 
 # ---------------------------------------------------------------- file layout
 
 
-@pytest.mark.parametrize("kw", [_kw(False, "jumprelu"),
-                                _kw(False, "relu", skip=True),
-                                _kw(True, "relu"),
-                                _kw(True, "jumprelu")])
+@pytest.mark.parametrize(
+    "kw", [_kw(False, "jumprelu"), _kw(False, "relu", skip=True), _kw(True, "relu"), _kw(True, "jumprelu")]
+)
 def test_files_have_circuit_tracer_keys_and_shapes(tmp_path, kw):
     model = _transcoder(**kw)
     out = export_circuit_tracer(model, tmp_path / "ct", scan="my-scan")
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert CONFIG_KEYS <= set(config)
+    assert set(config) >= CONFIG_KEYS
     assert (config["feature_input_hook"], config["feature_output_hook"], config["scan"]) == (
-        "mlp.hook_in", "mlp.hook_out", "my-scan")
+        "mlp.hook_in",
+        "mlp.hook_out",
+        "my-scan",
+    )
     jump = kw["activation_fn"] == "jumprelu"
     if not kw["cross_layer"]:
         assert config["model_kind"] == "transcoder_set"
-        assert sorted(p.name for p in out.glob("*.safetensors")) == [
-            f"layer_{i}.safetensors" for i in range(3)]
+        assert sorted(p.name for p in out.glob("*.safetensors")) == [f"layer_{i}.safetensors" for i in range(3)]
         for i in range(3):
             t = load_file(str(out / f"layer_{i}.safetensors"))
             expected = set(PLT_KEYS)
             expected |= {"activation_function.threshold"} if jump else set()
             expected |= {"W_skip"} if kw.get("skip_connection") else set()
             assert set(t) == expected
-            shapes = {"W_enc": (F, D), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,),
-                      "activation_function.threshold": (F,), "W_skip": (D, D)}
-            assert all(tuple(v.shape) == shapes[k] and v.dtype == torch.float32
-                       for k, v in t.items())
+            shapes = {
+                "W_enc": (F, D),
+                "W_dec": (F, D),
+                "b_enc": (F,),
+                "b_dec": (D,),
+                "activation_function.threshold": (F,),
+                "W_skip": (D, D),
+            }
+            assert all(tuple(v.shape) == shapes[k] and v.dtype == torch.float32 for k, v in t.items())
     else:
         assert config["model_kind"] == "cross_layer_transcoder"
         for i in range(3):
@@ -152,14 +155,18 @@ def test_files_have_circuit_tracer_keys_and_shapes(tmp_path, kw):
 # ---------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("kw", [_kw(False, "jumprelu"),
-                                _kw(True, "relu"),
-                                _kw(False, "relu", skip=True),
-                                _kw(False, "jumprelu", skip=True),
-                                _kw(True, "jumprelu"),
-                                _kw(True, "batchtopk", topk=2)],
-                         ids=["plt-jumprelu", "clt-relu", "plt-relu-skip", "plt-jumprelu-skip",
-                              "clt-jumprelu", "clt-batchtopk"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        _kw(False, "jumprelu"),
+        _kw(True, "relu"),
+        _kw(False, "relu", skip=True),
+        _kw(False, "jumprelu", skip=True),
+        _kw(True, "jumprelu"),
+        _kw(True, "batchtopk", topk=2),
+    ],
+    ids=["plt-jumprelu", "clt-relu", "plt-relu-skip", "plt-jumprelu-skip", "clt-jumprelu", "clt-batchtopk"],
+)
 def test_exported_weights_reproduce_reconstruction(tmp_path, kw):
     model = _transcoder(**kw)
     out = export_circuit_tracer(model, tmp_path / "ct")
@@ -188,8 +195,7 @@ def test_uncovered_model_layers_are_zero_transcoders(tmp_path, cross_layer):
 
 @pytest.mark.parametrize("cross_layer", [False, True])
 def test_round_trip_is_exact_without_standardisation(tmp_path, cross_layer):
-    model = _transcoder(stats=False, cross_layer=cross_layer, activation_fn="relu",
-                        skip_connection=not cross_layer)
+    model = _transcoder(stats=False, cross_layer=cross_layer, activation_fn="relu", skip_connection=not cross_layer)
     loaded = load_circuit_tracer(export_circuit_tracer(model, tmp_path / "ct"))
     assert loaded.cfg == model.cfg
     state, back = model.state_dict(), loaded.state_dict()
@@ -198,9 +204,9 @@ def test_round_trip_is_exact_without_standardisation(tmp_path, cross_layer):
         assert torch.equal(state[key], back[key]), key
 
 
-@pytest.mark.parametrize("kw", [_kw(False, "jumprelu", skip=True),
-                                _kw(True, "jumprelu"),
-                                _kw(True, "batchtopk", topk=2)])
+@pytest.mark.parametrize(
+    "kw", [_kw(False, "jumprelu", skip=True), _kw(True, "jumprelu"), _kw(True, "batchtopk", topk=2)]
+)
 def test_round_trip_gives_the_folded_transcoder(tmp_path, kw):
     model = _transcoder(**kw)
     first = export_circuit_tracer(model, tmp_path / "a")
@@ -226,19 +232,20 @@ def test_loads_a_folder_circuit_tracer_wrote(tmp_path):
     g = torch.Generator().manual_seed(3)
     M = 3
     for i in range(M):
-        enc = {f"W_enc_{i}": torch.randn(F, D, generator=g),
-               f"b_enc_{i}": torch.randn(F, generator=g), f"b_dec_{i}": torch.randn(D, generator=g),
-               f"threshold_{i}": torch.rand(F, generator=g)}
+        enc = {
+            f"W_enc_{i}": torch.randn(F, D, generator=g),
+            f"b_enc_{i}": torch.randn(F, generator=g),
+            f"b_dec_{i}": torch.randn(D, generator=g),
+            f"threshold_{i}": torch.rand(F, generator=g),
+        }
         save_file(enc, str(tmp_path / f"W_enc_{i}.safetensors"))
-        save_file({f"W_dec_{i}": torch.randn(F, M - i, D, generator=g)},
-                  str(tmp_path / f"W_dec_{i}.safetensors"))
+        save_file({f"W_dec_{i}": torch.randn(F, M - i, D, generator=g)}, str(tmp_path / f"W_dec_{i}.safetensors"))
     model = load_circuit_tracer(tmp_path)
     assert (model.cfg.num_layers, model.cfg.num_features, model.cfg.d_model) == (M, F, D)
     assert model.cfg.cross_layer and model.cfg.activation_fn == "jumprelu"
     x = torch.randn(32, M, D, generator=g)
     (tmp_path / "config.yaml").write_text("model_kind: cross_layer_transcoder\n")
-    torch.testing.assert_close(model(x).reconstruction, _ct_reconstruction(tmp_path, x),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(x).reconstruction, _ct_reconstruction(tmp_path, x), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -309,20 +316,32 @@ class _Tokenizer:
 
 def _graph(n_layers: int = 2, n_pos: int = 4, n_features: int = 5, n_logits: int = 3) -> Graph:
     g = torch.Generator().manual_seed(0)
-    features = torch.stack([torch.randint(0, n_layers, (n_features,), generator=g),
-                            torch.randint(0, n_pos, (n_features,), generator=g),
-                            torch.randint(0, 50, (n_features,), generator=g)], 1)
-    features = features[torch.argsort(features[:, 0] * 10_000 + features[:, 1] * 100
-                                      + features[:, 2])]
+    features = torch.stack(
+        [
+            torch.randint(0, n_layers, (n_features,), generator=g),
+            torch.randint(0, n_pos, (n_features,), generator=g),
+            torch.randint(0, 50, (n_features,), generator=g),
+        ],
+        1,
+    )
+    features = features[torch.argsort(features[:, 0] * 10_000 + features[:, 1] * 100 + features[:, 2])]
     n = n_features + (n_layers + 1) * n_pos + n_logits
     tok = _Tokenizer()
     ids, logit_ids = [1, 7, 8, 9][:n_pos], [11, 12, 13][:n_logits]
-    return Graph(prompt="t1t7t8t9", token_ids=ids, tokens=[tok.decode([i]) for i in ids],
-                 features=features, activations=torch.rand(n_features, generator=g),
-                 adjacency=torch.randn(n, n, generator=g), logit_token_ids=logit_ids,
-                 logit_tokens=[tok.decode([i]) for i in logit_ids],
-                 logit_probabilities=torch.tensor([0.5, 0.3, 0.1])[:n_logits],
-                 n_layers=n_layers, config=AttributionConfig(), model_name="tiny")
+    return Graph(
+        prompt="t1t7t8t9",
+        token_ids=ids,
+        tokens=[tok.decode([i]) for i in ids],
+        features=features,
+        activations=torch.rand(n_features, generator=g),
+        adjacency=torch.randn(n, n, generator=g),
+        logit_token_ids=logit_ids,
+        logit_tokens=[tok.decode([i]) for i in logit_ids],
+        logit_probabilities=torch.tensor([0.5, 0.3, 0.1])[:n_logits],
+        n_layers=n_layers,
+        config=AttributionConfig(),
+        model_name="tiny",
+    )
 
 
 def _assert_same_graph(a: Graph, b: Graph) -> None:
@@ -336,12 +355,29 @@ def _assert_same_graph(a: Graph, b: Graph) -> None:
 
 def test_graph_round_trip_through_circuit_tracer_dict(tmp_path):
     graph = _graph()
-    data = to_circuit_tracer_dict(graph, model_config={"num_hidden_layers": 2, "hidden_size": 16,
-                                                       "num_attention_heads": 4, "vocab_size": 100,
-                                                       "architectures": ["LlamaForCausalLM"]})
-    assert set(data) == {"input_string", "adjacency_matrix", "cfg", "active_features",
-                         "logit_targets", "logit_probabilities", "vocab_size", "input_tokens",
-                         "selected_features", "activation_values", "scan"}  # Graph.to_pt's keys
+    data = to_circuit_tracer_dict(
+        graph,
+        model_config={
+            "num_hidden_layers": 2,
+            "hidden_size": 16,
+            "num_attention_heads": 4,
+            "vocab_size": 100,
+            "architectures": ["LlamaForCausalLM"],
+        },
+    )
+    assert set(data) == {
+        "input_string",
+        "adjacency_matrix",
+        "cfg",
+        "active_features",
+        "logit_targets",
+        "logit_probabilities",
+        "vocab_size",
+        "input_tokens",
+        "selected_features",
+        "activation_values",
+        "scan",
+    }  # Graph.to_pt's keys
     assert data["cfg"]["d_head"] == 4 and data["vocab_size"] == 100
     torch.save(data, tmp_path / "graph.pt")
     back = load_circuit_tracer_graph(tmp_path / "graph.pt", tokenizer=_Tokenizer())
@@ -365,8 +401,10 @@ def fake_circuit_tracer(monkeypatch):
         token_str: str
         vocab_idx: int
 
-    names = {"circuit_tracer.utils.tl_nnsight_mapping": ("UnifiedConfig", UnifiedConfig),
-             "circuit_tracer.attribution.targets": ("LogitTarget", LogitTarget)}
+    names = {
+        "circuit_tracer.utils.tl_nnsight_mapping": ("UnifiedConfig", UnifiedConfig),
+        "circuit_tracer.attribution.targets": ("LogitTarget", LogitTarget),
+    }
     for package in ("circuit_tracer", "circuit_tracer.utils", "circuit_tracer.attribution"):
         monkeypatch.setitem(sys.modules, package, types.ModuleType(package))
     for module_name, (name, cls) in names.items():
@@ -384,12 +422,10 @@ def test_reads_circuit_tracer_objects_safely(tmp_path, fake_circuit_tracer, monk
     # circuit-tracer keeps all active features and selects some: add two unselected ones
     extra = torch.tensor([[0, 0, 99], [1, 3, 98]])
     data["active_features"] = torch.cat([extra[:1], data["active_features"], extra[1:]])
-    data["activation_values"] = torch.cat([torch.tensor([9.0]), data["activation_values"],
-                                           torch.tensor([9.0])])
+    data["activation_values"] = torch.cat([torch.tensor([9.0]), data["activation_values"], torch.tensor([9.0])])
     data["selected_features"] = torch.arange(1, graph.n_features + 1)
     data["cfg"] = UnifiedConfig(n_layers=2, d_model=16, model_name="tiny", dtype=torch.float32)
-    data["logit_targets"] = [LogitTarget(s, i) for s, i in zip(graph.logit_tokens,
-                                                               graph.logit_token_ids)]
+    data["logit_targets"] = [LogitTarget(s, i) for s, i in zip(graph.logit_tokens, graph.logit_token_ids)]
     torch.save(data, tmp_path / "graph.pt")
     for name in list(sys.modules):
         if name.startswith("circuit_tracer"):

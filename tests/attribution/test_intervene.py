@@ -20,8 +20,10 @@ def setup(tiny_llama):
 def _hooked_logits(rm, ids, deltas):
     """Model logits with `deltas[m]` [n, d] added to layer m's MLP output (plain forward hooks)."""
     mlps = [rm.model.get_submodule(p) for p in rm.layout.mlp_paths]
-    handles = [mlps[m].register_forward_hook(lambda mod, args, out, d=d: out + d[None].to(out.dtype))
-               for m, d in deltas.items()]
+    handles = [
+        mlps[m].register_forward_hook(lambda mod, args, out, d=d: out + d[None].to(out.dtype))
+        for m, d in deltas.items()
+    ]
     try:
         with torch.no_grad():
             return rm.model(input_ids=ids[None]).logits[0].float()

@@ -12,9 +12,18 @@ from clt.training.losses import compute_losses, sparsity_lambda_at
 Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def planted_dictionary(layers: int, d: int, *, cross: bool, seed: int = 0, features: int = 24,
-                       p: float = 0.03, skip: torch.Tensor | None = None,
-                       sae: bool = False, noise: float = 0.0) -> tuple[list[torch.Tensor], Sampler]:
+def planted_dictionary(
+    layers: int,
+    d: int,
+    *,
+    cross: bool,
+    seed: int = 0,
+    features: int = 24,
+    p: float = 0.03,
+    skip: torch.Tensor | None = None,
+    sae: bool = False,
+    noise: float = 0.0,
+) -> tuple[list[torch.Tensor], Sampler]:
     """True decoders D[l] [features, L_out, d] (unit norm per feature) and a sampler of (x, y).
 
     x_l = Σ_i a_l,i E_l,i + noise·N(0, I) with sparse a (each feature on with probability p,
@@ -31,8 +40,7 @@ def planted_dictionary(layers: int, d: int, *, cross: bool, seed: int = 0, featu
         dec = [enc[l].T[:, None, :].clone() for l in range(layers)]
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a = (torch.rand(n, layers, features, generator=g) < p) * (
-            0.5 + torch.rand(n, layers, features, generator=g))
+        a = (torch.rand(n, layers, features, generator=g) < p) * (0.5 + torch.rand(n, layers, features, generator=g))
         x = torch.einsum("nlf,ldf->nld", a, enc)
         if noise:
             x = x + noise * torch.randn(x.shape, generator=g)
@@ -58,9 +66,17 @@ def max_cosines(true: list[torch.Tensor], learned: list[torch.Tensor]) -> torch.
     return torch.cat(cos)
 
 
-def train_planted(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-                  batch: int = 256, sparsity: float = 0.0, lr: float = 1e-2,
-                  seed: int = 1) -> CrossLayerTranscoder:
+def train_planted(
+    model: CrossLayerTranscoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    batch: int = 256,
+    sparsity: float = 0.0,
+    lr: float = 1e-2,
+    seed: int = 1,
+) -> CrossLayerTranscoder:
     """Adam on standardised (x, y) with `compute_losses` (λ ramps to `sparsity` over the first
     tenth, the learning rate decays linearly over the second half); returns the model in eval."""
     model.set_normalization(x.mean(0), x.std(0), y.mean(0), y.std(0))
@@ -79,9 +95,9 @@ def train_planted(model: CrossLayerTranscoder, x: torch.Tensor, y: torch.Tensor,
     return model.eval()
 
 
-def planted_transforms(layers: int, d: int, *, transforms: int = 4, rank: int = 2,
-                       p: float = 0.15, seed: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Sampler]:
+def planted_transforms(
+    layers: int, d: int, *, transforms: int = 4, rank: int = 2, p: float = 0.15, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Sampler]:
     """Planted MOLT: x ~ N(0, I), gates a_i = relu(e_i·x − t) (orthonormal e_i, each on with
     probability p, so no two transforms always fire together),
     y_l = Σ_i a_l,i U_l,iᵀ V_l,i x_l. Returns U, V [L, transforms, rank, d], the gates of

@@ -79,8 +79,7 @@ def test_theta_pseudo_gradient_matches_finite_differences_of_the_expectation(the
 
 
 def test_log_threshold_gets_chain_rule_gradient_in_the_model():
-    cfg = CLTConfig(num_features=6, num_layers=2, d_model=4, activation_fn="jumprelu",
-                    jumprelu_bandwidth=0.5)
+    cfg = CLTConfig(num_features=6, num_layers=2, d_model=4, activation_fn="jumprelu", jumprelu_bandwidth=0.5)
     model = CrossLayerTranscoder(cfg)
     x = torch.randn(50, 2, 4, generator=torch.Generator().manual_seed(3))
     out = model(x)

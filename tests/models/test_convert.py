@@ -23,9 +23,11 @@ def trained(tiny_llama):
     """(model, tokenizer, store, BatchTopK CLT trained briefly on the tiny Llama)."""
     model, tokenizer = tiny_llama
     store = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32).extract(
-        max_tokens=4096, store_dtype="float32", progress=False)
-    cfg = CLTConfig(num_features=64, num_layers=store.num_layers, d_model=store.d_model, activation_fn="batchtopk",
-                    topk=6)
+        max_tokens=4096, store_dtype="float32", progress=False
+    )
+    cfg = CLTConfig(
+        num_features=64, num_layers=store.num_layers, d_model=store.d_model, activation_fn="batchtopk", topk=6
+    )
     training = TrainingConfig(learning_rate=3e-3, batch_size=BATCH, training_steps=150, lr_warmup_steps=10)
     clt = CLTTrainer(cfg, training, store).train(progress=False).eval()
     return model, tokenizer, store, clt

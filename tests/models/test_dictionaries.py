@@ -33,32 +33,46 @@ def _random(cfg: CLTConfig, seed: int = 0) -> CrossLayerTranscoder:
 
 
 def _molt_cfg(**kw) -> CLTConfig:
-    return CLTConfig(**{"num_features": 7, "num_layers": L, "d_model": D, "architecture": "molt",
-                        "cross_layer": False, "molt_ranks": [4, 2, 1], **kw})
+    return CLTConfig(
+        **{
+            "num_features": 7,
+            "num_layers": L,
+            "d_model": D,
+            "architecture": "molt",
+            "cross_layer": False,
+            "molt_ranks": [4, 2, 1],
+            **kw,
+        }
+    )
 
 
 # ---------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(architecture="molt"), "set cross_layer=False"),
-    (dict(architecture="molt", cross_layer=False, num_features=8, molt_ranks=[2, 1]),
-     "not a multiple of 3: use 6"),
-    (dict(architecture="molt", cross_layer=False, molt_ranks=[1, 2]), "decreasing"),
-    (dict(architecture="molt", cross_layer=False, activation_fn="batchtopk",
-          batchtopk_scope="all"), "batchtopk_scope='layer'"),
-    (dict(architecture="molt", cross_layer=False, matryoshka_prefixes=[2]),
-     "remove matryoshka_prefixes"),
-    (dict(architecture="molt", cross_layer=False, activation_fn="topk", topk=2,
-          sparse_decode="on"), "no sparse decoder path"),
-    (dict(architecture="mlp"), "architecture 'mlp'"),
-    (dict(matryoshka_prefixes=[4, 2]), "strictly increasing"),
-    (dict(matryoshka_prefixes=[2, 8]), r"\[1, num_features=8\)"),
-    (dict(matryoshka_prefixes=[0]), "strictly increasing"),
-    (dict(output_site="mlp_in"), "set cross_layer=False"),
-    (dict(output_site="mlp_in", cross_layer=False, skip_connection=True), "identity"),
-    (dict(output_site="resid"), "output_site 'resid'"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(architecture="molt"), "set cross_layer=False"),
+        (dict(architecture="molt", cross_layer=False, num_features=8, molt_ranks=[2, 1]), "not a multiple of 3: use 6"),
+        (dict(architecture="molt", cross_layer=False, molt_ranks=[1, 2]), "decreasing"),
+        (
+            dict(architecture="molt", cross_layer=False, activation_fn="batchtopk", batchtopk_scope="all"),
+            "batchtopk_scope='layer'",
+        ),
+        (dict(architecture="molt", cross_layer=False, matryoshka_prefixes=[2]), "remove matryoshka_prefixes"),
+        (
+            dict(architecture="molt", cross_layer=False, activation_fn="topk", topk=2, sparse_decode="on"),
+            "no sparse decoder path",
+        ),
+        (dict(architecture="mlp"), "architecture 'mlp'"),
+        (dict(matryoshka_prefixes=[4, 2]), "strictly increasing"),
+        (dict(matryoshka_prefixes=[2, 8]), r"\[1, num_features=8\)"),
+        (dict(matryoshka_prefixes=[0]), "strictly increasing"),
+        (dict(output_site="mlp_in"), "set cross_layer=False"),
+        (dict(output_site="mlp_in", cross_layer=False, skip_connection=True), "identity"),
+        (dict(output_site="resid"), "output_site 'resid'"),
+    ],
+)
 def test_unsupported_combinations_fail_at_config_time(kw, match):
     if kw.get("architecture") == "molt":
         kw = {"molt_ranks": [2], **kw}
@@ -89,8 +103,16 @@ def test_from_config_builds_each_kind_and_refuses_a_mismatched_class():
 @pytest.mark.parametrize("cross,skip", [(True, False), (False, True)], ids=["clt", "plt-skip"])
 def test_prefix_reconstructions_equal_the_truncated_transcoders(act, cross, skip):
     """The cumulative segment decode of the first m features = truncate(m) run on its own."""
-    cfg = CLTConfig(num_features=16, num_layers=L, d_model=D, activation_fn=act, cross_layer=cross,
-                    skip_connection=skip, topk=2, matryoshka_prefixes=[3, 8])
+    cfg = CLTConfig(
+        num_features=16,
+        num_layers=L,
+        d_model=D,
+        activation_fn=act,
+        cross_layer=cross,
+        skip_connection=skip,
+        topk=2,
+        matryoshka_prefixes=[3, 8],
+    )
     model = _random(cfg)
     x_std = model.normalize_inputs(torch.randn(2, 5, L, D))
     out, recons = model.forward_prefixes(x_std)
@@ -107,8 +129,9 @@ def test_prefix_reconstructions_equal_the_truncated_transcoders(act, cross, skip
 
 
 def test_matryoshka_loss_sums_the_prefix_losses_and_reports_their_fvu():
-    model = _random(CLTConfig(num_features=16, num_layers=L, d_model=D, activation_fn="relu",
-                              matryoshka_prefixes=[4, 8]))
+    model = _random(
+        CLTConfig(num_features=16, num_layers=L, d_model=D, activation_fn="relu", matryoshka_prefixes=[4, 8])
+    )
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, L, D, generator=g), torch.randn(64, L, D, generator=g)
     terms, out = compute_losses(model, x, y)
@@ -130,8 +153,17 @@ def test_matryoshka_loss_sums_the_prefix_losses_and_reports_their_fvu():
 
 
 def test_truncate_refuses_bad_sizes_and_keeps_everything_else():
-    model = _random(CLTConfig(num_features=8, num_layers=L, d_model=D, activation_fn="topk",
-                              topk=5, skip_connection=True, cross_layer=False))
+    model = _random(
+        CLTConfig(
+            num_features=8,
+            num_layers=L,
+            d_model=D,
+            activation_fn="topk",
+            topk=5,
+            skip_connection=True,
+            cross_layer=False,
+        )
+    )
     small = model.truncate(3)
     assert small.cfg.topk == 3 and torch.equal(small.W_skip, model.W_skip)
     assert torch.equal(small.W_enc, model.W_enc[:, :3]) and torch.equal(small.b_dec, model.b_dec)
@@ -148,18 +180,24 @@ def _store(x: torch.Tensor, y: torch.Tensor, site: str = "mlp_out") -> Activatio
     return store
 
 
-def test_matryoshka_recovers_a_planted_dictionary_and_truncation_gives_the_logged_fvu(
-        tmp_path, one_thread):
+def test_matryoshka_recovers_a_planted_dictionary_and_truncation_gives_the_logged_fvu(tmp_path, one_thread):
     """24 planted features per layer, a 48-feature CLT with the prefix 24: the prefix alone
     recovers the dictionary, its truncation reproduces the FVU logged in training, and FVU falls
     with the prefix size."""
     true_dec, sample = planted_dictionary(L, D, cross=True, features=24)
     x, y = sample(16_000)
-    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn="relu",
-                    matryoshka_prefixes=[24])
-    training = TrainingConfig(learning_rate=1e-2, batch_size=1024, training_steps=600,
-                              sparsity_lambda=1.0, sparsity_warmup_steps=60, lr_warmup_steps=10,
-                              lr_decay_start=0.5, log_every=600, output_dir=str(tmp_path / "run"))
+    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn="relu", matryoshka_prefixes=[24])
+    training = TrainingConfig(
+        learning_rate=1e-2,
+        batch_size=1024,
+        training_steps=600,
+        sparsity_lambda=1.0,
+        sparsity_warmup_steps=60,
+        lr_warmup_steps=10,
+        lr_decay_start=0.5,
+        log_every=600,
+        output_dir=str(tmp_path / "run"),
+    )
     store = _store(x, y)
     trainer = CLTTrainer(cfg, training, store)
     trainer.train(progress=False)
@@ -207,8 +245,15 @@ def test_molt_recovers_planted_low_rank_transforms(tmp_path, one_thread):
     layers, d, rank = 2, 12, 2
     U, V, gates, sample = planted_transforms(layers, d, transforms=4, rank=rank, seed=0)
     x, y = sample(32_000)
-    cfg = CLTConfig(num_features=8, num_layers=layers, d_model=d, architecture="molt",
-                    cross_layer=False, molt_ranks=[rank], activation_fn="relu")
+    cfg = CLTConfig(
+        num_features=8,
+        num_layers=layers,
+        d_model=d,
+        architecture="molt",
+        cross_layer=False,
+        molt_ranks=[rank],
+        activation_fn="relu",
+    )
     model = train_planted(CrossLayerTranscoder.from_config(cfg), x, y, steps=800, sparsity=0.1)
     x_test, y_test = sample(4096)
     with torch.no_grad():
@@ -221,14 +266,14 @@ def test_molt_recovers_planted_low_rank_transforms(tmp_path, one_thread):
             G = out.features[:, l]
             for i in range(U.shape[1]):
                 a = planted_gates[:, l, i]
-                follows = torch.nn.functional.cosine_similarity(
-                    G - G.mean(0), (a - a.mean())[:, None], dim=0) > 0.8
+                follows = torch.nn.functional.cosine_similarity(G - G.mean(0), (a - a.mean())[:, None], dim=0) > 0.8
                 scale = (G * a[:, None]).sum(0) / a.square().sum()
                 effective = torch.einsum("j,joi->oi", scale * follows, learned)
                 true = U[l, i].T @ V[l, i]
                 left, _, right = torch.linalg.svd(effective)
-                cosines.append(min(subspace_cosine(U[l, i].T, left[:, :rank]),
-                                   subspace_cosine(V[l, i].T, right[:rank].T)))
+                cosines.append(
+                    min(subspace_cosine(U[l, i].T, left[:, :rank]), subspace_cosine(V[l, i].T, right[:rank].T))
+                )
                 errors.append(float((effective - true).norm() / true.norm()))
     assert min(cosines) >= 0.95, cosines
     assert max(errors) <= 0.2, errors
@@ -241,11 +286,26 @@ def test_molt_recovers_planted_low_rank_transforms(tmp_path, one_thread):
 def test_molt_trains_with_the_trainer_and_round_trips(tmp_path):
     *_, sample = planted_transforms(2, 12, transforms=4, rank=2, seed=0)
     x, y = sample(2000)
-    cfg = CLTConfig(num_features=6, num_layers=2, d_model=12, architecture="molt",
-                    cross_layer=False, molt_ranks=[2, 1], activation_fn="topk", topk=2)
-    training = TrainingConfig(learning_rate=1e-2, batch_size=128, training_steps=30, log_every=10,
-                              sparsity_lambda=0.01, aux_k=4, dead_after_tokens=256,
-                              output_dir=str(tmp_path / "run"))
+    cfg = CLTConfig(
+        num_features=6,
+        num_layers=2,
+        d_model=12,
+        architecture="molt",
+        cross_layer=False,
+        molt_ranks=[2, 1],
+        activation_fn="topk",
+        topk=2,
+    )
+    training = TrainingConfig(
+        learning_rate=1e-2,
+        batch_size=128,
+        training_steps=30,
+        log_every=10,
+        sparsity_lambda=0.01,
+        aux_k=4,
+        dead_after_tokens=256,
+        output_dir=str(tmp_path / "run"),
+    )
     trainer = CLTTrainer(cfg, training, _store(x, y))
     model = trainer.train(progress=False)
     assert isinstance(model, MixtureOfLinearTransforms)
@@ -280,11 +340,18 @@ def test_sae_mode_recovers_a_planted_dictionary_of_the_inputs(tmp_path, one_thre
     true_dec, sample = planted_dictionary(L, D, cross=False, features=24, sae=True)
     x, y = sample(16_000)
     assert torch.equal(x, y)
-    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn="relu",
-                    cross_layer=False)
-    training = TrainingConfig(learning_rate=1e-2, batch_size=1024, training_steps=300,
-                              sparsity_lambda=1.0, sparsity_warmup_steps=30, lr_warmup_steps=10,
-                              lr_decay_start=0.5, log_every=300, output_dir=str(tmp_path / "sae"))
+    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn="relu", cross_layer=False)
+    training = TrainingConfig(
+        learning_rate=1e-2,
+        batch_size=1024,
+        training_steps=300,
+        sparsity_lambda=1.0,
+        sparsity_warmup_steps=30,
+        lr_warmup_steps=10,
+        lr_decay_start=0.5,
+        log_every=300,
+        output_dir=str(tmp_path / "sae"),
+    )
     model = CLTTrainer(cfg, training, _store(x, y, "mlp_in")).train(progress=False).eval()
     assert model.cfg.output_site == "mlp_in" and model.kind == "SAE"
     assert max_cosines(true_dec, model.fold_normalization().W_dec).mean() >= 0.9
@@ -308,8 +375,9 @@ def test_skip_transcoder_recovers_a_planted_skip_and_dictionary(one_thread):
     skip = torch.randn(L, D, D, generator=g) * 0.3
     true_dec, sample = planted_dictionary(L, D, cross=False, features=24, skip=skip, noise=0.2)
     x, y = sample(32_000)
-    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn="relu",
-                    cross_layer=False, skip_connection=True)
+    cfg = CLTConfig(
+        num_features=48, num_layers=L, d_model=D, activation_fn="relu", cross_layer=False, skip_connection=True
+    )
     model = train_planted(CrossLayerTranscoder(cfg), x, y, steps=800, sparsity=1.0)
     folded = model.fold_normalization()
     x_test, y_test = sample(4096)
@@ -329,22 +397,32 @@ def test_skip_transcoder_recovers_a_planted_skip_and_dictionary(one_thread):
 
 
 def test_matryoshka_exports_like_a_plain_transcoder(tmp_path):
-    model = _random(CLTConfig(num_features=8, num_layers=L, d_model=D, activation_fn="jumprelu",
-                              matryoshka_prefixes=[2, 4]))
+    model = _random(
+        CLTConfig(num_features=8, num_layers=L, d_model=D, activation_fn="jumprelu", matryoshka_prefixes=[2, 4])
+    )
     export_circuit_tracer(model, tmp_path / "ct")
     back = load_circuit_tracer(tmp_path / "ct")
     assert back.cfg.matryoshka_prefixes == [2, 4]
     x = torch.randn(6, L, D)
-    torch.testing.assert_close(back(x).reconstruction, model(x).reconstruction, atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(back(x).reconstruction, model(x).reconstruction, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(matryoshka_prefixes=[2, 5], activation_fn="batchtopk", topk=2),
-    dict(output_site="mlp_in", cross_layer=False, activation_fn="jumprelu"),
-    dict(architecture="molt", cross_layer=False, molt_ranks=[3, 1], num_features=6,
-         activation_fn="jumprelu", skip_connection=True),
-], ids=["matryoshka", "sae", "molt"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(matryoshka_prefixes=[2, 5], activation_fn="batchtopk", topk=2),
+        dict(output_site="mlp_in", cross_layer=False, activation_fn="jumprelu"),
+        dict(
+            architecture="molt",
+            cross_layer=False,
+            molt_ranks=[3, 1],
+            num_features=6,
+            activation_fn="jumprelu",
+            skip_connection=True,
+        ),
+    ],
+    ids=["matryoshka", "sae", "molt"],
+)
 def test_save_load_round_trip_is_exact(tmp_path, kw):
     model = _random(CLTConfig(**{"num_features": 8, "num_layers": L, "d_model": D, **kw}))
     model.save_pretrained(tmp_path / "m")
@@ -362,8 +440,16 @@ def test_save_load_round_trip_is_exact(tmp_path, kw):
 
 def _for_model(model, **kw) -> CrossLayerTranscoder:
     layers = model.config.num_hidden_layers
-    cfg = CLTConfig(**{"num_features": 6, "num_layers": layers, "d_model": model.config.hidden_size,
-                       "cross_layer": False, "activation_fn": "relu", **kw})
+    cfg = CLTConfig(
+        **{
+            "num_features": 6,
+            "num_layers": layers,
+            "d_model": model.config.hidden_size,
+            "cross_layer": False,
+            "activation_fn": "relu",
+            **kw,
+        }
+    )
     return _random(cfg)
 
 

@@ -31,8 +31,12 @@ def _model(seed: int = 0, stats: bool = True, **kw) -> CrossLayerTranscoder:
         if model.cfg.skip_connection:
             model.W_skip.normal_(0, 0.2, generator=g)
     if stats:
-        model.set_normalization(torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5,
-                                torch.randn(L, D, generator=g), torch.rand(L, D, generator=g) + 0.5)
+        model.set_normalization(
+            torch.randn(L, D, generator=g),
+            torch.rand(L, D, generator=g) + 0.5,
+            torch.randn(L, D, generator=g),
+            torch.rand(L, D, generator=g) + 0.5,
+        )
     return model
 
 
@@ -50,10 +54,17 @@ def test_planted_dictionary_is_recovered(act, cross, one_thread):
     steps, batch = 1000, 256
     true_dec, sample = _planted(cross)
     x, y = sample(64_000)
-    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn=act, cross_layer=cross,
-                    topk=1 if act == "batchtopk" else 3)
-    model = train_planted(CrossLayerTranscoder(cfg), x, y, steps=steps, batch=batch,
-                          sparsity=1.0 if act in ("relu", "jumprelu") else 0.0)
+    cfg = CLTConfig(
+        num_features=48,
+        num_layers=L,
+        d_model=D,
+        activation_fn=act,
+        cross_layer=cross,
+        topk=1 if act == "batchtopk" else 3,
+    )
+    model = train_planted(
+        CrossLayerTranscoder(cfg), x, y, steps=steps, batch=batch, sparsity=1.0 if act in ("relu", "jumprelu") else 0.0
+    )
     x_test, y_test = sample(4096)
     with torch.no_grad():
         per_layer_fvu = fvu(model(x_test).reconstruction, y_test)
@@ -132,8 +143,7 @@ def _grads(model: CrossLayerTranscoder) -> dict[str, torch.Tensor]:
 def test_sparse_decode_matches_dense_forward_and_gradients(act, cross):
     """Gathering the active decoder rows gives the dense sum, and the same gradients for W_dec,
     b_dec, W_skip, the feature values (through the activation: W_enc, b_enc) and the inputs."""
-    sparse, dense = _sparse_and_dense(activation_fn=act, topk=3, cross_layer=cross,
-                                      skip_connection=True)
+    sparse, dense = _sparse_and_dense(activation_fn=act, topk=3, cross_layer=cross, skip_connection=True)
     assert sparse.uses_sparse_decode() and not dense.uses_sparse_decode()
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 5, L, D, generator=g)
@@ -152,8 +162,7 @@ def test_sparse_decode_matches_dense_forward_and_gradients(act, cross):
     active = out_d.features != 0
     assert 0 < active.sum() < active.numel()
     torch.testing.assert_close(x_grad_s, x_grad_d, atol=1e-5, rtol=1e-5)
-    assert grads_s.keys() == grads_d.keys() >= {"W_enc", "b_enc", "b_dec", "W_skip",
-                                                "W_dec.0", f"W_dec.{L - 1}"}
+    assert grads_s.keys() == grads_d.keys() >= {"W_enc", "b_enc", "b_dec", "W_skip", "W_dec.0", f"W_dec.{L - 1}"}
     for name in grads_d:
         torch.testing.assert_close(grads_s[name], grads_d[name], atol=1e-5, rtol=1e-5, msg=name)
 
@@ -203,8 +212,7 @@ def test_sparse_decode_normalized_gradient_of_feature_values(cross):
 def test_sparse_decode_matches_dense_in_the_losses(cross, features):
     """compute_losses (reconstruction, sparsity, auxiliary top-k on dead features): same terms
     and gradients on both paths (with F=64 the gradient of z stays below 1/8 nonzero)."""
-    sparse, dense = _sparse_and_dense(activation_fn="topk", topk=2, cross_layer=cross,
-                                      num_features=features)
+    sparse, dense = _sparse_and_dense(activation_fn="topk", topk=2, cross_layer=cross, num_features=features)
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(16, L, D, generator=g), torch.randn(16, L, D, generator=g)
     dead = torch.rand(L, features, generator=g) < 0.5
@@ -230,8 +238,9 @@ def test_sparse_decode_handles_any_count_of_active_features():
     a[1, 2] = torch.rand(8, generator=g) + 0.1
     a[:, 1] = 0
     for batch in (a, a[:0]):
-        torch.testing.assert_close(sparse.decode_normalized(batch), dense.decode_normalized(batch),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sparse.decode_normalized(batch), dense.decode_normalized(batch), atol=1e-5, rtol=1e-5
+        )
     leaf = a.clone().requires_grad_()
     assert not sparse.uses_sparse_decode(leaf), "a leaf asking for its gradient decodes densely"
     sparse.decode_normalized(leaf).sum().backward()
@@ -259,13 +268,14 @@ def test_sparse_decode_under_bf16_autocast():
 
 
 def test_sparse_decode_choice():
-    auto = {act: CrossLayerTranscoder(_cfg(num_features=64, activation_fn=act, topk=8))
-            for act in ACTS}
+    auto = {act: CrossLayerTranscoder(_cfg(num_features=64, activation_fn=act, topk=8)) for act in ACTS}
     assert [auto[act].uses_sparse_decode() for act in ACTS] == [False, False, True, True]
-    assert not CrossLayerTranscoder(_cfg(num_features=64, activation_fn="topk",
-                                         topk=9)).uses_sparse_decode(), "auto: only when F/k >= 8"
-    assert not CrossLayerTranscoder(_cfg(num_features=64, activation_fn="topk", topk=8,
-                                         sparse_decode="off")).uses_sparse_decode()
+    assert not CrossLayerTranscoder(_cfg(num_features=64, activation_fn="topk", topk=9)).uses_sparse_decode(), (
+        "auto: only when F/k >= 8"
+    )
+    assert not CrossLayerTranscoder(
+        _cfg(num_features=64, activation_fn="topk", topk=8, sparse_decode="off")
+    ).uses_sparse_decode()
     g = torch.Generator().manual_seed(11)
     for density, sparse in ((0.5, False), (0.05, True)):  # 'auto' falls back above 1/8 nonzero
         pre = torch.randn(32, L, 64, generator=g)
@@ -353,8 +363,7 @@ def _assert_same(a: CrossLayerTranscoder, b: CrossLayerTranscoder) -> None:
 
 @pytest.mark.parametrize("act", ACTS)
 def test_save_pretrained_round_trip(tmp_path, act):
-    model = _model(activation_fn=act, topk=3, skip_connection=True, model_name="tiny",
-                   layers=[1, 3, 4])
+    model = _model(activation_fn=act, topk=3, skip_connection=True, model_name="tiny", layers=[1, 3, 4])
     if act == "batchtopk":
         model.train()(torch.randn(32, L, D))
         assert model.batchtopk.threshold.abs().sum() > 0

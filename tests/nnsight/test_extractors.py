@@ -34,8 +34,11 @@ def hook_reference(model, windows, layers, pad_id):
     handles = []
     for layer in layers:
         mlp = model.get_submodule(layout.mlp_paths[layer])
-        handles.append(mlp.register_forward_hook(
-            lambda mod, args, out, layer=layer: captured.__setitem__(layer, (args[0].detach(), out.detach()))))
+        handles.append(
+            mlp.register_forward_hook(
+                lambda mod, args, out, layer=layer: captured.__setitem__(layer, (args[0].detach(), out.detach()))
+            )
+        )
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
@@ -48,8 +51,9 @@ def hook_reference(model, windows, layers, pad_id):
 @pytest.mark.parametrize("layers", [None, [0, 2]])
 def test_extracted_activations_equal_forward_hooks(tiny, layers):
     name, model, tokenizer = tiny
-    extractor = ActivationExtractor(name, model=model, tokenizer=tokenizer, layers=layers,
-                                    context_length=24, exclude_bos=True)
+    extractor = ActivationExtractor(
+        name, model=model, tokenizer=tokenizer, layers=layers, context_length=24, exclude_bos=True
+    )
     windows = list(token_windows(TEXTS, tokenizer, 24))
     got = extractor.activations(windows)
     captured, mask = hook_reference(model, windows, extractor.layers, extractor.pad_id)
@@ -87,8 +91,9 @@ def test_memory_and_disk_extraction_agree(tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32, batch_size=4)
     memory = extractor.extract(max_tokens=700, store_dtype="float32", progress=False)
-    disk = extractor.extract(max_tokens=700, store_dtype="float32", output_dir=tmp_path / "s",
-                             shard_tokens=200, progress=False)
+    disk = extractor.extract(
+        max_tokens=700, store_dtype="float32", output_dir=tmp_path / "s", shard_tokens=200, progress=False
+    )
     assert memory.n_tokens == disk.n_tokens == 700
     assert len(disk.shards) > 1
     for a, b in zip(memory.tensors(), disk.tensors()):
@@ -112,13 +117,25 @@ def test_interrupted_extraction_resumes_to_the_same_store(tiny_llama, tmp_path, 
 
     monkeypatch.setattr(extractor, "activations", crashing)
     with pytest.raises(KeyboardInterrupt):
-        extractor.extract(max_tokens=900, store_dtype="float32", output_dir=tmp_path / "s", shard_tokens=100,
-                          progress=False, write_behind=write_behind)
+        extractor.extract(
+            max_tokens=900,
+            store_dtype="float32",
+            output_dir=tmp_path / "s",
+            shard_tokens=100,
+            progress=False,
+            write_behind=write_behind,
+        )
     partial = ActivationStore.open(tmp_path / "s")
     assert 0 < partial.n_tokens < 900
     monkeypatch.setattr(extractor, "activations", original)
-    resumed = extractor.extract(max_tokens=900, store_dtype="float32", output_dir=tmp_path / "s",
-                                shard_tokens=100, progress=False, write_behind=write_behind)
+    resumed = extractor.extract(
+        max_tokens=900,
+        store_dtype="float32",
+        output_dir=tmp_path / "s",
+        shard_tokens=100,
+        progress=False,
+        write_behind=write_behind,
+    )
     assert resumed.n_tokens == 900
     for a, b in zip(reference.tensors(), resumed.tensors()):
         assert torch.equal(a, b)
@@ -139,8 +156,12 @@ def test_store_dtype_is_applied_while_gathering(tiny_llama):
 def test_write_behind_gives_the_same_store(tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32, batch_size=3)
-    stores = [extractor.extract(max_tokens=500, output_dir=tmp_path / str(behind), shard_tokens=120, progress=False,
-                                write_behind=behind) for behind in (False, True)]
+    stores = [
+        extractor.extract(
+            max_tokens=500, output_dir=tmp_path / str(behind), shard_tokens=120, progress=False, write_behind=behind
+        )
+        for behind in (False, True)
+    ]
     assert stores[0].n_tokens == stores[1].n_tokens == 500 and len(stores[0].shards) == len(stores[1].shards) > 1
     for a, b in zip(stores[0].tensors(), stores[1].tensors()):
         assert torch.equal(a, b)
@@ -164,8 +185,11 @@ def test_output_folder_under_a_file_fails_before_any_model_work(tiny_llama, tmp_
     assert results.read_text() == "keep me"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders (as root, "
-                                              "test_output_folder_under_a_file_fails_before_any_model_work checks the error)")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root may write into read-only folders (as root, "
+    "test_output_folder_under_a_file_fails_before_any_model_work checks the error)",
+)
 def test_read_only_folders_fail_before_any_model_work_and_keep_their_data(tiny_llama, tmp_path, monkeypatch):
     model, tokenizer = tiny_llama
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32)
@@ -192,7 +216,8 @@ def test_read_only_folders_fail_before_any_model_work_and_keep_their_data(tiny_l
 def test_resume_with_other_settings_is_refused(tiny_llama, tmp_path):
     model, tokenizer = tiny_llama
     ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32).extract(
-        max_tokens=100, output_dir=tmp_path / "s", progress=False)
+        max_tokens=100, output_dir=tmp_path / "s", progress=False
+    )
     other = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=16)
     with pytest.raises(ValueError, match="cannot resume"):
         other.extract(max_tokens=200, output_dir=tmp_path / "s", progress=False)
@@ -216,9 +241,11 @@ def test_empty_or_missing_corpus_files(tiny_llama, tmp_path):
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer)
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "folder").mkdir()
-    for source, message in ((tmp_path / "empty.txt", "contains no text"),
-                            (tmp_path / "nothing.txt", "corpus not found"),
-                            (tmp_path / "folder", "contains no .txt files")):
+    for source, message in (
+        (tmp_path / "empty.txt", "contains no text"),
+        (tmp_path / "nothing.txt", "corpus not found"),
+        (tmp_path / "folder", "contains no .txt files"),
+    ):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             extractor.extract(source, max_tokens=10, output_dir=tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()
@@ -239,8 +266,9 @@ def test_seed_api_dict_feeds_the_store(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_smollm2_extraction_equals_forward_hooks(smollm2):
     model, tokenizer = smollm2
-    extractor = ActivationExtractor("smollm2-135m", model=model, tokenizer=tokenizer, layers=[0, 14, 29],
-                                    context_length=24)
+    extractor = ActivationExtractor(
+        "smollm2-135m", model=model, tokenizer=tokenizer, layers=[0, 14, 29], context_length=24
+    )
     windows = list(token_windows(TEXTS, tokenizer, 24))
     got = extractor.activations(windows)
     captured, mask = hook_reference(model, windows, extractor.layers, extractor.pad_id)
@@ -254,8 +282,15 @@ def test_smollm2_extraction_equals_forward_hooks(smollm2):
 def test_mlp_input_store_targets_are_the_inputs_of_forward_hooks(tiny, tmp_path):
     name, model, tokenizer = tiny
     extractor = ActivationExtractor(name, model=model, tokenizer=tokenizer, layers=[0, 2], context_length=24)
-    store = extractor.extract(TEXTS, max_tokens=10_000, store_dtype="float32", output_dir=tmp_path / "s",
-                              output_site="mlp_in", shard_tokens=30, progress=False)
+    store = extractor.extract(
+        TEXTS,
+        max_tokens=10_000,
+        store_dtype="float32",
+        output_dir=tmp_path / "s",
+        output_site="mlp_in",
+        shard_tokens=30,
+        progress=False,
+    )
     windows = list(token_windows(TEXTS, tokenizer, 24))
     captured, mask = hook_reference(model, windows, [0, 2], extractor.pad_id)
     mask[:, 0] = False
@@ -273,12 +308,19 @@ def test_int8_zstd_extraction_is_within_half_a_step_of_float32(tiny_llama, tmp_p
     model, tokenizer = tiny_llama
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=32, batch_size=4)
     exact = extractor.extract(max_tokens=400, store_dtype="float32", progress=False)
-    packed = extractor.extract(max_tokens=400, store_dtype="int8", compression="zstd", output_dir=tmp_path / "s",
-                               shard_tokens=150, progress=False)
+    packed = extractor.extract(
+        max_tokens=400,
+        store_dtype="int8",
+        compression="zstd",
+        output_dir=tmp_path / "s",
+        shard_tokens=150,
+        progress=False,
+    )
     assert packed.dtype == "int8" and packed.compression == "zstd" and len(packed.shards) > 1
     for a, b in zip(exact.tensors(), packed.tensors()):
         step = a.abs().amax(-1, keepdim=True) / 127
         assert bool(((a - b).abs() <= step / 2 * (1 + 1e-5)).all())
     with pytest.raises(StoreError, match="cannot resume .*its dtype is 'int8'"):
-        extractor.extract(max_tokens=500, store_dtype="float16", compression="zstd", output_dir=tmp_path / "s",
-                          progress=False)
+        extractor.extract(
+            max_tokens=500, store_dtype="float16", compression="zstd", output_dir=tmp_path / "s", progress=False
+        )

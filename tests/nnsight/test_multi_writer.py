@@ -13,8 +13,13 @@ from clt.config.base import ConfigError
 from clt.config.extraction import ExtractionConfig
 from clt.training.data import ActivationStore, StoreError, StoreWriter, merge_store
 
-SETTINGS = {"model": "tiny-llama", "max_tokens": 700, "context_length": 32, "store_dtype": "float32",
-            "shard_tokens": 90}
+SETTINGS = {
+    "model": "tiny-llama",
+    "max_tokens": 700,
+    "context_length": 32,
+    "store_dtype": "float32",
+    "shard_tokens": 90,
+}
 WRITER = """
 import sys
 from clt.config.extraction import ExtractionConfig
@@ -37,11 +42,19 @@ def by_row(store):
 def test_two_writer_processes_produce_the_single_process_store(tmp_path):
     from clt.pipeline import run_extraction
 
-    single = run_extraction(ExtractionConfig(**SETTINGS, batch_size=4, output_dir=str(tmp_path / "single")),
-                            progress=False)
+    single = run_extraction(
+        ExtractionConfig(**SETTINGS, batch_size=4, output_dir=str(tmp_path / "single")), progress=False
+    )
     script = WRITER.format(settings=SETTINGS)
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "multi"), str(rank)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "multi"), str(rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     for process in processes:
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output
@@ -73,8 +86,9 @@ def test_writer_rank_out_of_range_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="share one store folder: pass output_dir"):
         extractor.extract(max_tokens=100, writer_rank=0, num_writers=2, progress=False)
     with pytest.raises(StoreError, match="writer 1 of 40 gets no tokens"):
-        extractor.extract(["one short text"], max_tokens=100, output_dir=tmp_path / "t", writer_rank=1,
-                          num_writers=40, progress=False)
+        extractor.extract(
+            ["one short text"], max_tokens=100, output_dir=tmp_path / "t", writer_rank=1, num_writers=40, progress=False
+        )
     with pytest.raises(StoreError, match="writer rank 2 is out of range for 2 writers"):
         StoreWriter(tmp_path / "u", layers=[0], d_model=4, part=(2, 2))
 
@@ -82,8 +96,13 @@ def test_writer_rank_out_of_range_is_refused(tiny_llama, tmp_path):
 def part(path, rank, layers=(0, 1), n=30, finish=True, **kwargs):
     writer = StoreWriter(path, layers=list(layers), d_model=4, dtype="float32", part=(rank, 2), **kwargs)
     g = torch.Generator().manual_seed(rank)
-    writer.add(torch.randn(n, len(layers), 4, generator=g), torch.randn(n, len(layers), 4, generator=g),
-               token_ids=torch.arange(n), positions=torch.arange(n), window_ids=torch.full((n,), rank))
+    writer.add(
+        torch.randn(n, len(layers), 4, generator=g),
+        torch.randn(n, len(layers), 4, generator=g),
+        token_ids=torch.arange(n),
+        positions=torch.arange(n),
+        window_ids=torch.full((n,), rank),
+    )
     return writer.finish() if finish else writer.flush({"rows": n})
 
 

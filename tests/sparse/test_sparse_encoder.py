@@ -21,9 +21,7 @@ H, F, B, T = 16, 48, 2, 13
 LAYERS = [3, 4, 5, 6]
 
 
-def reference(
-    hidden: Tensor, w: TranscoderWeights, top_k: int, threshold: float
-) -> dict[str, Tensor]:
+def reference(hidden: Tensor, w: TranscoderWeights, top_k: int, threshold: float) -> dict[str, Tensor]:
     """Dense activations after the filter, top-k values and sparsity, written out by hand."""
     pre = hidden @ w.W_enc.T + w.b_enc
     act = torch.relu(pre)
@@ -72,9 +70,7 @@ def test_every_method_matches_reference(transcoders, hidden_states, top_k, thres
     for layer in LAYERS:
         ref = reference(hidden_states[layer], transcoders[layer], top_k, threshold)
         assert_matches(encoder.encode_layer(layer, hidden_states[layer]), ref, layer)
-        assert_matches(
-            encoder.encode_chunked(layer, hidden_states[layer], chunk_size=3), ref, layer
-        )
+        assert_matches(encoder.encode_chunked(layer, hidden_states[layer], chunk_size=3), ref, layer)
         assert_matches(batched[layer], ref, layer)
         single = encode_single_layer(
             hidden_states[layer],
@@ -95,12 +91,8 @@ def test_reference_is_not_trivial(transcoders, hidden_states) -> None:
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 26, 52, 80, 1000])
 def test_chunked_equals_unchunked(transcoders, hidden_states, chunk_size) -> None:
-    encoder = SparseCLTEncoder(
-        transcoders, top_k=6, activation_threshold=0.5, use_compile=False, chunk_size=chunk_size
-    )
-    whole = SparseCLTEncoder(
-        transcoders, top_k=6, activation_threshold=0.5, use_compile=False, chunk_size=10_000
-    )
+    encoder = SparseCLTEncoder(transcoders, top_k=6, activation_threshold=0.5, use_compile=False, chunk_size=chunk_size)
+    whole = SparseCLTEncoder(transcoders, top_k=6, activation_threshold=0.5, use_compile=False, chunk_size=10_000)
     for layer in LAYERS:
         a = encoder.encode_chunked(layer, hidden_states[layer])
         b = whole.encode_layer(layer, hidden_states[layer])
@@ -128,12 +120,8 @@ def test_all_layers_equals_per_layer(transcoders, hidden_states) -> None:
 
 def test_unstackable_layers_fall_back_to_per_layer(hidden_states) -> None:
     """Layers of different widths, or inputs of different lengths, are encoded one by one."""
-    transcoders = random_transcoders([3, 4], H, F, seed=1) | random_transcoders(
-        [5], H, F // 2, seed=2
-    )
-    encoder = SparseTranscoderEncoder(
-        transcoders, top_k=30, activation_threshold=0.5, use_compile=False
-    )
+    transcoders = random_transcoders([3, 4], H, F, seed=1) | random_transcoders([5], H, F // 2, seed=2)
+    encoder = SparseTranscoderEncoder(transcoders, top_k=30, activation_threshold=0.5, use_compile=False)
     assert not encoder.batched
     hidden = {3: hidden_states[3], 4: hidden_states[4][:, :5], 5: hidden_states[5]}
     result = encoder.encode_all_layers(hidden)
@@ -149,16 +137,12 @@ def test_mixed_thresholds_in_one_stack(hidden_states) -> None:
     encoder = SparseCLTEncoder(transcoders, top_k=8, activation_threshold=0.0, use_compile=False)
     result = encoder.encode_all_layers({3: hidden_states[3], 4: hidden_states[4]})
     for layer in (3, 4):
-        assert_matches(
-            result[layer], reference(hidden_states[layer], transcoders[layer], 8, 0.0), layer
-        )
+        assert_matches(result[layer], reference(hidden_states[layer], transcoders[layer], 8, 0.0), layer)
 
 
 def test_extract_attribution_features_matches_brute_force(transcoders, hidden_states) -> None:
     top_k, threshold = 4, 0.5
-    encoder = SparseCLTEncoder(
-        transcoders, top_k=top_k, activation_threshold=threshold, use_compile=False
-    )
+    encoder = SparseCLTEncoder(transcoders, top_k=top_k, activation_threshold=threshold, use_compile=False)
     candidates = []
     for layer in LAYERS:
         ref = reference(hidden_states[layer], transcoders[layer], top_k, threshold)["kept"]
@@ -167,9 +151,7 @@ def test_extract_attribution_features_matches_brute_force(transcoders, hidden_st
     candidates.sort(key=lambda c: -c[0])
     found = encoder.extract_attribution_features(hidden_states, top_k_global=25)
     assert len(found) == 25
-    assert [f["activation"] for f in found] == sorted(
-        (f["activation"] for f in found), reverse=True
-    )
+    assert [f["activation"] for f in found] == sorted((f["activation"] for f in found), reverse=True)
     for got, (value, layer, feature, position, batch) in zip(found, candidates[:25], strict=True):
         assert (got["layer"], got["feature"], got["position"], got["batch"]) == (
             layer,
@@ -185,12 +167,8 @@ def test_extract_attribution_features_matches_brute_force(transcoders, hidden_st
 
 def test_compile_on_equals_off(hidden_states) -> None:
     transcoders = random_transcoders(LAYERS, H, F, jumprelu=True, seed=5)
-    compiled = SparseCLTEncoder(
-        transcoders, top_k=6, activation_threshold=0.5, use_compile=True, chunk_size=64
-    )
-    eager = SparseCLTEncoder(
-        transcoders, top_k=6, activation_threshold=0.5, use_compile=False, chunk_size=64
-    )
+    compiled = SparseCLTEncoder(transcoders, top_k=6, activation_threshold=0.5, use_compile=True, chunk_size=64)
+    eager = SparseCLTEncoder(transcoders, top_k=6, activation_threshold=0.5, use_compile=False, chunk_size=64)
     assert compiled.compiled and not eager.compiled
     a, b = compiled.encode_all_layers(hidden_states), eager.encode_all_layers(hidden_states)
     assert compiled.compiled, "torch.compile should work on CPU here"
@@ -200,9 +178,7 @@ def test_compile_on_equals_off(hidden_states) -> None:
         torch.testing.assert_close(a[layer]["sparsity"], b[layer]["sparsity"])
 
 
-def test_compile_failure_falls_back_to_eager(
-    monkeypatch, caplog, transcoders, hidden_states
-) -> None:
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog, transcoders, hidden_states) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
@@ -216,9 +192,7 @@ def test_compile_failure_falls_back_to_eager(
     assert_matches(result, reference(hidden_states[3], transcoders[3], 6, 0.5), 3)
 
 
-def test_compile_unavailable_falls_back_to_eager(
-    monkeypatch, caplog, transcoders, hidden_states
-) -> None:
+def test_compile_unavailable_falls_back_to_eager(monkeypatch, caplog, transcoders, hidden_states) -> None:
     def unavailable(fn, **kwargs):
         raise RuntimeError("Dynamo is not supported on this Python")
 
@@ -235,9 +209,7 @@ def test_compile_unavailable_falls_back_to_eager(
 
 def test_dtype_device_and_grad(hidden_states) -> None:
     """Inputs are cast to the weights' dtype; results carry no autograd graph."""
-    transcoders = {
-        layer: w.to(dtype=torch.float64) for layer, w in random_transcoders(LAYERS, H, F).items()
-    }
+    transcoders = {layer: w.to(dtype=torch.float64) for layer, w in random_transcoders(LAYERS, H, F).items()}
     for w in transcoders.values():
         w.W_enc.requires_grad_(True)
     encoder = SparseCLTEncoder(transcoders, top_k=5, activation_threshold=0.5, use_compile=False)
@@ -258,19 +230,13 @@ def test_invalid_arguments(transcoders, hidden_states) -> None:
     with pytest.raises(ValueError, match="empty"):
         SparseCLTEncoder({}, use_compile=False)
     with pytest.raises(ValueError, match="disagree on the hidden size"):
-        SparseCLTEncoder(
-            random_transcoders([0], H, F) | random_transcoders([1], H + 1, F), use_compile=False
-        )
+        SparseCLTEncoder(random_transcoders([0], H, F) | random_transcoders([1], H + 1, F), use_compile=False)
     encoder = SparseCLTEncoder(transcoders, use_compile=False)
-    with pytest.raises(
-        KeyError, match=r"no transcoder for layer 9; available layers: \[3, 4, 5, 6\]"
-    ):
+    with pytest.raises(KeyError, match=r"no transcoder for layer 9; available layers: \[3, 4, 5, 6\]"):
         encoder.encode_layer(9, hidden_states[3])
     with pytest.raises(KeyError, match="layer 9"):
         encoder.encode_all_layers({3: hidden_states[3], 9: hidden_states[3]})
-    with pytest.raises(
-        ValueError, match=r"layer 3: expected hidden states \[batch, seq, 16\], got \[13, 16\]"
-    ):
+    with pytest.raises(ValueError, match=r"layer 3: expected hidden states \[batch, seq, 16\], got \[13, 16\]"):
         encoder.encode_layer(3, hidden_states[3][0])
     with pytest.raises(ValueError, match=r"got \[2, 13, 8\]"):
         encoder.encode_all_layers({3: hidden_states[3][..., :8], 4: hidden_states[4][..., :8]})
@@ -302,9 +268,7 @@ def test_activation_exactly_at_threshold_is_kept() -> None:
     w = TranscoderWeights(torch.eye(3), torch.zeros(3))
     hidden = torch.tensor([[[0.1, 0.0999999, 1.0]]])
     for use_compile in (False, True):
-        result = SparseCLTEncoder(
-            {0: w}, top_k=3, activation_threshold=0.1, use_compile=use_compile
-        )
+        result = SparseCLTEncoder({0: w}, top_k=3, activation_threshold=0.1, use_compile=use_compile)
         out = result.encode_layer(0, hidden)
         assert out["indices"].tolist() == [[[2, 0, -1]]]
         assert out["sparsity"].tolist() == [[pytest.approx(2 / 3)]]

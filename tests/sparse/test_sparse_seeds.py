@@ -106,15 +106,10 @@ def test_quick_start_and_advanced_usage(transcoder_dir: str, Encoder: type, caps
 
     # Returns list of dicts ready for graph generation
     for feature in graph_features[:5]:
-        print(
-            f"Layer {feature['layer']}, Feature {feature['feature']}: {feature['activation']:.2f}"
-        )
+        print(f"Layer {feature['layer']}, Feature {feature['feature']}: {feature['activation']:.2f}")
 
     out = capsys.readouterr().out
-    assert (
-        "Layer 40:\n  Activations: torch.Size([1, 256, 50])\n  Indices: torch.Size([1, 256, 50])"
-        in out
-    )
+    assert "Layer 40:\n  Activations: torch.Size([1, 256, 50])\n  Indices: torch.Size([1, 256, 50])" in out
     assert "Layer 41:" in out and "Sparsity: 0." in out
     assert long_features["activations"].shape == (1, 2048, 20)
     assert long_features["sparsity"].shape == (1, 2048)
@@ -132,9 +127,7 @@ def test_use_cases(transcoder_dir: str, Encoder: type, capsys) -> None:
     top_features = features["indices"][0, -1, :10]  # Top 10 at last position
     print(f"Most active CLT features: {top_features}")
 
-    graph_features = encoder.extract_attribution_features(
-        hidden_states=all_layers, top_k_global=100
-    )
+    graph_features = encoder.extract_attribution_features(hidden_states=all_layers, top_k_global=100)
     # Use in attribution graph generation
 
     hidden_states = all_layers

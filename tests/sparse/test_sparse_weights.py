@@ -40,9 +40,7 @@ def _clt_model(layers: list[int], activation_fn: str = "jumprelu", skip: bool = 
         for p in model.parameters():
             p.copy_(0.5 * torch.randn(p.shape, generator=gen))
         if activation_fn == "jumprelu":
-            model.log_threshold.copy_(
-                torch.rand(model.log_threshold.shape, generator=gen).log() - 1
-            )
+            model.log_threshold.copy_(torch.rand(model.log_threshold.shape, generator=gen).log() - 1)
     L = len(layers)
     model.set_normalization(
         torch.randn(L, H, generator=gen),
@@ -124,9 +122,9 @@ def test_save_pretrained_folder_is_raw_space(tmp_path: Path, activation_fn: str)
     for i, layer in enumerate(layers):
         dense = torch.zeros(2, 5, F)
         kept = features[layer]["indices"] >= 0
-        dense[kept.nonzero(as_tuple=True)[:2] + (features[layer]["indices"][kept],)] = features[
-            layer
-        ]["activations"][kept]
+        dense[kept.nonzero(as_tuple=True)[:2] + (features[layer]["indices"][kept],)] = features[layer]["activations"][
+            kept
+        ]
         torch.testing.assert_close(dense, expected[:, :, i], atol=1e-5, rtol=1e-5)
     acts = expected.detach()
     for target, layer in enumerate(layers):
@@ -142,9 +140,7 @@ def test_save_pretrained_encoder_weights_are_not_copied(tmp_path: Path) -> None:
     loaded = load_transcoders(tmp_path)
     encoder = SparseCLTEncoder(loaded, use_compile=False)
     stacked_W_enc = encoder._stacked[0]
-    assert (
-        stacked_W_enc.untyped_storage().data_ptr() == loaded[0].W_enc.untyped_storage().data_ptr()
-    )
+    assert stacked_W_enc.untyped_storage().data_ptr() == loaded[0].W_enc.untyped_storage().data_ptr()
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -173,13 +169,9 @@ def test_corrupt_per_layer_file(tmp_path: Path, damage: str) -> None:
     save_transcoders(random_transcoders([0, 1], H, F), tmp_path)
     path = tmp_path / "layer_1.safetensors"
     data = path.read_bytes()
-    path.write_bytes(
-        {"truncate": data[: len(data) // 2], "garbage": b"not a file" * 3, "empty": b""}[damage]
-    )
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a file" * 3, "empty": b""}[damage])
     assert sorted(load_transcoders(tmp_path, [0])) == [0]
-    with pytest.raises(
-        TranscoderLoadError, match="layer_1.safetensors is not a readable safetensors"
-    ):
+    with pytest.raises(TranscoderLoadError, match="layer_1.safetensors is not a readable safetensors"):
         load_transcoders(tmp_path, [0, 1])
 
 
@@ -192,9 +184,7 @@ def test_truncated_pretrained_file(tmp_path: Path) -> None:
 
 
 def test_missing_tensor_names_contents(tmp_path: Path) -> None:
-    save_file(
-        {"W_enc": torch.randn(F, H), "b_enc": torch.randn(F)}, str(tmp_path / "layer_0.safetensors")
-    )
+    save_file({"W_enc": torch.randn(F, H), "b_enc": torch.randn(F)}, str(tmp_path / "layer_0.safetensors"))
     with pytest.raises(TranscoderLoadError, match=r"no tensor 'W_dec'.*\['W_enc', 'b_enc'\]"):
         load_transcoders(tmp_path, [0])
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clt.training.data import ActivationStore, RunningStats, StoreError, StoreWriter
+from clt.training.data import ActivationStore, StoreError, StoreWriter
 
 
 def make_activations(n=300, layers=3, d=8, seed=0):
@@ -19,14 +19,18 @@ def make_activations(n=300, layers=3, d=8, seed=0):
 
 
 def write_store(path, acts, shard=50, dtype="float32"):
-    writer = StoreWriter(path, layers=acts["layers"], d_model=acts["inputs"].shape[2], dtype=dtype,
-                         shard_tokens=shard)
+    writer = StoreWriter(path, layers=acts["layers"], d_model=acts["inputs"].shape[2], dtype=dtype, shard_tokens=shard)
     n = acts["inputs"].shape[0]
     for lo in range(0, n, 20):
         sl = slice(lo, lo + 20)
         rows = len(acts["token_ids"][sl])
-        writer.add(acts["inputs"][sl], acts["outputs"][sl], token_ids=acts["token_ids"][sl],
-                   positions=torch.zeros(rows), window_ids=torch.zeros(rows))
+        writer.add(
+            acts["inputs"][sl],
+            acts["outputs"][sl],
+            token_ids=acts["token_ids"][sl],
+            positions=torch.zeros(rows),
+            window_ids=torch.zeros(rows),
+        )
         writer.flush_if_full({"rows": lo + rows})
     return writer.finish()
 
@@ -48,8 +52,10 @@ def test_norm_stats_match_torch():
 
 def test_dict_of_layers_form():
     acts = make_activations()
-    per_layer = {"inputs": {i: acts["inputs"][:, i] for i in range(3)},
-                 "outputs": {i: acts["outputs"][:, i] for i in range(3)}}
+    per_layer = {
+        "inputs": {i: acts["inputs"][:, i] for i in range(3)},
+        "outputs": {i: acts["outputs"][:, i] for i in range(3)},
+    }
     store = ActivationStore.from_nnsight_activations(per_layer, batch_size=10)
     assert torch.equal(store.tensors()[0], acts["inputs"]) and store.layers == [0, 1, 2]
 
@@ -148,8 +154,13 @@ def test_crash_between_statistics_and_manifest_is_recounted_on_resume(tmp_path, 
     z = torch.zeros(20)
     writer = StoreWriter(tmp_path / "s", layers=[0, 1, 2], d_model=8, dtype="float32", shard_tokens=20)
     for i in range(shards_before_crash):
-        writer.add(acts["inputs"][20 * i:20 * (i + 1)], acts["outputs"][20 * i:20 * (i + 1)], token_ids=z,
-                   positions=z, window_ids=z)
+        writer.add(
+            acts["inputs"][20 * i : 20 * (i + 1)],
+            acts["outputs"][20 * i : 20 * (i + 1)],
+            token_ids=z,
+            positions=z,
+            window_ids=z,
+        )
         writer.flush({"rows": 20 * (i + 1)})
     writer.add(acts["inputs"][40:], acts["outputs"][40:], token_ids=z, positions=z, window_ids=z)
     monkeypatch.setattr(StoreWriter, "_write_manifest", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -190,9 +201,13 @@ def test_streamed_shards_are_plain_safetensors(tmp_path):
     acts = make_activations(n=90)
     write_store(tmp_path / "s", acts, shard=60, dtype="float16")
     first = load_file(str(tmp_path / "s" / "shard_00000.safetensors"))
-    assert {k: v.dtype for k, v in first.items()} == {"inputs": torch.float16, "outputs": torch.float16,
-                                                       "token_ids": torch.int64, "positions": torch.int32,
-                                                       "window_ids": torch.int64}
+    assert {k: v.dtype for k, v in first.items()} == {
+        "inputs": torch.float16,
+        "outputs": torch.float16,
+        "token_ids": torch.int64,
+        "positions": torch.int32,
+        "window_ids": torch.int64,
+    }
     assert torch.equal(first["inputs"], acts["inputs"][:60].half())
     assert torch.equal(first["token_ids"], torch.arange(60))
     odd = make_activations(n=7, layers=1, d=3)  # 7 x 3 float16 = 42 bytes: 8-byte fields must stay aligned
@@ -239,6 +254,8 @@ def test_store_of_other_layers_or_width_is_refused(tmp_path):
             StoreWriter(tmp_path / "s", **settings)
     other = write_store(tmp_path / "other", make_activations(n=100, d=4))  # a shard of another width
     (tmp_path / "other" / "shard_00000.safetensors").replace(tmp_path / "s" / "shard_00000.safetensors")
-    with pytest.raises(StoreError, match=r"shard 0 has inputs of shape \(60, 3, 4\), expected \(60, 3, 8\): the store is"):
+    with pytest.raises(
+        StoreError, match=r"shard 0 has inputs of shape \(60, 3, 4\), expected \(60, 3, 8\): the store is"
+    ):
         ActivationStore.open(tmp_path / "s").shard(0)
     assert other.d_model == 4

@@ -8,6 +8,7 @@ checkpoint; mismatched set-ups fail on every rank with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -33,8 +34,10 @@ SCENARIOS = {
     "data-jumprelu-plt": ("data", {"activation_fn": "jumprelu", "cross_layer": False}),
     "data-topk": ("data", {"activation_fn": "topk", "sparse_decode": "on"}),
     "data-batchtopk-sparse": ("data", {"activation_fn": "batchtopk", "sparse_decode": "on"}),
-    "data-batchtopk-dense-all": ("data", {"activation_fn": "batchtopk", "sparse_decode": "off",
-                                          "batchtopk_scope": "all"}),
+    "data-batchtopk-dense-all": (
+        "data",
+        {"activation_fn": "batchtopk", "sparse_decode": "off", "batchtopk_scope": "all"},
+    ),
     "features-relu-clt": ("features", {"activation_fn": "relu", "skip_connection": True}),
     "features-jumprelu-clt": ("features", {"activation_fn": "jumprelu"}),
     "features-jumprelu-plt": ("features", {"activation_fn": "jumprelu", "cross_layer": False}),
@@ -42,8 +45,10 @@ SCENARIOS = {
     "features-topk-dense": ("features", {"activation_fn": "topk", "sparse_decode": "off"}),
     "features-topk-k-above-shard": ("features", {"activation_fn": "topk", "topk": 10}),  # k > F/W = 8
     "features-batchtopk-sparse": ("features", {"activation_fn": "batchtopk", "sparse_decode": "on"}),
-    "features-batchtopk-dense-plt": ("features", {"activation_fn": "batchtopk", "sparse_decode": "off",
-                                                  "cross_layer": False}),
+    "features-batchtopk-dense-plt": (
+        "features",
+        {"activation_fn": "batchtopk", "sparse_decode": "off", "cross_layer": False},
+    ),
 }
 
 
@@ -51,7 +56,7 @@ def make_store(n: int = 512, layers: int = 2, d: int = 8) -> ActivationStore:
     """Random MLP inputs and outputs with a planted sparse linear relation (seeded)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, layers, d, generator=g)
-    mix = torch.randn(layers, d, d, generator=g) / d ** 0.5
+    mix = torch.randn(layers, d, d, generator=g) / d**0.5
     y = torch.relu(torch.einsum("nld,lde->nle", x, mix) - 0.3) + 0.1 * torch.randn(n, layers, d, generator=g)
     return ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=64)
 
@@ -61,10 +66,21 @@ def clt_config(**options) -> CLTConfig:
 
 
 def training_config(parallel: str = "data", **options) -> TrainingConfig:
-    values = {"learning_rate": 1e-2, "batch_size": 64, "grad_accumulation_steps": 2, "training_steps": 6,
-              "lr_warmup_steps": 1, "sparsity_lambda": 1e-2, "sparsity_warmup_steps": 2, "dead_after_tokens": 10**9,
-              "log_every": 1, "grad_clip_norm": 0.5, "parallel": parallel, "dist_timeout_s": 30,
-              "retain_freed_memory": False}
+    values = {
+        "learning_rate": 1e-2,
+        "batch_size": 64,
+        "grad_accumulation_steps": 2,
+        "training_steps": 6,
+        "lr_warmup_steps": 1,
+        "sparsity_lambda": 1e-2,
+        "sparsity_warmup_steps": 2,
+        "dead_after_tokens": 10**9,
+        "log_every": 1,
+        "grad_clip_norm": 0.5,
+        "parallel": parallel,
+        "dist_timeout_s": 30,
+        "retain_freed_memory": False,
+    }
     return TrainingConfig(**{**values, **options})
 
 
@@ -96,9 +112,11 @@ def _job_all(rank: int, out: Path) -> None:
         model = trainer.train(progress=False)
         if rank == 0:
             write_result(out / name, model, trainer.history)
-    bad = {"features-not-divisible": (clt_config(num_features=15), training_config("features")),
-           "batch-not-divisible": (clt_config(), training_config("data", batch_size=66)),
-           "configs-differ": (clt_config(), training_config("data", learning_rate=1e-2 * (1 + rank)))}
+    bad = {
+        "features-not-divisible": (clt_config(num_features=15), training_config("features")),
+        "batch-not-divisible": (clt_config(), training_config("data", batch_size=66)),
+        "configs-differ": (clt_config(), training_config("data", learning_rate=1e-2 * (1 + rank))),
+    }
     for name, (cfg, training) in bad.items():
         try:
             CLTTrainer(cfg, training, store)
@@ -106,11 +124,12 @@ def _job_all(rank: int, out: Path) -> None:
         except DistributedError as err:
             message = str(err)
         (out / f"{name}.{rank}.txt").write_text(message)
-    try:  # 2 ranks write checkpoints 4 (and stop at 6); one process resumes them (parent)
-        CLTTrainer(clt_config(activation_fn="jumprelu"), resume_config(out / "two-to-one"), store,
-                   callbacks=[stop_at(6)]).train(progress=False)
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(
+        KeyboardInterrupt
+    ):  # 2 ranks write checkpoints 4 (and stop at 6); one process resumes them (parent)
+        CLTTrainer(
+            clt_config(activation_fn="jumprelu"), resume_config(out / "two-to-one"), store, callbacks=[stop_at(6)]
+        ).train(progress=False)
     trainer = CLTTrainer(clt_config(activation_fn="topk", sparse_decode="on"), resume_config(out / "one-to-two"), store)
     (out / f"one-to-two.start.{rank}.txt").write_text(str(trainer.step))
     model = trainer.train(progress=False)
@@ -123,8 +142,9 @@ def _job_kill(rank: int, out: Path) -> None:
         if step == 6 and rank == 1:
             os._exit(3)
 
-    CLTTrainer(clt_config(activation_fn="relu"), resume_config(out / "killed"), make_store(),
-               callbacks=[die]).train(progress=False)
+    CLTTrainer(clt_config(activation_fn="relu"), resume_config(out / "killed"), make_store(), callbacks=[die]).train(
+        progress=False
+    )
 
 
 JOBS = {"all": _job_all, "kill": _job_kill}
@@ -147,7 +167,9 @@ def single(cfg: CLTConfig, training: TrainingConfig, **kw) -> CLTTrainer:
 def max_weight_error(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
     reference = model.state_dict()
     assert sorted(weights) == sorted(reference)
-    return max(float((weights[k].double() - reference[k].double()).abs().max()) for k in reference if reference[k].numel())
+    return max(
+        float((weights[k].double() - reference[k].double()).abs().max()) for k in reference if reference[k].numel()
+    )
 
 
 def max_metric_error(history: list[dict], reference: list[dict]) -> float:
@@ -158,11 +180,12 @@ def max_metric_error(history: list[dict], reference: list[dict]) -> float:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    try:  # the 1-process half of the 1 -> 2 resume: checkpoint 4, stopped at 6
-        single(clt_config(activation_fn="topk", sparse_decode="on"), resume_config(out / "one-to-two"),
-               callbacks=[stop_at(6)])
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):  # the 1-process half of the 1 -> 2 resume: checkpoint 4, stopped at 6
+        single(
+            clt_config(activation_fn="topk", sparse_decode="on"),
+            resume_config(out / "one-to-two"),
+            callbacks=[stop_at(6)],
+        )
     spawn("all", out)
     return out
 
@@ -180,9 +203,14 @@ def test_two_ranks_match_one_process(two_ranks, name):
     assert moved > 1e-3  # training changed the weights: the comparison is not vacuous
 
 
-@pytest.mark.parametrize("name,expected", [("features-not-divisible", "num_features=15 is not divisible by the world size 2"),
-                                           ("batch-not-divisible", "micro-batch of 33 rows"),
-                                           ("configs-differ", "the ranks disagree")])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("features-not-divisible", "num_features=15 is not divisible by the world size 2"),
+        ("batch-not-divisible", "micro-batch of 33 rows"),
+        ("configs-differ", "the ranks disagree"),
+    ],
+)
 def test_mismatched_setups_fail_on_every_rank(two_ranks, name, expected):
     for rank in (0, 1):
         assert expected in (two_ranks / f"{name}.{rank}.txt").read_text()
@@ -230,18 +258,49 @@ def test_killed_rank_leaves_a_resumable_checkpoint(tmp_path):
 
 
 def test_cli_train_under_torchrun(tmp_path):
-    """`torchrun --nproc_per_node 2 -m clt.cli train --store ...`: one summary, one log, the same transcoder as one process."""
+    """`torchrun --nproc_per_node 2 -m clt.cli train --store ...`: one summary, one log, the same
+    transcoder as one process."""
     import subprocess
     import sys
 
     make_store().save(tmp_path / "store")
-    flags = ["train", "--store", str(tmp_path / "store"), "--num-features", "16", "--activation-fn", "relu",
-             "--batch-size", "32", "--training-steps", "4", "--log-every", "2", "--parallel", "features"]
+    flags = [
+        "train",
+        "--store",
+        str(tmp_path / "store"),
+        "--num-features",
+        "16",
+        "--activation-fn",
+        "relu",
+        "--batch-size",
+        "32",
+        "--training-steps",
+        "4",
+        "--log-every",
+        "2",
+        "--parallel",
+        "features",
+    ]
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "clt.cli", *flags,
-                          "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=240, env=env,
-                         check=False)
+    run = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clt.cli",
+            *flags,
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("FVU") == 1
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
@@ -254,8 +313,9 @@ def test_cli_train_under_torchrun(tmp_path):
     assert max_weight_error(two.state_dict(), one) < TOL
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_realistic_run_configs_are_valid(path):
     import yaml
 

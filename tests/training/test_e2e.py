@@ -28,12 +28,21 @@ def setup(tiny_llama):
     return model, tokenizer, store, extractor
 
 
-def random_transcoder(store: ActivationStore, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      scale: float = 3.0,
-                      **overrides) -> CrossLayerTranscoder:
+def random_transcoder(
+    store: ActivationStore, *, seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 3.0, **overrides
+) -> CrossLayerTranscoder:
     """A transcoder with random weights of a typical scale and the store's statistics."""
-    cfg = CLTConfig(**{"num_features": 16, "num_layers": store.num_layers, "d_model": store.d_model,
-                       "activation_fn": "jumprelu", "model_name": store.model_name, "seed": seed, **overrides})
+    cfg = CLTConfig(
+        **{
+            "num_features": 16,
+            "num_layers": store.num_layers,
+            "d_model": store.d_model,
+            "activation_fn": "jumprelu",
+            "model_name": store.model_name,
+            "seed": seed,
+            **overrides,
+        }
+    )
     clt = CrossLayerTranscoder(cfg)
     stats = store.norm_stats()
     clt.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
@@ -53,10 +62,12 @@ def random_transcoder(store: ActivationStore, *, seed: int = 0, dtype: torch.dty
 def hooked_kl(model, ids: torch.Tensor, layer_output) -> torch.Tensor:
     """Independent oracle: plain forward hooks put `layer_output(layer, x)` in place of each MLP's
     output (BOS keeps the model's own), then the mean next-token KL(original ‖ spliced)."""
+
     def hook(layer):
         def splice(module, args, output):
             y = layer_output(layer, args[0])
             return torch.cat([output[:, :1], y[:, 1:]], dim=1)
+
         return splice
 
     with torch.no_grad():
@@ -150,10 +161,19 @@ def test_training_with_kl_lowers_the_replacement_kl(setup):
     texts = list(load_texts("pydoc"))[-20:]  # text the store has not seen
     results = {}
     for coef in (0.0, 1000.0):  # the KL (~0.02 nats) is tiny next to the summed squared error (~60)
-        cfg = CLTConfig(num_features=32, num_layers=store.num_layers, d_model=store.d_model,
-                        activation_fn="topk", topk=4, seed=0)
-        training = TrainingConfig(learning_rate=3e-3, batch_size=64, training_steps=120, lr_warmup_steps=10,
-                                  kl_coef=coef, kl_windows=4, seed=0, log_every=1000)
+        cfg = CLTConfig(
+            num_features=32, num_layers=store.num_layers, d_model=store.d_model, activation_fn="topk", topk=4, seed=0
+        )
+        training = TrainingConfig(
+            learning_rate=3e-3,
+            batch_size=64,
+            training_steps=120,
+            lr_warmup_steps=10,
+            kl_coef=coef,
+            kl_windows=4,
+            seed=0,
+            log_every=1000,
+        )
         trainer = CLTTrainer(cfg, training, store, language_model=(model, tokenizer))
         clt = trainer.train(progress=False)
         results[coef] = replacement_metrics(model, tokenizer, clt, texts, context_length=24).kl
@@ -176,9 +196,18 @@ def test_kl_needs_the_model_and_store_metadata(setup):
 def test_molt_splice_equals_its_own_forward_in_plain_hooks(setup):
     """A MOLT is per-layer: hooks that run its forward on the layer's input alone give the same KL."""
     model, tokenizer, store, _ = setup
-    molt = CrossLayerTranscoder.from_config(CLTConfig(
-        num_features=14, num_layers=store.num_layers, d_model=store.d_model, architecture="molt",
-        cross_layer=False, molt_ranks=[4, 2, 1], activation_fn="relu", model_name=store.model_name))
+    molt = CrossLayerTranscoder.from_config(
+        CLTConfig(
+            num_features=14,
+            num_layers=store.num_layers,
+            d_model=store.d_model,
+            architecture="molt",
+            cross_layer=False,
+            molt_ranks=[4, 2, 1],
+            activation_fn="relu",
+            model_name=store.model_name,
+        )
+    )
     stats = store.norm_stats()
     molt.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
     with torch.no_grad():

@@ -145,8 +145,9 @@ def test_compute_losses_composes_the_terms(act):
     x, y = torch.randn(32, 3, 5, generator=g), torch.randn(32, 3, 5, generator=g)
     dead = torch.zeros(3, 10, dtype=torch.bool)
     dead[:, :4] = True
-    terms, out = compute_losses(model, x, y, sparsity_coef=0.1, sparsity_c=2.0,
-                                preactivation_coef=0.01, dead_mask=dead, k_aux=3, aux_coef=0.25)
+    terms, out = compute_losses(
+        model, x, y, sparsity_coef=0.1, sparsity_c=2.0, preactivation_coef=0.01, dead_mask=dead, k_aux=3, aux_coef=0.25
+    )
     assert isinstance(terms, LossTerms)
     expected_recon = reconstruction_loss(out.reconstruction, y)
     assert terms.reconstruction.item() == pytest.approx(expected_recon.item())
@@ -154,16 +155,20 @@ def test_compute_losses_composes_the_terms(act):
     expected_sparsity = sparsity_loss(out.features, norms, coefficient=0.1, c=2.0)
     assert terms.sparsity.item() == pytest.approx(expected_sparsity.item())
     if act == "jumprelu":
-        expected_pre = preactivation_loss(out.preactivations, model.threshold, norms,
-                                          coefficient=0.01)
+        expected_pre = preactivation_loss(out.preactivations, model.threshold, norms, coefficient=0.01)
         assert expected_pre.item() > 0
         assert terms.preactivation.item() == pytest.approx(expected_pre.item())
     else:
         assert terms.preactivation.item() == 0.0
     if act in ("topk", "batchtopk"):
-        expected_aux = auxiliary_topk_loss(out.preactivations, y - out.reconstruction, dead,
-                                           lambda a: model.decode_normalized(a, bias=False),
-                                           k_aux=3, coefficient=0.25)
+        expected_aux = auxiliary_topk_loss(
+            out.preactivations,
+            y - out.reconstruction,
+            dead,
+            lambda a: model.decode_normalized(a, bias=False),
+            k_aux=3,
+            coefficient=0.25,
+        )
         assert expected_aux.item() > 0
         assert terms.auxiliary.item() == pytest.approx(expected_aux.item())
     else:

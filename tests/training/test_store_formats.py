@@ -24,12 +24,24 @@ def activations(n=240, layers=3, d=64, seed=0):
 
 
 def write(path, x, y, *, dtype="float32", compression="none", output_site="mlp_out", shard=64):
-    writer = StoreWriter(path, layers=list(range(x.shape[1])), d_model=x.shape[2], dtype=dtype, shard_tokens=shard,
-                         compression=compression, output_site=output_site)
+    writer = StoreWriter(
+        path,
+        layers=list(range(x.shape[1])),
+        d_model=x.shape[2],
+        dtype=dtype,
+        shard_tokens=shard,
+        compression=compression,
+        output_site=output_site,
+    )
     for lo in range(0, len(x), 40):
         n = len(x[lo : lo + 40])
-        writer.add(x[lo : lo + 40], None if output_site == "mlp_in" else y[lo : lo + 40],
-                   token_ids=torch.arange(lo, lo + n), positions=torch.zeros(n), window_ids=torch.zeros(n))
+        writer.add(
+            x[lo : lo + 40],
+            None if output_site == "mlp_in" else y[lo : lo + 40],
+            token_ids=torch.arange(lo, lo + n),
+            positions=torch.zeros(n),
+            window_ids=torch.zeros(n),
+        )
         writer.flush_if_full({"rows": lo + n})
     return writer.finish()
 
@@ -108,7 +120,11 @@ def test_mlp_input_store_writes_inputs_once_and_reads_them_as_targets(tmp_path):
     store = write(tmp_path / "s", x, y, output_site="mlp_in")
     assert store.output_site == "mlp_in" and "mlp_in" in repr(store)
     assert set(load((tmp_path / "s" / "shard_00000.safetensors").read_bytes())) == {
-        "inputs", "token_ids", "positions", "window_ids"}
+        "inputs",
+        "token_ids",
+        "positions",
+        "window_ids",
+    }
     got_x, got_y = store.tensors()
     assert torch.equal(got_x, x) and torch.equal(got_y, x)
     batch = next(store.batches(50, seed=2))

@@ -37,8 +37,13 @@ class SlowProducer(threading.Thread):
                 if self.fail_after is not None and k == self.fail_after:
                     raise RuntimeError("simulated extraction failure")
                 n = len(self.x[lo : lo + 40])
-                writer.add(self.x[lo : lo + 40], self.y[lo : lo + 40], token_ids=torch.arange(n),
-                           positions=torch.zeros(n), window_ids=torch.zeros(n))
+                writer.add(
+                    self.x[lo : lo + 40],
+                    self.y[lo : lo + 40],
+                    token_ids=torch.arange(n),
+                    positions=torch.zeros(n),
+                    window_ids=torch.zeros(n),
+                )
                 writer.flush({"rows": lo + n})
                 time.sleep(self.pause)
             writer.finish()
@@ -98,8 +103,14 @@ def test_streaming_extraction_trains_while_extracting_on_the_same_tokens(tmp_pat
     from clt.nnsight.extractors import ActivationExtractor
     from clt.pipeline import run_streaming, run_training
 
-    extraction = ExtractionConfig(model="tiny-llama", max_tokens=1024, context_length=32, batch_size=2,
-                                  shard_tokens=128, output_dir=str(tmp_path / "streamed"))
+    extraction = ExtractionConfig(
+        model="tiny-llama",
+        max_tokens=1024,
+        context_length=32,
+        batch_size=2,
+        shard_tokens=128,
+        output_dir=str(tmp_path / "streamed"),
+    )
     clt = CLTConfig(num_features=16, num_layers=1, d_model=1, activation_fn="topk", topk=4)
     training = TrainingConfig(batch_size=64, training_steps=16, learning_rate=1e-3, log_every=1, lr_warmup_steps=0)
     following_at_step, traced, consumed = [], [], threading.Event()
@@ -120,8 +131,9 @@ def test_streaming_extraction_trains_while_extracting_on_the_same_tokens(tmp_pat
     monkeypatch.setattr(ActivationExtractor, "activations", slow_activations)
     streamed = run_streaming(extraction, clt, training, replacement=False, progress=False)
     monkeypatch.setattr(ActivationStore, "_gather", original_gather)
-    offline = run_training(extraction.replace(output_dir=str(tmp_path / "offline")), clt, training,
-                           replacement=False, progress=False)
+    offline = run_training(
+        extraction.replace(output_dir=str(tmp_path / "offline")), clt, training, replacement=False, progress=False
+    )
     assert following_at_step[0] and not streamed.store.following  # consumed while the producer was writing
     assert len(following_at_step) == 16
     for result in (streamed, offline):
@@ -136,8 +148,14 @@ def test_failed_streaming_training_stops_the_extraction_and_the_store_resumes(tm
     from clt.pipeline import run_extraction, run_streaming
     from clt.training.trainer import CLTTrainer
 
-    extraction = ExtractionConfig(model="tiny-llama", max_tokens=4096, context_length=32, batch_size=2,
-                                  shard_tokens=128, output_dir=str(tmp_path / "streamed"))
+    extraction = ExtractionConfig(
+        model="tiny-llama",
+        max_tokens=4096,
+        context_length=32,
+        batch_size=2,
+        shard_tokens=128,
+        output_dir=str(tmp_path / "streamed"),
+    )
     clt = CLTConfig(num_features=16, num_layers=1, d_model=1, activation_fn="topk", topk=4)
     training = TrainingConfig(batch_size=64, training_steps=64, learning_rate=1e-3, lr_warmup_steps=0)
     original = ActivationExtractor.activations

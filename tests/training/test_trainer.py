@@ -33,8 +33,15 @@ def planted_store(n=4000, layers=2, d=12, features=16, seed=0):
 def test_trainer_learns_a_planted_cross_layer_dictionary(tmp_path):
     store = planted_store()
     cfg = CLTConfig(num_features=32, num_layers=2, d_model=12, activation_fn="relu")
-    training = TrainingConfig(learning_rate=3e-3, batch_size=128, training_steps=600, sparsity_lambda=1e-4,
-                              lr_warmup_steps=20, log_every=100, output_dir=str(tmp_path / "run"))
+    training = TrainingConfig(
+        learning_rate=3e-3,
+        batch_size=128,
+        training_steps=600,
+        sparsity_lambda=1e-4,
+        lr_warmup_steps=20,
+        log_every=100,
+        output_dir=str(tmp_path / "run"),
+    )
     trainer = CLTTrainer(cfg, training, store)
     model = trainer.train(progress=False)
     assert trainer.history[-1]["fvu"] < 0.05
@@ -46,17 +53,27 @@ def test_trainer_learns_a_planted_cross_layer_dictionary(tmp_path):
     assert torch.allclose(reloaded(x).reconstruction, model(x).reconstruction, atol=1e-6)
 
 
-@pytest.mark.parametrize("activation,sparse", [("jumprelu", "off"), ("batchtopk", "off"),
-                                               ("batchtopk", "on"), ("topk", "on")])
+@pytest.mark.parametrize(
+    "activation,sparse", [("jumprelu", "off"), ("batchtopk", "off"), ("batchtopk", "on"), ("topk", "on")]
+)
 def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path, activation, sparse):
     store = planted_store(n=1000)
-    cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn=activation, topk=3,
-                    sparse_decode=sparse)
+    cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn=activation, topk=3, sparse_decode=sparse)
 
     def training(folder, **kw):
-        return TrainingConfig(learning_rate=1e-3, batch_size=64, grad_accumulation_steps=2, training_steps=24,
-                              lr_warmup_steps=5, sparsity_lambda=1e-3, checkpoint_every=8, log_every=4,
-                              dead_after_tokens=200, output_dir=str(tmp_path / folder), **kw)
+        return TrainingConfig(
+            learning_rate=1e-3,
+            batch_size=64,
+            grad_accumulation_steps=2,
+            training_steps=24,
+            lr_warmup_steps=5,
+            sparsity_lambda=1e-3,
+            checkpoint_every=8,
+            log_every=4,
+            dead_after_tokens=200,
+            output_dir=str(tmp_path / folder),
+            **kw,
+        )
 
     whole = CLTTrainer(cfg, training("whole"), store).train(progress=False)
 
@@ -101,9 +118,11 @@ def test_bf16_autocast_trains_on_cpu(activation):
     store = planted_store(n=500)
     cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn=activation, topk=2)
     assert cfg.activation_fn == "jumprelu" or CrossLayerTranscoder(cfg).uses_sparse_decode()
-    trainer = CLTTrainer(cfg,
-                         TrainingConfig(training_steps=30, batch_size=64, mixed_precision="bf16", log_every=10,
-                                        learning_rate=3e-3), store)
+    trainer = CLTTrainer(
+        cfg,
+        TrainingConfig(training_steps=30, batch_size=64, mixed_precision="bf16", log_every=10, learning_rate=3e-3),
+        store,
+    )
     trainer.train(progress=False)
     assert trainer.history[-1]["fvu"] < trainer.history[0]["fvu"]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -113,7 +132,8 @@ def test_seed_003_example_runs_as_written(tmp_path, monkeypatch):
     """Seed 003's README example, with a local model name, its dimensions and fewer steps."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dataset.txt").write_text(
-        "Python is a programming language that lets you work quickly and integrate systems. " * 40)
+        "Python is a programming language that lets you work quickly and integrate systems. " * 40
+    )
 
     from clt.config import CLTConfig, TrainingConfig
     from clt.nnsight.extractors import ActivationExtractor
@@ -126,18 +146,12 @@ def test_seed_003_example_runs_as_written(tmp_path, monkeypatch):
 
     # Create activation store
     activation_store = ActivationStore.from_nnsight_activations(
-        activations_dict=activations,
-        batch_size=64,
-        normalize=True
+        activations_dict=activations, batch_size=64, normalize=True
     )
 
     # Create configurations
     clt_config = CLTConfig(
-        num_features=300,
-        num_layers=3,
-        d_model=32,
-        activation_fn="jumprelu",
-        jumprelu_threshold=0.03
+        num_features=300, num_layers=3, d_model=32, activation_fn="jumprelu", jumprelu_threshold=0.03
     )
 
     training_config = TrainingConfig(
@@ -146,7 +160,7 @@ def test_seed_003_example_runs_as_written(tmp_path, monkeypatch):
         training_steps=20,
         sparsity_lambda=1e-3,
         sparsity_c=1.0,
-        preactivation_coef=3e-6
+        preactivation_coef=3e-6,
     )
 
     # Train CLT
@@ -169,8 +183,14 @@ def test_nan_in_a_batch_names_layer_and_step_and_keeps_the_checkpoint(tmp_path):
     cfg = CLTConfig(num_features=16, num_layers=2, d_model=12, activation_fn="relu")
     training = TrainingConfig(training_steps=4, batch_size=256, checkpoint_every=4, output_dir=str(tmp_path / "r"))
     CLTTrainer(cfg, training, store).train(progress=False)
-    saved = {k: v.clone() for k, v in CrossLayerTranscoder.from_pretrained(
-        list_checkpoints(tmp_path / "r" / "checkpoints")[-1] / "transcoder").state_dict().items()}
+    saved = {
+        k: v.clone()
+        for k, v in CrossLayerTranscoder.from_pretrained(
+            list_checkpoints(tmp_path / "r" / "checkpoints")[-1] / "transcoder"
+        )
+        .state_dict()
+        .items()
+    }
     store.shard(0)["outputs"][17, 1, 3] = float("inf")  # e.g. a bit flip on disk after extraction
     with pytest.raises(FloatingPointError, match="step 5 holds NaN/inf MLP outputs at layer 1"):
         CLTTrainer(cfg, training.replace(training_steps=8), store).train(progress=False)
@@ -183,7 +203,8 @@ def test_nan_in_a_batch_names_layer_and_step_and_keeps_the_checkpoint(tmp_path):
 def test_transcoder_of_other_layers_or_width_is_refused():
     g = torch.Generator().manual_seed(0)
     store = ActivationStore.from_nnsight_activations(
-        {"inputs": torch.randn(50, 3, 8, generator=g), "outputs": torch.randn(50, 3, 8, generator=g)})
+        {"inputs": torch.randn(50, 3, 8, generator=g), "outputs": torch.randn(50, 3, 8, generator=g)}
+    )
     for num_layers, d_model in ((2, 8), (3, 16)):
         message = "expects .* but the store holds 3 layers of width 8; set num_layers=3, d_model=8"
         with pytest.raises(ValueError, match=message):

@@ -8,8 +8,12 @@ from clt.viz import pareto_figure
 
 
 def test_one_trace_per_type_sorted_by_l0():
-    rows = [{"dictionary": "CLT", "L0": 16.0, "FVU": 0.2}, {"dictionary": "PLT", "L0": 8.0, "FVU": 0.5},
-            {"dictionary": "CLT", "L0": 8.0, "FVU": 0.3}, {"dictionary": "SAE", "L0": None, "FVU": 0.1}]
+    rows = [
+        {"dictionary": "CLT", "L0": 16.0, "FVU": 0.2},
+        {"dictionary": "PLT", "L0": 8.0, "FVU": 0.5},
+        {"dictionary": "CLT", "L0": 8.0, "FVU": 0.3},
+        {"dictionary": "SAE", "L0": None, "FVU": 0.1},
+    ]
     fig = pareto_figure(rows)
     traces = {t.name: t for t in fig.data}
     assert set(traces) == {"CLT", "PLT"}  # SAE has no L0 here

@@ -46,8 +46,7 @@ def one_thread():
 def transcoder(tiny_llama):
     model, _ = tiny_llama
     layout = find_layout(model)
-    cfg = CLTConfig(num_features=12, num_layers=layout.num_layers, d_model=layout.d_model,
-                    activation_fn="relu", seed=0)
+    cfg = CLTConfig(num_features=12, num_layers=layout.num_layers, d_model=layout.d_model, activation_fn="relu", seed=0)
     tc = CrossLayerTranscoder(cfg)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
@@ -87,7 +86,11 @@ def test_networkx_round_trips_nodes_and_edges(graph, pruned):
     node = graph.node(0)
     attrs = full.nodes[node.id]
     assert (attrs["kind"], attrs["layer"], attrs["pos"], attrs["feature"]) == (
-        "feature", node.layer, node.pos, node.feature)
+        "feature",
+        node.layer,
+        node.pos,
+        node.feature,
+    )
     assert attrs["activation"] == pytest.approx(node.activation) and attrs["influence"] >= 0
     assert nx.is_directed_acyclic_graph(full)
 
@@ -100,12 +103,27 @@ def test_networkx_round_trips_nodes_and_edges(graph, pruned):
 
 def test_dataframes_round_trip(graph, pruned):
     nodes = graph.nodes_df()
-    assert list(nodes.columns) == ["id", "kind", "layer", "pos", "feature", "token", "token_id",
-                                   "activation", "influence"]
+    assert list(nodes.columns) == [
+        "id",
+        "kind",
+        "layer",
+        "pos",
+        "feature",
+        "token",
+        "token_id",
+        "activation",
+        "influence",
+    ]
     assert len(nodes) == graph.n_nodes and list(nodes.index) == list(range(graph.n_nodes))
     assert nodes["kind"].value_counts().to_dict() == {
-        k: n for k, n in (("feature", graph.n_features), ("error", graph.n_errors),
-                          ("token", graph.n_tokens), ("logit", graph.n_logits))}
+        k: n
+        for k, n in (
+            ("feature", graph.n_features),
+            ("error", graph.n_errors),
+            ("token", graph.n_tokens),
+            ("logit", graph.n_logits),
+        )
+    }
     assert len(graph.nodes_df(pruned.node_mask)) == int(pruned.node_mask.sum())
 
     edges = graph.edges_df()
@@ -113,7 +131,8 @@ def test_dataframes_round_trip(graph, pruned):
     assert len(edges) == int((graph.adjacency != 0).sum())
     back = torch.zeros_like(graph.adjacency, dtype=torch.float64)
     back[torch.tensor(edges["target"].values), torch.tensor(edges["source"].values)] = torch.tensor(
-        edges["weight"].values)
+        edges["weight"].values
+    )
     assert torch.equal(back, graph.adjacency.double())
     ids = nodes["id"]
     assert (edges["source_id"] == ids.loc[edges["source"]].values).all()
@@ -147,8 +166,7 @@ def test_figure_nodes_and_ticks(graph, pruned):
 
 
 def test_html_is_standalone(graph, tmp_path):
-    path = save_graph_html(graph, tmp_path / "graph.html", node_threshold=NODE_T,
-                           edge_threshold=EDGE_T)
+    path = save_graph_html(graph, tmp_path / "graph.html", node_threshold=NODE_T, edge_threshold=EDGE_T)
     text = path.read_text()
     assert path.stat().st_size > 3_000_000
     assert "<script src=" not in text and 'src="https://' not in text
@@ -166,8 +184,9 @@ def test_tokens_are_escaped(graph, tmp_path):
     tokens[2] = SCRIPT
     evil = dataclasses.replace(graph, tokens=tokens, prompt="".join(tokens))
     labels = {evil.node(0).id: "a </script><script>alert(2)</script> label"}
-    text = save_graph_html(evil, tmp_path / "evil.html", node_threshold=NODE_T,
-                           edge_threshold=EDGE_T, labels=labels, title=SCRIPT).read_text()
+    text = save_graph_html(
+        evil, tmp_path / "evil.html", node_threshold=NODE_T, edge_threshold=EDGE_T, labels=labels, title=SCRIPT
+    ).read_text()
     assert SCRIPT not in text and "alert(2)</script>" not in text
     escaped = html.escape(SCRIPT)
     # plotly's JSON writes "/" as \u002f; the escaped token reaches the page in that form
@@ -193,20 +212,29 @@ def test_click_script_data(graph, pruned):
 @pytest.fixture(scope="module")
 def cards(tiny_llama, tmp_path_factory):
     model, tokenizer = tiny_llama
-    store = ActivationExtractor(model=model, tokenizer=tokenizer, model_name="tiny-llama").extract(
-        max_tokens=300, store_dtype="float32", progress=False).save(
-        tmp_path_factory.mktemp("store"))
-    cfg = CLTConfig(num_features=8, num_layers=store.num_layers, d_model=store.d_model,
-                    activation_fn="relu")
+    store = (
+        ActivationExtractor(model=model, tokenizer=tokenizer, model_name="tiny-llama")
+        .extract(max_tokens=300, store_dtype="float32", progress=False)
+        .save(tmp_path_factory.mktemp("store"))
+    )
+    cfg = CLTConfig(num_features=8, num_layers=store.num_layers, d_model=store.d_model, activation_fn="relu")
     tc = CrossLayerTranscoder(cfg)
     stats = store.norm_stats()
     tc.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
     from clt.interp import unembedding_of
 
     unembedding, norm = unembedding_of(model)
-    return build_feature_cards(tc.eval(), store, tokenizer, unembedding=unembedding,
-                               final_norm_weight=norm, top_k=4, context=3, n_logits=4,
-                               progress=False)
+    return build_feature_cards(
+        tc.eval(),
+        store,
+        tokenizer,
+        unembedding=unembedding,
+        final_norm_weight=norm,
+        top_k=4,
+        context=3,
+        n_logits=4,
+        progress=False,
+    )
 
 
 def test_feature_card_figure(cards, tmp_path):
@@ -220,39 +248,66 @@ def test_feature_card_figure(cards, tmp_path):
     focus = card.contexts[0]
     assert f"<b>{token_label(focus.tokens[focus.focus])}</b>" in fig.data[2].text[0]
 
-    evil = FeatureCard(layer=0, feature=1, density=0.1, max_activation=2.0, quantiles={},
-                       histogram=[3, 1], bin_edges=[0.0, 1.0, 2.0], label=SCRIPT,
-                       contexts=[Context([SCRIPT, "a", "b"], [2.0, 0.5, 0.0], 0, 2.0)],
-                       top_logits=[(SCRIPT, 1.0)], bottom_logits=[("x", -1.0)])
+    evil = FeatureCard(
+        layer=0,
+        feature=1,
+        density=0.1,
+        max_activation=2.0,
+        quantiles={},
+        histogram=[3, 1],
+        bin_edges=[0.0, 1.0, 2.0],
+        label=SCRIPT,
+        contexts=[Context([SCRIPT, "a", "b"], [2.0, 0.5, 0.0], 0, 2.0)],
+        top_logits=[(SCRIPT, 1.0)],
+        bottom_logits=[("x", -1.0)],
+    )
     text = save_figure_html(feature_card_figure(evil), tmp_path / "card.html").read_text()
     assert SCRIPT not in text and "<script src=" not in text
 
 
 def test_graph_hover_uses_cards(graph, cards):
     fig = graph_figure(graph, node_threshold=1.0, edge_threshold=1.0, cards=cards)
-    hovers = {c: h for t in fig.data if t.meta == NODE_META and t.visible
-              for c, h in zip(t.customdata, t.hovertext)}
-    carded = [n for n in graph.nodes if n.kind == "feature" and f"{n.layer}/{n.feature}" in cards
-              and n.id in hovers]
+    hovers = {c: h for t in fig.data if t.meta == NODE_META and t.visible for c, h in zip(t.customdata, t.hovertext)}
+    carded = [n for n in graph.nodes if n.kind == "feature" and f"{n.layer}/{n.feature}" in cards and n.id in hovers]
     assert carded, "no carded feature is drawn"
     card = cards.card(carded[0].layer, carded[0].feature)
     hover = hovers[carded[0].id]
     assert html.escape(card.label) in hover and "top contexts" in hover
-    labelled = graph_figure(graph, node_threshold=1.0, edge_threshold=1.0,
-                            labels={carded[0].id: "my label"})
+    labelled = graph_figure(graph, node_threshold=1.0, edge_threshold=1.0, labels={carded[0].id: "my label"})
     assert any("my label" in h for t in labelled.data if t.meta == NODE_META for h in t.hovertext)
 
 
 def test_training_and_layer_figures(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    records = [{"step": s, "total": 1.0 / s, "reconstruction": 0.8 / s, "sparsity": 0.2 / s,
-                "preactivation": 0.0, "auxiliary": 0.0, "fvu": 0.5 / s, "l0": 10.0 + s, "lr": 1e-3,
-                "dead_fraction": 0.01 * s, "sparsity_lambda": 0.1 * s} for s in range(1, 6)]
+    records = [
+        {
+            "step": s,
+            "total": 1.0 / s,
+            "reconstruction": 0.8 / s,
+            "sparsity": 0.2 / s,
+            "preactivation": 0.0,
+            "auxiliary": 0.0,
+            "fvu": 0.5 / s,
+            "l0": 10.0 + s,
+            "lr": 1e-3,
+            "dead_fraction": 0.01 * s,
+            "sparsity_lambda": 0.1 * s,
+        }
+        for s in range(1, 6)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
     fig = training_curves_figure(path)
     names = [t.name for t in fig.data]
-    assert names == ["total", "reconstruction", "sparsity", "fvu", "l0", "dead_fraction", "lr",
-                     "sparsity_lambda"]  # the always-zero loss terms are left out
+    assert names == [
+        "total",
+        "reconstruction",
+        "sparsity",
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "lr",
+        "sparsity_lambda",
+    ]  # the always-zero loss terms are left out
     assert list(fig.data[3].y) == [r["fvu"] for r in records]
     assert list(fig.data[3].x) == [1, 2, 3, 4, 5]
     assert [t.name for t in training_curves_figure(records).data] == names
@@ -264,9 +319,15 @@ def test_training_and_layer_figures(tmp_path):
 
     fig = layer_metrics_figure([0.1, 0.2, 0.3], [5.0, 6.0, 7.0])
     assert [list(t.y) for t in fig.data] == [[0.1, 0.2, 0.3], [5.0, 6.0, 7.0]]
-    metrics = ReconstructionMetrics(fvu_per_layer=[0.1, 0.2], fvu=0.15, l0_per_layer=[1.0, 2.0],
-                                    l0=3.0, dead_fraction=0.0,
-                                    activation_frequency=torch.zeros(2, 4), n_tokens=10)
+    metrics = ReconstructionMetrics(
+        fvu_per_layer=[0.1, 0.2],
+        fvu=0.15,
+        l0_per_layer=[1.0, 2.0],
+        l0=3.0,
+        dead_fraction=0.0,
+        activation_frequency=torch.zeros(2, 4),
+        n_tokens=10,
+    )
     assert [list(t.y) for t in layer_metrics_figure(metrics).data] == [[0.1, 0.2], [1.0, 2.0]]
     with pytest.raises(ValueError, match="per layer"):
         layer_metrics_figure([0.1], [1.0, 2.0])
@@ -324,14 +385,29 @@ def test_page_in_headless_chromium(graph, pruned, tmp_path, chromium):
     tokens[2] = SCRIPT
     evil = dataclasses.replace(graph, tokens=tokens)
     small = evil.to_networkx(pruned.node_mask, pruned.edge_mask)
-    node = next(n for n, kind in small.nodes(data="kind")
-                if kind == "feature" and nx.ancestors(small, n) and nx.descendants(small, n))
+    node = next(
+        n
+        for n, kind in small.nodes(data="kind")
+        if kind == "feature" and nx.ancestors(small, n) and nx.descendants(small, n)
+    )
     page = graph_html(evil, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=None)
     path = tmp_path / "page.html"
     path.write_text(page.replace("</head>", _PROBE.replace("NODE", json.dumps(node)) + "</head>"))
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
-                          "--virtual-time-budget=10000", "--dump-dom", path.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=False).stdout
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            path.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
     assert found, "the probe did not run"
     result = json.loads(html.unescape(found.group(1)))
