@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _open_store(path: str | None, what: str) -> Any:
-    from clt.training.data import ActivationStore
+    from clt.store import ActivationStore
 
     if path is None:
         return None

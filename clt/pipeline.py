@@ -11,7 +11,7 @@ from typing import Any
 
 from clt.config.extraction import ExtractionConfig
 from clt.files import atomic_write_text
-from clt.training.data import ActivationStore, writable_folder
+from clt.store import ActivationStore, writable_folder
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from clt.cli import main
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

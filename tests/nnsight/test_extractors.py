@@ -11,7 +11,7 @@ import torch
 from clt.data.corpus import token_windows
 from clt.nnsight.extractors import ActivationExtractor
 from clt.nnsight.models import find_layout
-from clt.training.data import ActivationStore, StoreError
+from clt.store import ActivationStore, StoreError
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -11,7 +11,7 @@ import torch
 from clt.config.extraction import ExtractionConfig
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
-from clt.training.data import ActivationStore, StoreError, StoreWriter
+from clt.store import ActivationStore, StoreError, StoreWriter
 
 
 def rows(n=360, layers=2, d=6):
