@@ -62,17 +62,15 @@ class RunningStats:
         """Whether every sum is finite (a NaN/inf anywhere in the rows makes its column's sums non-finite)."""
         return all(bool(torch.isfinite(value).all()) for value in self.sums.values())
 
-    def norm_stats(self, per_dim: bool = False) -> NormStats:
-        """Means per dimension; scale per layer (RMS of the centred activations) or per dimension."""
+    def norm_stats(self) -> NormStats:
+        """Means per dimension; one scale per layer (RMS of the centred activations)."""
         n = float(self.sums["count"])
         if n < 2:
             raise StoreError("normalisation statistics need at least 2 tokens")
         out = []
         for prefix in ("in", "out"):
             mean = self.sums[f"{prefix}_sum"] / n
-            var = (self.sums[f"{prefix}_sq"] / n - mean.square()).clamp_min(0)
-            if not per_dim:
-                var = var.mean(-1, keepdim=True).expand_as(var)
+            var = (self.sums[f"{prefix}_sq"] / n - mean.square()).clamp_min(0).mean(-1, keepdim=True).expand_as(mean)
             out += [mean.float(), var.sqrt().clamp_min(1e-6).float().contiguous()]
         return NormStats(*out)
 
