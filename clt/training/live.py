@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from clt.data.corpus import TokenWindow, load_texts
-from clt.training.data import ActivationBatch, NormStats, RunningStats
+from clt.store import ActivationBatch, NormStats, RunningStats
 
 logger = logging.getLogger(__name__)
 
