@@ -17,8 +17,9 @@ from clt.attribution.prune import (
     prune,
     replacement_score,
 )
-from clt.attribution.replacement import PromptState, ReplacementModel, TranscoderMismatchError
+from clt.attribution.replacement import PromptState, ReplacementModel
 from clt.config.attribution import AttributionConfig
+from clt.nnsight.splice import TranscoderMismatchError
 
 __all__ = [
     "AttributionConfig",
