@@ -9,8 +9,8 @@ spliced run itself (the transcoder's inference rule), and its output becomes
 
 - ``None`` (the replacement model of the metrics and the KL objective): base = b_dec·σ + μ, a_ref = 0,
   skip_ref = 0, i.e. the plain reconstruction ŷ;
-- ``"live"``: base = the MLP's own output, a_ref = the live features (the model's error terms follow
-  the run; only edited features change anything);
+- ``"live"``: base = the MLP's own output, a_ref = the live features, skip_ref = skip(x_m) (the
+  model's error terms follow the run; only edited features change anything);
 - a `CleanRun` (the local replacement model): base = the clean run's output, a_ref = its features,
   skip_ref = its skip term (errors held constant; uncovered MLPs keep the clean outputs).
 
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight.models import ModelLayout, find_layout
 
-MODES = ("none", "replace", "zero")
+_MODES = ("none", "replace", "zero")
 _FAR_BELOW = -1e9
 
 
@@ -77,18 +77,6 @@ def language_model(model: nn.Module, tokenizer: Any, transcoder: CrossLayerTrans
     return wrap_model(model, tokenizer), list(layout.mlp_paths)
 
 
-def standardised_input(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Tensor:
-    """Raw MLP input x [..., d] of transcoder layer `layer`, standardised in float32 (or wider),
-    then in the parameter dtype (as `CrossLayerTranscoder.normalize_inputs`)."""
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
-
-
-def layer_features(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Tensor:
-    """Features [..., F] of transcoder layer `layer` from raw MLP inputs x [..., d] (its current rule)."""
-    return _features(transcoder, layer, standardised_input(transcoder, layer, x))
-
-
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Put a module in eval mode until exit, then back in the mode it had."""
@@ -119,7 +107,7 @@ def spliced_logits(
     `edit(layer, features)` returns the features [..., F] of transcoder layer `layer` to use instead
     of the encoded ones; positions where `keep` [B, T] is true keep the model's own outputs. With
     `grad` the logits stay differentiable w.r.t. the transcoder (through the frozen model)."""
-    if mode not in MODES:
+    if mode not in _MODES:
         raise ValueError(f"mode must be 'none', 'replace' or 'zero', got {mode!r}")
     if isinstance(errors, str) and errors != "live":
         raise ValueError(f"errors must be None, 'live' or a clean run, got {errors!r}")
@@ -168,10 +156,10 @@ class _Splice:
     def output(self, m: int, i: int, x: Tensor, own: Tensor) -> Tensor:
         """Output of model layer m (transcoder layer i) for its live input x; `own`: its kept output."""
         tc = self.tc
-        x_std = standardised_input(tc, i, x)
+        x_std = _standardised(tc, i, x)
         a = _features(tc, i, x_std)
         a_new = a if self.edit is None else self.edit(i, a)
-        ref_std = None if self.clean is None else standardised_input(tc, i, self.clean.mlp_inputs[..., m, :])
+        ref_std = None if self.clean is None else _standardised(tc, i, self.clean.mlp_inputs[..., m, :])
         if ref_std is not None:
             a_new = a_new - _features(tc, i, ref_std)
         elif self.live:
@@ -196,6 +184,13 @@ class _Splice:
         return self.pending[..., i, :]
 
 
+def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Tensor:
+    """Raw MLP input x [..., d] of transcoder layer `layer`, standardised in float32 (or wider),
+    then in the parameter dtype (as `CrossLayerTranscoder.normalize_inputs`)."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
+
+
 def _features(transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor) -> Tensor:
     """Features [..., F] of transcoder layer `layer` from its standardised input [..., d]."""
     w = transcoder
@@ -215,13 +210,10 @@ def _span(layers: Sequence[int]) -> str:
 
 __all__ = [
     "CleanRun",
-    "MODES",
     "TranscoderMismatchError",
     "eval_mode",
     "fitted_layout",
     "language_model",
-    "layer_features",
     "spliced_logits",
-    "standardised_input",
     "wrap_model",
 ]
