@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import saved_store, standardised_transcoder
 
 from clt.config.transcoder import CLTConfig
 from clt.interp import FeatureCards, build_feature_cards, output_logit_effects, unembedding_of
 from clt.models.transcoder import CrossLayerTranscoder, UnsupportedDictionaryError
-from clt.nnsight.extractors import ActivationExtractor
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama, tmp_path_factory):
     model, tokenizer = tiny_llama
-    store = (
-        ActivationExtractor(model=model, tokenizer=tokenizer, model_name="tiny-llama")
-        .extract(max_tokens=700, store_dtype="float32", progress=False)
-        .save(tmp_path_factory.mktemp("store"), shard_tokens=256)
-    )
-    cfg = CLTConfig(num_features=8, num_layers=store.num_layers, d_model=store.d_model, activation_fn="relu")
-    tc = CrossLayerTranscoder(cfg)
+    store = saved_store(model, tokenizer, tmp_path_factory.mktemp("store"), 700, shard_tokens=256)
+    tc = standardised_transcoder(store, num_features=8, activation_fn="relu")
     with torch.no_grad():
         tc.b_enc.fill_(-0.5)
-    stats = store.norm_stats()
-    tc.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
     return store, tc.eval(), model, tokenizer
 
 

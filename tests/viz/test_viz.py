@@ -9,13 +9,13 @@ import json
 import networkx as nx
 import pytest
 import torch
+from helpers import saved_store, standardised_transcoder
 
 from clt.attribution import Graph, attribute, prune
 from clt.config.transcoder import CLTConfig
 from clt.interp import FeatureCard, build_feature_cards
 from clt.interp.features import Context
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.nnsight.extractors import ActivationExtractor
 from clt.nnsight.models import find_layout
 from clt.training.metrics import ReconstructionMetrics
 from clt.viz import (
@@ -212,15 +212,8 @@ def test_click_script_data(graph, pruned):
 @pytest.fixture(scope="module")
 def cards(tiny_llama, tmp_path_factory):
     model, tokenizer = tiny_llama
-    store = (
-        ActivationExtractor(model=model, tokenizer=tokenizer, model_name="tiny-llama")
-        .extract(max_tokens=300, store_dtype="float32", progress=False)
-        .save(tmp_path_factory.mktemp("store"))
-    )
-    cfg = CLTConfig(num_features=8, num_layers=store.num_layers, d_model=store.d_model, activation_fn="relu")
-    tc = CrossLayerTranscoder(cfg)
-    stats = store.norm_stats()
-    tc.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
+    store = saved_store(model, tokenizer, tmp_path_factory.mktemp("store"), 300)
+    tc = standardised_transcoder(store, num_features=8, activation_fn="relu")
     from clt.interp import unembedding_of
 
     unembedding, norm = unembedding_of(model)
