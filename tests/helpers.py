@@ -34,8 +34,7 @@ def standardised_transcoder(source: Any, *, output_bias: bool = True, **config: 
 
     layout = find_layout(source)
     tc = CrossLayerTranscoder(CLTConfig(**{"num_layers": layout.num_layers, "d_model": layout.d_model, **config}))
-    seed = tc.cfg.seed
-    ids = torch.randint(3, layout.vocab_size, (64,), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(3, layout.vocab_size, (64,), generator=torch.Generator().manual_seed(tc.cfg.seed))
     clean = ReplacementModel(source, tc).prepare(ids)
     x, y = clean.mlp_inputs, clean.mlp_outputs  # [n, L, d]
     out_mean = y.mean(0) if output_bias else torch.zeros_like(y[0])
@@ -46,33 +45,22 @@ def standardised_transcoder(source: Any, *, output_bias: bool = True, **config: 
 def random_transcoder(
     source: Any,
     *,
-    cross_layer: bool = True,
-    activation: str = "relu",
-    skip: bool = False,
     output_bias: bool = True,
-    num_features: int = 12,
-    seed: int = 0,
     decoder_scale: float | None = None,
     dtype: torch.dtype = torch.float32,
+    **config: Any,
 ) -> CrossLayerTranscoder:
-    """A random transcoder standardised with real statistics (`standardised_transcoder`: of a store
-    or a model), plus a random encoder bias, skip and (unless told) decoder bias; with
-    `decoder_scale`, decoders and decoder bias drawn at that scale. In eval mode."""
-    tc = standardised_transcoder(
-        source,
-        output_bias=output_bias,
-        num_features=num_features,
-        activation_fn=activation,
-        cross_layer=cross_layer,
-        skip_connection=skip,
-        jumprelu_threshold=0.05,
-        seed=seed,
-    )
-    L, F, d = tc.cfg.num_layers, num_features, tc.cfg.d_model
-    gen = torch.Generator().manual_seed(seed + 1)
+    """A random transcoder (12 ReLU features unless `config` says otherwise) standardised with real
+    statistics (`standardised_transcoder`: of a store or a model), plus a random encoder bias, skip
+    and (unless told) decoder bias; with `decoder_scale`, decoders and decoder bias drawn at that
+    scale. In eval mode."""
+    config = {"num_features": 12, "activation_fn": "relu", "jumprelu_threshold": 0.05, **config}
+    tc = standardised_transcoder(source, output_bias=output_bias, **config)
+    L, F, d = tc.cfg.num_layers, tc.cfg.num_features, tc.cfg.d_model
+    gen = torch.Generator().manual_seed(tc.cfg.seed + 1)
     with torch.no_grad():
         tc.b_enc.copy_(torch.randn(L, F, generator=gen) * 0.3)
-        if skip:
+        if tc.cfg.skip_connection:
             tc.W_skip.copy_(torch.randn(L, d, d, generator=gen) * 0.05)
         if output_bias:
             tc.b_dec.copy_(torch.randn(L, d, generator=gen) * 0.1)
@@ -81,3 +69,14 @@ def random_transcoder(
                 w.copy_(torch.randn(w.shape, generator=gen) * decoder_scale)
             tc.b_dec.copy_(torch.randn(L, d, generator=gen) * decoder_scale)
     return tc.to(dtype).eval()
+
+
+def cards_with_logits(
+    transcoder: CrossLayerTranscoder, store: Any, model: nn.Module, tokenizer: Any, **options: Any
+) -> Any:
+    """Feature cards of 3-token contexts with the 4 top logits read from the model's unembedding."""
+    from clt.interp import build_feature_cards, unembedding_of
+
+    unembedding, norm = unembedding_of(model)
+    options = {"context": 3, "n_logits": 4, "progress": False, **options}
+    return build_feature_cards(transcoder, store, tokenizer, unembedding=unembedding, final_norm_weight=norm, **options)

@@ -235,14 +235,7 @@ class Graph:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "prompt": self.prompt,
-            "token_ids": list(self.token_ids),
-            "tokens": list(self.tokens),
-            "logit_token_ids": list(self.logit_token_ids),
-            "logit_tokens": list(self.logit_tokens),
-            "n_layers": self.n_layers,
-            "model_name": self.model_name,
-            "n_active_features": self.n_active_features,
+            **{name: _plain(getattr(self, name)) for name in _FIELDS},
             "config": self.config.to_dict(),
             "tensors": {name: _encode(getattr(self, name)) for name in _TENSORS},
         }
@@ -258,18 +251,8 @@ class Graph:
             )
         try:
             tensors = {name: _decode(data["tensors"][name]) for name in _TENSORS}
-            return cls(
-                prompt=data["prompt"],
-                token_ids=data["token_ids"],
-                tokens=data["tokens"],
-                logit_token_ids=data["logit_token_ids"],
-                logit_tokens=data["logit_tokens"],
-                n_layers=data["n_layers"],
-                model_name=data["model_name"],
-                n_active_features=data["n_active_features"],
-                config=AttributionConfig.from_dict(data["config"]),
-                **tensors,
-            )
+            fields = {name: data[name] for name in _FIELDS}
+            return cls(**fields, config=AttributionConfig.from_dict(data["config"]), **tensors)
         except (KeyError, TypeError, ValueError) as err:
             raise GraphFileError(
                 f"the graph file is incomplete or corrupt ({type(err).__name__}: {err}); write it again with Graph.save"
@@ -307,27 +290,9 @@ class Graph:
         token_id, activation, influence; only the nodes in `node_mask` when given."""
         import pandas as pd
 
-        kept = self._kept_indices(node_mask)
-        influence = self._influence()
-        records = []
-        for index in kept:
-            node = self.node(index)
-            records.append(
-                {
-                    "index": index,
-                    "id": node.id,
-                    "kind": node.kind,
-                    "layer": node.layer,
-                    "pos": node.pos,
-                    "feature": node.feature,
-                    "token": node.token,
-                    "token_id": node.token_id,
-                    "activation": node.activation,
-                    "influence": influence[index],
-                }
-            )
-        columns = ["index", "id", "kind", "layer", "pos", "feature", "token", "token_id", "activation", "influence"]
-        frame = pd.DataFrame.from_records(records, columns=columns).set_index("index")
+        records = self._node_records(node_mask)
+        frame = pd.DataFrame.from_records(records, columns=["index", "id", *_NODE_ATTRIBUTES, "influence"])
+        frame = frame.set_index("index")
         return frame.astype({"layer": "Int64", "feature": "Int64", "activation": "Float64"})
 
     def edges_df(
@@ -357,26 +322,23 @@ class Graph:
         graph = nx.DiGraph(
             prompt=self.prompt, tokens=list(self.tokens), model_name=self.model_name, n_layers=self.n_layers
         )
-        influence = self._influence()
         ids: dict[int, str] = {}
-        for index in self._kept_indices(node_mask):
-            node = self.node(index)
-            ids[index] = node.id
-            graph.add_node(
-                node.id,
-                index=index,
-                kind=node.kind,
-                layer=node.layer,
-                pos=node.pos,
-                feature=node.feature,
-                token=node.token,
-                token_id=node.token_id,
-                activation=node.activation,
-                influence=influence[index],
-            )
+        for record in self._node_records(node_mask):
+            ids[record["index"]] = node_id = record.pop("id")
+            graph.add_node(node_id, **record)
         targets, sources, weights = self._edge_list(0.0, node_mask, edge_mask)
         graph.add_weighted_edges_from((ids[s], ids[t], w) for t, s, w in zip(targets, sources, weights))
         return graph
+
+    def _node_records(self, node_mask: Tensor | None) -> list[dict[str, Any]]:
+        """index, id, the `_NODE_ATTRIBUTES` and influence of each node (those in `node_mask`)."""
+        influence = self._influence()
+        records = []
+        for index in self._kept_indices(node_mask):
+            node = self.node(index)
+            attributes = {name: getattr(node, name) for name in _NODE_ATTRIBUTES}
+            records.append({"index": index, "id": node.id, **attributes, "influence": influence[index]})
+        return records
 
     def _influence(self) -> list[float]:
         from clt.attribution.prune import node_influence
@@ -414,6 +376,21 @@ class Graph:
 
 
 _TENSORS = ("features", "activations", "adjacency", "logit_probabilities")
+_FIELDS = (
+    "prompt",
+    "token_ids",
+    "tokens",
+    "logit_token_ids",
+    "logit_tokens",
+    "n_layers",
+    "model_name",
+    "n_active_features",
+)
+_NODE_ATTRIBUTES = ("kind", "layer", "pos", "feature", "token", "token_id", "activation")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _encode(t: Tensor) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def replacement_metrics(
             windows.append(window)
         if len(windows) >= max_windows:
             break
-    sums = dict(kl=0.0, top1=0.0, ce_original=0.0, ce_replaced=0.0, ce_zero_ablated=0.0)
+    sums = dict(kl=0.0, top1_agreement=0.0, ce_original=0.0, ce_replaced=0.0, ce_zero_ablated=0.0)
     count = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -169,19 +169,11 @@ def replacement_metrics(
             sums[key] += float(nll[valid].sum())
         p, q = logp["none"][:, :-1], logp["replace"][:, :-1]
         sums["kl"] += float(next_token_kl(p, q, valid))
-        sums["top1"] += float((p[valid].argmax(-1) == q[valid].argmax(-1)).sum())
+        sums["top1_agreement"] += float((p[valid].argmax(-1) == q[valid].argmax(-1)).sum())
         count += int(valid.sum())
     if count == 0:
         raise ValueError("no positions to evaluate: give texts of at least two tokens")
     mean = {k: v / count for k, v in sums.items()}
     gap = mean["ce_zero_ablated"] - mean["ce_original"]
     recovered = (mean["ce_zero_ablated"] - mean["ce_replaced"]) / gap if abs(gap) > 1e-12 else float("nan")
-    return ReplacementMetrics(
-        kl=mean["kl"],
-        top1_agreement=mean["top1"],
-        ce_original=mean["ce_original"],
-        ce_replaced=mean["ce_replaced"],
-        ce_zero_ablated=mean["ce_zero_ablated"],
-        ce_recovered=recovered,
-        n_tokens=count,
-    )
+    return ReplacementMetrics(**mean, ce_recovered=recovered, n_tokens=count)

@@ -173,10 +173,10 @@ def _graph_rows(graph: Graph) -> torch.Tensor:
 
 
 CASES = {
-    "clt-relu": dict(cross_layer=True, activation="relu"),
-    "plt-jumprelu": dict(cross_layer=False, activation="jumprelu"),
-    "clt-skip": dict(cross_layer=True, activation="relu", skip=True),
-    "plt-skip": dict(cross_layer=False, activation="jumprelu", skip=True),
+    "clt-relu": dict(cross_layer=True, activation_fn="relu"),
+    "plt-jumprelu": dict(cross_layer=False, activation_fn="jumprelu"),
+    "clt-skip": dict(cross_layer=True, activation_fn="relu", skip_connection=True),
+    "plt-skip": dict(cross_layer=False, activation_fn="jumprelu", skip_connection=True),
 }
 
 

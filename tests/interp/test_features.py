@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import saved_store, standardised_transcoder
+from helpers import cards_with_logits, saved_store, standardised_transcoder
 
 from clt.config.transcoder import CLTConfig
 from clt.interp import FeatureCards, build_feature_cards, output_logit_effects, unembedding_of
@@ -33,18 +33,7 @@ def test_cards_match_brute_force(setup):
     assert len(store.shards) > 1
     acts, token_ids = _all_activations(store, tc)
     unembedding, norm_weight = unembedding_of(model)
-    cards = build_feature_cards(
-        tc,
-        store,
-        tokenizer,
-        unembedding=unembedding,
-        final_norm_weight=norm_weight,
-        top_k=5,
-        context=3,
-        n_logits=4,
-        batch_size=100,
-        progress=False,
-    )
+    cards = cards_with_logits(tc, store, model, tokenizer, top_k=5, batch_size=100)
     firing = [(lay, f) for lay, f in (acts > 0).any(0).nonzero().tolist()]
     assert sorted(cards) == sorted(f"{lay}/{f}" for lay, f in firing) and len(firing) > 0
     for layer, feature in firing[:6]:

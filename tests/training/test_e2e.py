@@ -82,7 +82,7 @@ def test_store_windows_are_the_extracted_windows(setup):
 
 def test_kl_equals_plain_hook_splicing(setup):
     model, tokenizer, store, _ = setup
-    clt = random_transcoder(store, activation="jumprelu", skip=True, decoder_scale=3.0)
+    clt = random_transcoder(store, activation_fn="jumprelu", skip_connection=True, decoder_scale=3.0)
     objective = KLObjective(model, tokenizer, store, clt)
     windows = [w for w in store_windows(store, tokenizer) if len(w.token_ids) == 24][:3]
     kl = objective.loss(clt, windows)

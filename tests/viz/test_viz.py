@@ -9,11 +9,11 @@ import json
 import networkx as nx
 import pytest
 import torch
-from helpers import saved_store, standardised_transcoder
+from helpers import cards_with_logits, saved_store, standardised_transcoder
 
 from clt.attribution import Graph, attribute, prune
 from clt.config.transcoder import CLTConfig
-from clt.interp import FeatureCard, build_feature_cards
+from clt.interp import FeatureCard
 from clt.interp.features import Context
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight.models import find_layout
@@ -197,16 +197,17 @@ def test_tokens_are_escaped(graph, tmp_path):
 
 
 def test_click_script_data(graph, pruned):
-    from clt.viz.graph import _build, _click_script, _script_json
+    from clt.viz.click import click_script, script_json
+    from clt.viz.graph import _build
 
     fig, data = _build(graph, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=None)
     group = next(g for g in data["groups"] if all(fig.data[i].visible for i in g["nodes"]))
     links = {(s, t) for s, t, _ in group["links"]}
     assert links == set(_nonzero_edges(graph, pruned.node_mask, pruned.edge_mask))
     assert all(fig.data[i].meta == "highlight" for i in data["highlight"])
-    assert _script_json({"t": "</script>&"}) == '{"t":"\\u003c/script\\u003e\\u0026"}'
-    assert json.loads(_script_json({"t": "</script>&"})) == {"t": "</script>&"}
-    assert "{plot_id}" in _click_script(data)
+    assert script_json({"t": "</script>&"}) == '{"t":"\\u003c/script\\u003e\\u0026"}'
+    assert json.loads(script_json({"t": "</script>&"})) == {"t": "</script>&"}
+    assert "{plot_id}" in click_script(data)
 
 
 @pytest.fixture(scope="module")
@@ -214,20 +215,7 @@ def cards(tiny_llama, tmp_path_factory):
     model, tokenizer = tiny_llama
     store = saved_store(model, tokenizer, tmp_path_factory.mktemp("store"), 300)
     tc = standardised_transcoder(store, num_features=8, activation_fn="relu")
-    from clt.interp import unembedding_of
-
-    unembedding, norm = unembedding_of(model)
-    return build_feature_cards(
-        tc.eval(),
-        store,
-        tokenizer,
-        unembedding=unembedding,
-        final_norm_weight=norm,
-        top_k=4,
-        context=3,
-        n_logits=4,
-        progress=False,
-    )
+    return cards_with_logits(tc.eval(), store, model, tokenizer, top_k=4)
 
 
 def test_feature_card_figure(cards, tmp_path):
