@@ -5,7 +5,8 @@ a position (an int, a slice, or None for every position), a feature and a value 
 activation for mode "set", a factor for mode "scale"). Layer by layer in execution order, the
 features are encoded from the MLP input of the running (intervened) model, the interventions are
 applied, and the MLP output changes by Σ (a_new − a_old) · W_dec over every source layer that
-writes to it (for a CLT, a feature's change reaches all its target layers).
+writes to it (for a CLT, a feature's change reaches all its target layers): the splice of
+`clt.nnsight.splice.spliced_logits`, with the features edited.
 
 - ``constant_errors=False`` (default): the model's own MLPs run on their changed inputs, so the
   error terms follow the model; a_old are the features of the running model.
