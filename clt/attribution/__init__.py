@@ -1,13 +1,14 @@
 """Attribution graphs: the local replacement model, graph building, pruning, scores, interventions."""
 
 from clt.attribution.attribute import attribute
-from clt.attribution.graph import Graph, GraphFileError, Node, to_neuronpedia_json
+from clt.attribution.graph import Graph, GraphFileError, Node
 from clt.attribution.interop import (
     from_circuit_tracer_dict,
     load_circuit_tracer_graph,
     to_circuit_tracer_dict,
 )
 from clt.attribution.intervene import Intervention, InterventionResult, intervene
+from clt.attribution.neuronpedia import to_neuronpedia_json
 from clt.attribution.prune import (
     PruneResult,
     completeness_score,
@@ -17,8 +18,9 @@ from clt.attribution.prune import (
     prune,
     replacement_score,
 )
-from clt.attribution.replacement import PromptState, ReplacementModel, TranscoderMismatchError
+from clt.attribution.replacement import PromptState, ReplacementModel
 from clt.config.attribution import AttributionConfig
+from clt.nnsight.splice import TranscoderMismatchError
 
 __all__ = [
     "AttributionConfig",

@@ -8,7 +8,7 @@ embeddings are zero, and logits are never sources.
 
 Node ids (unambiguous, the project's own): ``feature:{layer}:{pos}:{feature}``,
 ``error:{layer}:{pos}``, ``token:{pos}``, ``logit:{token_id}``. Layers are model layers.
-The Neuronpedia export maps them to the frontend's scheme (`to_neuronpedia_json`).
+The Neuronpedia export maps them to the frontend's scheme (`clt.attribution.neuronpedia`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "clt.attribution.Graph"
 VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1 wrote every tensor dense
-NODE_KINDS = ("feature", "error", "token", "logit")
 
 
 class GraphFileError(ValueError):
@@ -236,14 +235,7 @@ class Graph:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "prompt": self.prompt,
-            "token_ids": list(self.token_ids),
-            "tokens": list(self.tokens),
-            "logit_token_ids": list(self.logit_token_ids),
-            "logit_tokens": list(self.logit_tokens),
-            "n_layers": self.n_layers,
-            "model_name": self.model_name,
-            "n_active_features": self.n_active_features,
+            **{name: _plain(getattr(self, name)) for name in _FIELDS},
             "config": self.config.to_dict(),
             "tensors": {name: _encode(getattr(self, name)) for name in _TENSORS},
         }
@@ -259,18 +251,8 @@ class Graph:
             )
         try:
             tensors = {name: _decode(data["tensors"][name]) for name in _TENSORS}
-            return cls(
-                prompt=data["prompt"],
-                token_ids=data["token_ids"],
-                tokens=data["tokens"],
-                logit_token_ids=data["logit_token_ids"],
-                logit_tokens=data["logit_tokens"],
-                n_layers=data["n_layers"],
-                model_name=data["model_name"],
-                n_active_features=data["n_active_features"],
-                config=AttributionConfig.from_dict(data["config"]),
-                **tensors,
-            )
+            fields = {name: data[name] for name in _FIELDS}
+            return cls(**fields, config=AttributionConfig.from_dict(data["config"]), **tensors)
         except (KeyError, TypeError, ValueError) as err:
             raise GraphFileError(
                 f"the graph file is incomplete or corrupt ({type(err).__name__}: {err}); write it again with Graph.save"
@@ -296,7 +278,9 @@ class Graph:
         return cls.from_dict(data)
 
     def to_neuronpedia_json(self, path: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
-        """Pruned graph in the Neuronpedia frontend's JSON schema (see `to_neuronpedia_json`)."""
+        """Pruned graph in the Neuronpedia frontend's JSON schema (`clt.attribution.neuronpedia`)."""
+        from clt.attribution.neuronpedia import to_neuronpedia_json
+
         return to_neuronpedia_json(self, path, **kwargs)
 
     # ----------------------------------------------------------------- exports
@@ -306,27 +290,9 @@ class Graph:
         token_id, activation, influence; only the nodes in `node_mask` when given."""
         import pandas as pd
 
-        kept = self._kept_indices(node_mask)
-        influence = self._influence()
-        records = []
-        for index in kept:
-            node = self.node(index)
-            records.append(
-                {
-                    "index": index,
-                    "id": node.id,
-                    "kind": node.kind,
-                    "layer": node.layer,
-                    "pos": node.pos,
-                    "feature": node.feature,
-                    "token": node.token,
-                    "token_id": node.token_id,
-                    "activation": node.activation,
-                    "influence": influence[index],
-                }
-            )
-        columns = ["index", "id", "kind", "layer", "pos", "feature", "token", "token_id", "activation", "influence"]
-        frame = pd.DataFrame.from_records(records, columns=columns).set_index("index")
+        records = self._node_records(node_mask)
+        frame = pd.DataFrame.from_records(records, columns=["index", "id", *_NODE_ATTRIBUTES, "influence"])
+        frame = frame.set_index("index")
         return frame.astype({"layer": "Int64", "feature": "Int64", "activation": "Float64"})
 
     def edges_df(
@@ -356,26 +322,23 @@ class Graph:
         graph = nx.DiGraph(
             prompt=self.prompt, tokens=list(self.tokens), model_name=self.model_name, n_layers=self.n_layers
         )
-        influence = self._influence()
         ids: dict[int, str] = {}
-        for index in self._kept_indices(node_mask):
-            node = self.node(index)
-            ids[index] = node.id
-            graph.add_node(
-                node.id,
-                index=index,
-                kind=node.kind,
-                layer=node.layer,
-                pos=node.pos,
-                feature=node.feature,
-                token=node.token,
-                token_id=node.token_id,
-                activation=node.activation,
-                influence=influence[index],
-            )
+        for record in self._node_records(node_mask):
+            ids[record["index"]] = node_id = record.pop("id")
+            graph.add_node(node_id, **record)
         targets, sources, weights = self._edge_list(0.0, node_mask, edge_mask)
         graph.add_weighted_edges_from((ids[s], ids[t], w) for t, s, w in zip(targets, sources, weights))
         return graph
+
+    def _node_records(self, node_mask: Tensor | None) -> list[dict[str, Any]]:
+        """index, id, the `_NODE_ATTRIBUTES` and influence of each node (those in `node_mask`)."""
+        influence = self._influence()
+        records = []
+        for index in self._kept_indices(node_mask):
+            node = self.node(index)
+            attributes = {name: getattr(node, name) for name in _NODE_ATTRIBUTES}
+            records.append({"index": index, "id": node.id, **attributes, "influence": influence[index]})
+        return records
 
     def _influence(self) -> list[float]:
         from clt.attribution.prune import node_influence
@@ -413,6 +376,21 @@ class Graph:
 
 
 _TENSORS = ("features", "activations", "adjacency", "logit_probabilities")
+_FIELDS = (
+    "prompt",
+    "token_ids",
+    "tokens",
+    "logit_token_ids",
+    "logit_tokens",
+    "n_layers",
+    "model_name",
+    "n_active_features",
+)
+_NODE_ATTRIBUTES = ("kind", "layer", "pos", "feature", "token", "token_id", "activation")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _encode(t: Tensor) -> dict[str, Any]:
@@ -451,133 +429,4 @@ def _decode(spec: dict[str, Any]) -> Tensor:
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
 
 
-def to_neuronpedia_json(
-    graph: Graph,
-    path: str | Path | None = None,
-    *,
-    slug: str = "graph",
-    scan: str | None = None,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-) -> dict[str, Any]:
-    """The pruned graph as Neuronpedia attribution-graph JSON (schema 1); written to `path` if given.
-
-    Node ids follow the frontend: ``{layer}_{feature}_{pos}`` (features), ``0_{layer}_{pos}``
-    (errors), ``E_{token}_{pos}`` (embeddings), ``{n_layers+1}_{token}_{pos}`` (logits). Where two
-    kept nodes would share an id (a layer-0 feature k and the error of layer k at one position),
-    the error node's id gets the suffix ``_error`` and a warning is logged.
-    """
-    from clt.attribution.prune import prune
-
-    result = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
-    scores = result.cumulative_scores
-    nodes: dict[int, dict[str, Any]] = {}
-    taken: set[str] = set()
-    order = sorted(
-        result.node_mask.nonzero().squeeze(1).tolist(), key=lambda i: graph.node(i).kind == "error"
-    )  # errors take suffixes, not features
-    renamed = []
-    for index in order:
-        record = _np_node(graph, graph.node(index), float(scores[index]))
-        if record["node_id"] in taken:
-            renamed.append(record["node_id"])
-            record["node_id"] += "_error"
-            record["jsNodeId"] += "_error"
-        taken.add(record["node_id"])
-        nodes[index] = record
-    if renamed:
-        logger.warning(
-            "%d error nodes share their Neuronpedia id with a layer-0 feature (e.g. %s); "
-            "they were renamed with the suffix _error",
-            len(renamed),
-            renamed[0],
-        )
-    targets, sources = result.edge_mask.nonzero(as_tuple=True)
-    links = [
-        {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
-        for t, s in zip(targets.tolist(), sources.tolist())
-        if s in nodes and t in nodes
-    ]
-    connected = {link["source"] for link in links} | {link["target"] for link in links}
-    kept = [
-        nodes[i]
-        for i in sorted(nodes)
-        if nodes[i]["node_id"] in connected or nodes[i]["feature_type"] in ("embedding", "logit")
-    ]
-    out = {
-        "metadata": {
-            "slug": slug,
-            "scan": scan or graph.model_name or "clt",
-            "transcoder_list": [],
-            "prompt_tokens": list(graph.tokens),
-            "prompt": graph.prompt,
-            "node_threshold": node_threshold,
-            "schema_version": 1,
-        },
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": kept,
-        "links": links,
-    }
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(out, indent=2), path)
-    return out
-
-
-def _np_node(graph: Graph, node: Node, influence: float) -> dict[str, Any]:
-    base = {
-        "ctx_idx": node.pos,
-        "token_prob": 0.0,
-        "is_target_logit": False,
-        "run_idx": 0,
-        "reverse_ctx_idx": 0,
-        "clerp": "",
-        "influence": influence,
-        "activation": None,
-    }
-    if node.kind == "feature":
-        layer, feature = node.layer, node.feature
-        return {
-            **base,
-            "node_id": f"{layer}_{feature}_{node.pos}",
-            "feature": (layer + feature) * (layer + feature + 1) // 2 + feature,
-            "layer": str(layer),
-            "feature_type": "cross layer transcoder",
-            "jsNodeId": f"{layer}_{feature}-0",
-            "activation": node.activation,
-        }
-    if node.kind == "error":
-        return {
-            **base,
-            "node_id": f"0_{node.layer}_{node.pos}",
-            "feature": -1,
-            "layer": str(node.layer),
-            "feature_type": "mlp reconstruction error",
-            "jsNodeId": f"{node.layer}_{node.pos}-0",
-        }
-    if node.kind == "token":
-        return {
-            **base,
-            "node_id": f"E_{node.token_id}_{node.pos}",
-            "feature": node.pos,
-            "layer": "E",
-            "feature_type": "embedding",
-            "jsNodeId": f"E_{node.token_id}-{node.pos}",
-        }
-    layer = str(graph.n_layers + 1)
-    prob = float(node.activation or 0.0)
-    return {
-        **base,
-        "node_id": f"{layer}_{node.token_id}_{node.pos}",
-        "feature": node.token_id,
-        "layer": layer,
-        "feature_type": "logit",
-        "token_prob": prob,
-        "is_target_logit": node.index == graph.logit_slice.start,
-        "jsNodeId": f"L_{node.token_id}-{node.pos}",
-        "clerp": f'Output "{node.token}" (p={prob:.3f})',
-    }
-
-
-__all__ = ["Graph", "GraphFileError", "Node", "to_neuronpedia_json"]
+__all__ = ["Graph", "GraphFileError", "Node"]

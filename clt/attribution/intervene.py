@@ -5,7 +5,8 @@ a position (an int, a slice, or None for every position), a feature and a value 
 activation for mode "set", a factor for mode "scale"). Layer by layer in execution order, the
 features are encoded from the MLP input of the running (intervened) model, the interventions are
 applied, and the MLP output changes by Σ (a_new − a_old) · W_dec over every source layer that
-writes to it (for a CLT, a feature's change reaches all its target layers).
+writes to it (for a CLT, a feature's change reaches all its target layers): the splice of
+`clt.nnsight.splice.spliced_logits`, with the features edited.
 
 - ``constant_errors=False`` (default): the model's own MLPs run on their changed inputs, so the
   error terms follow the model; a_old are the features of the running model.
@@ -17,7 +18,6 @@ writes to it (for a CLT, a feature's change reaches all its target layers).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,36 +76,15 @@ def intervene(
     state = rm.prepare(prompt, prepend_bos=prepend_bos)
     n = len(state.input_ids)
     plan = _plan(rm, interventions, n)
-    lm = _language_model(rm)
     recorded: list[Tensor] = [None] * rm.transcoder.cfg.num_layers  # type: ignore[list-item]
-    with torch.no_grad(), lm.trace(state.input_ids[None]):
-        pending: dict[int, Tensor] = {}
-        for m, path in enumerate(rm.layout.mlp_paths):
-            mlp = _envoy(lm, path)
-            i = rm.layers.index(m) if m in rm.layers else None
-            if i is None:
-                if constant_errors:
-                    mlp.output = state.mlp_outputs[None, :, m].to(mlp.output.dtype)
-                continue
-            x = mlp.input[0].float()
-            a_live = rm.layer_activations(i, x)
-            a_new = _apply(a_live, plan.get(i, []), mode)
-            recorded[i] = a_new
-            a_ref = rm.layer_activations(i, state.mlp_inputs[:, m]) if constant_errors else a_live
-            dec = rm.raw_decoder(i)
-            for j in range(dec.shape[1]):
-                pending[i + j] = pending.get(i + j, 0) + (a_new - a_ref) @ dec[:, j]
-            delta = pending.pop(i)
-            if constant_errors:
-                skip = rm.raw_skip(i, x)
-                if skip is not None:
-                    delta = delta + skip - rm.raw_skip(i, state.mlp_inputs[:, m])
-                base = state.mlp_outputs[:, m]
-            else:
-                base = mlp.output[0].float()
-            mlp.output = (base + delta)[None].to(mlp.output.dtype)
-        logits = lm.output.logits.save()
-    logits = logits[0].float().detach()
+
+    def edit(layer: int, a: Tensor) -> Tensor:
+        a = _apply(a, plan.get(layer, []), mode)
+        recorded[layer] = a[0].float()
+        return a
+
+    with torch.no_grad():
+        logits = rm.spliced_logits(state, errors=state if constant_errors else "live", edit=edit)
     ids = state.input_ids.tolist()
     return InterventionResult(
         logits=logits,
@@ -143,9 +122,9 @@ def _apply(a: Tensor, items: list[tuple[Any, int, float]], mode: str) -> Tensor:
     out = a.clone()
     for pos, feature, value in items:
         if mode == "set":
-            out[pos, feature] = value
+            out[..., pos, feature] = value
         else:
-            out[pos, feature] = out[pos, feature] * value
+            out[..., pos, feature] = out[..., pos, feature] * value
     return out
 
 
@@ -154,26 +133,6 @@ def _top(rm: ReplacementModel, logits: Tensor, k: int) -> list[tuple[str, int, f
     top = probs.topk(min(k, len(probs)))
     ids = top.indices.tolist()
     return list(zip(rm.token_strings(ids), ids, top.values.tolist()))
-
-
-def _language_model(rm: ReplacementModel) -> Any:
-    from nnsight import LanguageModel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LanguageModel(rm.model, tokenizer=rm.tokenizer) if rm.tokenizer is not None else _bare_nnsight(rm.model)
-
-
-def _bare_nnsight(model: nn.Module) -> Any:
-    from nnsight import NNsight
-
-    return NNsight(model)
-
-
-def _envoy(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
 
 
 __all__ = ["Intervention", "InterventionResult", "intervene"]

@@ -3,12 +3,9 @@
 For one prompt the *local replacement model* keeps the model's computation except that
 
 - every covered MLP output is the transcoder's reconstruction ŷ plus a constant error term
-  e = y − ŷ (an MLP the transcoder does not cover keeps its output as a constant error);
-- attention patterns are detached: a function registered with transformers' ``AttentionInterface``
-  computes eager attention (applying the causal mask itself) with the softmax output detached;
-- normalisation denominators are detached: a forward hook on every RMSNorm/LayerNorm returns the
-  module's own output with the gradient of ``x / rms(x)·w`` (or ``(x − mean)/std·w + b``) at the
-  frozen scale, so values stay bit-identical.
+  e = y − ŷ (an MLP the transcoder does not cover keeps its output as a constant error): the
+  splice of `clt.nnsight.splice` with the clean run's errors;
+- attention patterns and normalisation denominators are detached (`clt.attribution.frozen`).
 
 Then the map from feature activations, error terms and token embeddings to the MLP inputs and
 logits is linear (affine, with the model's biases and b_dec constant), and the replacement logits
@@ -30,16 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clt.config.constants import layer_span
+from clt.attribution.frozen import frozen
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.nnsight.models import ModelLayout, find_layout
-
-FROZEN_ATTENTION = "clt_frozen_eager"
-_FAR_BELOW = -1e9
-
-
-class TranscoderMismatchError(ValueError):
-    """The transcoder was not trained for this model (layers or width differ)."""
+from clt.nnsight import splice
+from clt.nnsight.models import ModelLayout
 
 
 @dataclasses.dataclass
@@ -75,20 +66,13 @@ class ReplacementModel:
         self.model = model
         self.transcoder = transcoder
         self.tokenizer = tokenizer
-        transcoder.require_mlp_replacement("attribution (the local replacement model)")
-        self.layout: ModelLayout = find_layout(model)
-        cfg = transcoder.cfg
-        if cfg.d_model != self.layout.d_model or max(cfg.layers) >= self.layout.num_layers:
-            raise TranscoderMismatchError(
-                f"the transcoder (layers {layer_span(cfg.layers)}, d_model {cfg.d_model}) does not fit "
-                f"the model ({self.layout.num_layers} layers, d_model {self.layout.d_model}); use a "
-                "transcoder trained on this model"
-            )
-        self.layers: list[int] = list(cfg.layers)
+        self.layout: ModelLayout = splice.fitted_layout(
+            model, transcoder, "attribution (the local replacement model)", linear=True
+        )
+        self.layers: list[int] = list(transcoder.cfg.layers)
         """Model layer of each transcoder layer."""
         self._mlps = [model.get_submodule(p) for p in self.layout.mlp_paths]
         self._first_block = model.get_submodule(self.layout.layer_paths[0])
-        self._norms = [m for m in model.modules() if _is_norm(m)]
         self._tc_index = {m: i for i, m in enumerate(self.layers)}
 
     # ----------------------------------------------------------------- sizes and tokens
@@ -166,11 +150,6 @@ class ReplacementModel:
         w = tc.W_dec[layer] if features is None else tc.W_dec[layer][features]
         return w.float() * tc.output_std[layer : layer + w.shape[1]]
 
-    def raw_bias(self, layer: int) -> Tensor:
-        """Constant part of transcoder layer `layer`'s raw reconstruction (b_dec·σ_out + μ_out) [d]."""
-        tc = self.transcoder
-        return tc.b_dec[layer].float() * tc.output_std[layer] + tc.output_mean[layer]
-
     def raw_skip(self, layer: int, x: Tensor) -> Tensor | None:
         """The skip term of transcoder layer `layer` for raw inputs x [..., d] (None without skip)."""
         tc = self.transcoder
@@ -178,16 +157,6 @@ class ReplacementModel:
             return None
         x_std = (x.float() - tc.input_mean[layer]) / tc.input_std[layer]
         return (x_std @ tc.W_skip[layer].float().T) * tc.output_std[layer]
-
-    def layer_activations(self, layer: int, x: Tensor) -> Tensor:
-        """Features [..., F] of transcoder layer `layer` from raw inputs x [..., d] (eval rule)."""
-        tc = self.transcoder
-        z_l = (x.float() - tc.input_mean[layer]) / tc.input_std[layer] @ tc.W_enc[layer].float().T
-        z_l = z_l + tc.b_enc[layer].float()
-        z = z_l.new_full((*z_l.shape[:-1], tc.cfg.num_layers, tc.cfg.num_features), _FAR_BELOW)
-        z[..., layer, :] = z_l
-        with _eval(tc):
-            return tc.activate(z.to(tc.W_enc.dtype))[..., layer, :].float()
 
     # ----------------------------------------------------------------- clean pass
 
@@ -209,12 +178,12 @@ class ReplacementModel:
         ):
             for m, mlp in enumerate(self._mlps):
                 stack.enter_context(_hooks(mlp, post=functools.partial(on_mlp, m)))
-            with _eval(self.model):
+            with splice.eval_mode(self.model):
                 logits = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
         x = torch.stack(record["x"], 1).float()
         y = torch.stack(record["y"], 1).float()
         tc = self.transcoder
-        with _eval(tc):
+        with splice.eval_mode(tc):
             x_tc = x[:, self.layers].to(tc.W_enc.dtype)
             z = tc.preactivations(x_tc)
             a = tc.activate(z)
@@ -228,33 +197,9 @@ class ReplacementModel:
 
     # ----------------------------------------------------------------- frozen model
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
+    def frozen(self) -> contextlib.AbstractContextManager[None]:
         """Freeze attention patterns and norm scales (and model parameters' grads) until exit."""
-        model = self.model
-        register_frozen_attention()
-        config = model.config
-        saved_impl = {"": config._attn_implementation}
-        for key in getattr(config, "sub_configs", {}) or {}:
-            sub = getattr(config, key, None)
-            if sub is not None:
-                saved_impl[key] = getattr(sub, "_attn_implementation", None)
-        saved_grad = [(p, p.requires_grad) for p in model.parameters()]
-        handles = []
-        try:
-            config._attn_implementation = FROZEN_ATTENTION
-            for p, _ in saved_grad:
-                p.requires_grad_(False)
-            for norm in self._norms:
-                handles.append(norm.register_forward_hook(_NormFreezer(norm)))
-            with _eval(model):
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            config._attn_implementation = saved_impl if len(saved_impl) > 1 else saved_impl[""]
-            for p, flag in saved_grad:
-                p.requires_grad_(flag)
+        return frozen(self.model)
 
     @contextlib.contextmanager
     def replaced_mlps(self, fn: Callable[[int, Tensor], Tensor]) -> Iterator[None]:
@@ -281,29 +226,26 @@ class ReplacementModel:
     ) -> Tensor:
         """Logits [n, vocab] of the frozen replacement model (ŷ from live inputs + constant errors)."""
         state = state if state is not None else self.prepare(prompt, prepend_bos=prepend_bos)
-        pending: dict[int, Tensor] = {}
-        keep = torch.ones(len(state.input_ids), 1, device=state.errors.device)
-        keep[state.zeroed_positions] = 0  # zeroed positions: the MLP output stays constant
+        keep = torch.zeros(1, len(state.input_ids), dtype=torch.bool, device=state.input_ids.device)
+        keep[:, state.zeroed_positions] = True  # zeroed positions: the MLP output stays constant
+        with self.frozen():
+            return self.spliced_logits(state, errors=state, keep=keep)
 
-        def mlp(m: int, x: Tensor) -> Tensor:
-            # y + ŷ(x) − ŷ(x_clean) = ŷ(x) + e, written so that y comes back exactly at x_clean
-            y = state.mlp_outputs[:, m]
-            i = self._tc_index.get(m)
-            if i is None:
-                return y.to(x.dtype).expand_as(x)
-            x_clean = state.mlp_inputs[:, m]
-            a = self.layer_activations(i, x) - self.layer_activations(i, x_clean)
-            dec = self.raw_decoder(i)
-            for j in range(dec.shape[1]):
-                pending[i + j] = pending.get(i + j, 0) + a @ dec[:, j]
-            delta = pending.pop(i)
-            skip = self.raw_skip(i, x)
-            if skip is not None:
-                delta = delta + skip - self.raw_skip(i, x_clean)
-            return (y + delta * keep).to(x.dtype)
-
-        with self.frozen(), self.replaced_mlps(mlp):
-            return self.model(input_ids=state.input_ids[None], use_cache=False).logits[0].float()
+    def spliced_logits(
+        self,
+        state: PromptState,
+        *,
+        errors: str | PromptState,
+        edit: Callable[[int, Tensor], Tensor] | None = None,
+        keep: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [n, vocab] of the prompt with the transcoder spliced in (`clt.nnsight.splice`):
+        errors ``"live"`` or those of a clean `state`; `edit` changes features; `keep` [1, n]."""
+        lm = splice.wrap_model(self.model, self.tokenizer)
+        ids, grad = state.input_ids[None], torch.is_grad_enabled()
+        return splice.spliced_logits(
+            lm, self.layout.mlp_paths, self.transcoder, ids, keep=keep, grad=grad, errors=errors, edit=edit
+        )[0]
 
     __call__ = forward
 
@@ -353,122 +295,6 @@ class AttributionTrace:
     """Last hidden state after the final norm (the unembedding's input)."""
 
 
-# --------------------------------------------------------------------- attention
-
-
-def frozen_eager_attention(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """Eager attention whose pattern is computed without gradient (frozen); causal mask applied."""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by the frozen attention")
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    with torch.no_grad():
-        scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        q_len, k_len = scores.shape[-2:]
-        if attention_mask is None:
-            rows = torch.arange(q_len, device=scores.device)[:, None] + (k_len - q_len)
-            cols = torch.arange(k_len, device=scores.device)[None, :]
-            allowed = cols <= rows
-            if sliding_window is not None:
-                allowed &= cols > rows - sliding_window
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
-        else:
-            scores = scores + attention_mask[..., :k_len].float()
-        pattern = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(pattern, value).transpose(1, 2).contiguous()
-    return out, pattern
-
-
-def register_frozen_attention() -> None:
-    """Register `frozen_eager_attention` with transformers' AttentionInterface (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(FROZEN_ATTENTION, frozen_eager_attention)
-
-
-# --------------------------------------------------------------------- norms
-
-
-def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, nn.LayerNorm):
-        return True
-    name = type(module).__name__.lower()
-    return ("rmsnorm" in name or "layernorm" in name) and isinstance(getattr(module, "weight", None), Tensor)
-
-
-class _NormFreezer:
-    """Forward hook: keep a norm's output, give it the gradient of the frozen-scale formula."""
-
-    def __init__(self, module: nn.Module) -> None:
-        eps = getattr(module, "variance_epsilon", None)
-        eps = getattr(module, "eps", None) if eps is None else eps
-        if not isinstance(eps, float):
-            raise NotImplementedError(
-                f"cannot freeze {type(module).__name__}: no float epsilon attribute (variance_epsilon or eps)"
-            )
-        self.eps = eps
-        self.kind: str | None = None
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
-            return None
-        x = args[0]
-        if not x.requires_grad:
-            return None
-        if self.kind is None:
-            self.kind = self._identify(module, x, output)
-        lin = self._linear(module, x, self.kind)
-        return output.detach() + (lin - lin.detach()).to(output.dtype)
-
-    def _linear(self, module: nn.Module, x: Tensor, kind: str) -> Tensor:
-        xf = x.float()
-        weight = getattr(module, "weight", None)
-        bias = getattr(module, "bias", None)
-        if kind == "layer":
-            centred = xf - xf.mean(-1, keepdim=True)
-            scale = (centred.square().mean(-1, keepdim=True) + self.eps).sqrt().detach()
-            out = centred / scale
-        else:
-            out = xf / (xf.square().mean(-1, keepdim=True) + self.eps).sqrt().detach()
-        if weight is not None:
-            out = out * (weight.float() + (1.0 if kind == "rms+1" else 0.0))
-        if bias is not None and kind == "layer":
-            out = out + bias.float()
-        return out
-
-    def _identify(self, module: nn.Module, x: Tensor, output: Tensor) -> str:
-        kinds = ("layer",) if isinstance(module, nn.LayerNorm) else ("rms", "rms+1", "layer")
-        target = output.detach().float()
-        tol = 1e-4 if output.dtype == torch.float32 else 2e-2
-        for kind in kinds:
-            with torch.no_grad():
-                lin = self._linear(module, x.detach(), kind)
-            if torch.allclose(lin, target, rtol=tol, atol=tol * float(target.abs().max().clamp_min(1))):
-                return kind
-        raise NotImplementedError(
-            f"cannot freeze {type(module).__name__}: its output is neither x/rms(x)·w, "
-            "x/rms(x)·(1+w) nor (x − mean)/std·w + b; add its formula to clt.attribution.replacement"
-        )
-
-
 # --------------------------------------------------------------------- helpers
 
 
@@ -515,21 +341,8 @@ def _hooks(module: nn.Module, *, pre: Callable | None = None, post: Callable | N
             handle.remove()
 
 
-@contextlib.contextmanager
-def _eval(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 __all__ = [
     "AttributionTrace",
     "PromptState",
     "ReplacementModel",
-    "TranscoderMismatchError",
-    "frozen_eager_attention",
-    "register_frozen_attention",
 ]

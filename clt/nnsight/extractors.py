@@ -11,7 +11,6 @@ import itertools
 import logging
 import queue
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,10 @@ from clt.config.constants import DEFAULT_MODEL, STORE_DTYPES, check_choice, chec
 from clt.data.corpus import DEFAULT_CORPUS, TokenWindow, load_texts, token_windows
 from clt.data.windows import hash_window, pad_id, pad_windows
 from clt.nnsight.models import find_layout, load_model
+from clt.nnsight.splice import wrap_model
 from clt.store import FLOAT_DTYPES, MANIFEST, ActivationStore, StoreError, StoreWriter
 
 logger = logging.getLogger(__name__)
-
-
-def _envoy(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
 
 
 class ActivationExtractor:
@@ -52,8 +46,6 @@ class ActivationExtractor:
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
     ) -> None:
-        from nnsight import LanguageModel
-
         if model is None:
             model, tokenizer = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         elif tokenizer is None:
@@ -76,10 +68,8 @@ class ActivationExtractor:
         self.prepend_bos, self.exclude_bos = prepend_bos, exclude_bos
         self.device = torch.device(device)
         self.pad_id = pad_id(tokenizer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.lm = LanguageModel(model, tokenizer=tokenizer)
-        self._mlps = [_envoy(self.lm, self.layout.mlp_paths[layer]) for layer in self.layers]
+        self.lm = wrap_model(model, tokenizer)
+        self._mlps = [self.lm.get(self.layout.mlp_paths[layer]) for layer in self.layers]
 
     @property
     def d_model(self) -> int:

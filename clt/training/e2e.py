@@ -2,7 +2,7 @@
 
 As sparsify's and CLT-Forge's end-to-end training: besides reconstructing each MLP output, the
 transcoder is trained so that the language model with *all* covered MLP outputs replaced by its
-reconstructions (`clt.training.metrics.spliced_logits`, the same splice as `replacement_metrics`)
+reconstructions (`clt.nnsight.splice.spliced_logits`, the same splice as `replacement_metrics`)
 predicts the same next-token distributions. Gradients flow through the frozen language model
 into the transcoder's parameters only (`torch.autograd.grad`; the model's own parameters get none).
 
@@ -22,14 +22,9 @@ import torch
 from clt.data.corpus import TokenWindow, bos_id
 from clt.data.windows import pad_id, pad_windows
 from clt.models.transcoder import CrossLayerTranscoder
+from clt.nnsight.splice import language_model, spliced_logits
 from clt.store import ActivationStore, StoreError
-from clt.training.metrics import (
-    bos_keep_mask,
-    language_model,
-    next_token_kl,
-    next_token_valid,
-    spliced_logits,
-)
+from clt.training.metrics import bos_keep_mask, next_token_kl, next_token_valid
 
 logger = logging.getLogger(__name__)
 
@@ -109,19 +104,9 @@ class KLObjective:
             logits = self.model(input_ids=ids, attention_mask=mask).logits
             logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
         keep = bos_keep_mask(mask, self.prepend_bos, self.keep_bos)
-        batchtopk = getattr(transcoder, "batchtopk", None)
-        was_training = batchtopk is not None and batchtopk.training
-        if batchtopk is not None:
-            batchtopk.eval()  # the inference threshold, as in the replacement model
-        try:
-            logq = spliced_logits(
-                self.lm, self.mlp_paths, transcoder, ids, mask, "replace", keep, grad=True
-            ).log_softmax(-1)
-        finally:
-            if was_training:
-                batchtopk.train()
+        logq = spliced_logits(self.lm, self.mlp_paths, transcoder, ids, mask, "replace", keep, grad=True)
         valid = next_token_valid(mask)
-        return next_token_kl(logp[:, :-1], logq[:, :-1], valid) / valid.sum().clamp_min(1)
+        return next_token_kl(logp[:, :-1], logq.log_softmax(-1)[:, :-1], valid) / valid.sum().clamp_min(1)
 
     def step(self, transcoder: CrossLayerTranscoder, step: int, coef: float, scaler: Any = None) -> float:
         """Add the gradient of coef · KL on step `step`'s windows to the transcoder's `.grad`; returns the KL."""

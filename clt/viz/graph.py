@@ -17,7 +17,7 @@ All text from the graph (tokens, labels, contexts) is HTML-escaped before it rea
 from __future__ import annotations
 
 import html
-import json
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -29,6 +29,7 @@ import torch
 from clt.attribution.graph import Graph, Node
 from clt.attribution.prune import PruneResult, edge_influence, node_influence, prune
 from clt.files import atomic_write_text
+from clt.viz.click import click_script
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -92,16 +93,7 @@ def graph_figure(
     traces are lines and draw none; hidden traces of other thresholds are not rendered), so
     ``document.querySelectorAll('.scatterlayer .trace.scatter path.point').length`` counts them.
     """
-    return _build(
-        graph,
-        node_threshold=node_threshold,
-        edge_threshold=edge_threshold,
-        labels=labels,
-        cards=cards,
-        title=title,
-        thresholds=thresholds,
-        max_edges=max_edges,
-    )[0]
+    return _figure(graph, node_threshold, edge_threshold, labels, cards, title, thresholds, max_edges)[0]
 
 
 def graph_html(graph: Graph, **kwargs: Any) -> str:
@@ -110,7 +102,7 @@ def graph_html(graph: Graph, **kwargs: Any) -> str:
     return fig.to_html(
         include_plotlyjs=True,
         full_html=True,
-        post_script=_click_script(data),
+        post_script=click_script(data),
         config={"displaylogo": False, "responsive": True},
     )
 
@@ -128,16 +120,23 @@ def save_graph_html(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
 _DIRECTIONS = {"upstream + downstream": "both", "upstream": "up", "downstream": "down"}
 
 
-def _build(
+def _build(graph: Graph, **kwargs: Any) -> tuple[go.Figure, dict[str, Any]]:
+    """`graph_figure(graph, **kwargs)` and the data its click script needs (trace groups, links,
+    node positions)."""
+    bound = inspect.signature(graph_figure).bind(graph, **kwargs)
+    bound.apply_defaults()
+    return _figure(*bound.arguments.values())
+
+
+def _figure(
     graph: Graph,
-    *,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    labels: Mapping[str, str] | None = None,
-    cards: Mapping[str, FeatureCard] | None = None,
-    title: str | None = None,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    max_edges: int | None = DEFAULT_MAX_EDGES,
+    node_threshold: float,
+    edge_threshold: float,
+    labels: Mapping[str, str] | None,
+    cards: Mapping[str, FeatureCard] | None,
+    title: str | None,
+    thresholds: Sequence[float],
+    max_edges: int | None,
 ) -> tuple[go.Figure, dict[str, Any]]:
     """The figure and the data its click script needs (trace groups, links, node positions)."""
     import plotly.graph_objects as go
@@ -152,7 +151,7 @@ def _build(
     top = max(weight) or 1.0
     sizes = [_MIN_SIZE + _MAX_EXTRA_SIZE * math.sqrt(w / top) for w in weight]
     nodes = graph.nodes
-    hover = [_hover(graph, n, float(influence[n.index]), labels, cards) for n in nodes]
+    hover = [_hover(n, float(influence[n.index]), *_annotation(n, labels, cards)) for n in nodes]
 
     traces: list[Any] = []
     groups: list[dict[str, Any]] = []
@@ -376,20 +375,21 @@ def _default_title(graph: Graph, edge_threshold: float) -> str:
     return f"Attribution graph: “{token_label(prompt)}”{model} · edge threshold {edge_threshold:g}"
 
 
-def _hover(
-    graph: Graph,
-    node: Node,
-    influence: float,
-    labels: Mapping[str, str] | None,
-    cards: Mapping[str, FeatureCard] | None,
-) -> str:
-    """Hover text of one node (every piece of graph or card text escaped)."""
+def _annotation(
+    node: Node, labels: Mapping[str, str] | None, cards: Mapping[str, FeatureCard] | None
+) -> tuple[str | None, FeatureCard | None]:
+    """A node's label (from `labels`, else its card's) and its feature card, where given."""
     card = None
     if cards is not None and node.kind == "feature":
         card = cards.get(f"{node.layer}/{node.feature}")
     label = labels.get(node.id) if labels is not None else None
     if label is None and card is not None:
         label = card.label
+    return label, card
+
+
+def _hover(node: Node, influence: float, label: str | None, card: FeatureCard | None) -> str:
+    """Hover text of one node (every piece of graph or card text escaped)."""
     lines = [f"<b>{html.escape(node.id, quote=False)}</b>"]
     if label:
         lines.append(html.escape(label, quote=False))
@@ -413,98 +413,6 @@ def _context_text(tokens: Sequence[str], focus: int, radius: int = 6) -> str:
     lo, hi = max(0, focus - radius), min(len(tokens), focus + radius + 1)
     parts = [f"<b>{token_label(t)}</b>" if i == focus else token_label(t) for i, t in zip(range(lo, hi), tokens[lo:hi])]
     return ("…" if lo > 0 else "") + "".join(parts) + ("…" if hi < len(tokens) else "")
-
-
-# ----------------------------------------------------------------------------- click script
-
-
-def _script_json(data: Any) -> str:
-    """JSON safe inside a <script> block: <, > and & become \\u escapes."""
-    text = json.dumps(data, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-_CLICK_JS = """
-var gd = document.getElementById('{plot_id}');
-var D = %s;
-gd.cltGraph = D;
-var current = null, direction = 'both';
-function activeGroup() {
-  for (var g = 0; g < D.groups.length; g++) {
-    var traces = D.groups[g].nodes;
-    for (var j = 0; j < traces.length; j++) {
-      if (gd.data[traces[j]].visible !== false) { return D.groups[g]; }
-    }
-  }
-  return null;
-}
-function reset() {
-  current = null;
-  var nodes = [], edges = [];
-  D.groups.forEach(function (g) { nodes = nodes.concat(g.nodes); edges = edges.concat(g.edges); });
-  if (nodes.length) { Plotly.restyle(gd, {'marker.opacity': D.nodeOpacity}, nodes); }
-  if (edges.length) { Plotly.restyle(gd, {opacity: D.edgeOpacity}, edges); }
-  Plotly.restyle(gd, {x: [[], []], y: [[], []]}, D.highlight);
-}
-function reach(start, next) {
-  var seen = {}, stack = [start];
-  seen[start] = true;
-  while (stack.length) {
-    (next[stack.pop()] || []).forEach(function (n) {
-      if (!seen[n]) { seen[n] = true; stack.push(n); }
-    });
-  }
-  return seen;
-}
-function highlight(id) {
-  var g = activeGroup();
-  if (g === null) { return; }
-  var parents = {}, children = {};
-  g.links.forEach(function (l) {
-    (parents[l[1]] = parents[l[1]] || []).push(l[0]);
-    (children[l[0]] = children[l[0]] || []).push(l[1]);
-  });
-  var up = direction === 'down' ? {} : reach(id, parents);
-  var down = direction === 'up' ? {} : reach(id, children);
-  up[id] = true; down[id] = true;
-  var opacity = g.nodes.map(function (t) {
-    return gd.data[t].customdata.map(function (c) {
-      return up[c] || down[c] ? D.nodeOpacity : D.dimNodes;
-    });
-  });
-  Plotly.restyle(gd, {'marker.opacity': opacity}, g.nodes);
-  if (g.edges.length) { Plotly.restyle(gd, {opacity: D.dimEdges}, g.edges); }
-  var xs = [[], []], ys = [[], []];
-  g.links.forEach(function (l) {
-    if ((direction !== 'down' && up[l[1]]) || (direction !== 'up' && down[l[0]])) {
-      var k = l[2] > 0 ? 0 : 1, a = g.pos[l[0]], b = g.pos[l[1]];
-      xs[k].push(a[0], b[0], null);
-      ys[k].push(a[1], b[1], null);
-    }
-  });
-  Plotly.restyle(gd, {x: xs, y: ys}, D.highlight);
-}
-gd.on('plotly_click', function (event) {
-  var point = event && event.points && event.points[0];
-  if (!point || point.data.meta !== 'nodes') { return; }
-  if (point.customdata === current) {
-    reset();
-  } else {
-    current = point.customdata;
-    highlight(current);
-  }
-});
-gd.on('plotly_doubleclick', reset);
-gd.on('plotly_sliderchange', reset);
-gd.on('plotly_buttonclicked', function (event) {
-  direction = D.directions[event.button.label] || 'both';
-  if (current !== null) { highlight(current); }
-});
-"""
-
-
-def _click_script(data: dict[str, Any]) -> str:
-    return _CLICK_JS % _script_json(data)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ import base64
 
 import pytest
 import torch
+from helpers import random_transcoder
 from torch import nn
 
 from clt.attribution import (
@@ -27,49 +28,8 @@ from clt.attribution import (
 )
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.nnsight.models import find_layout
 
 PROMPT = "The for statement iterates over the items"
-
-
-def random_transcoder(
-    model: nn.Module,
-    *,
-    cross_layer: bool = True,
-    activation: str = "relu",
-    skip: bool = False,
-    output_bias: bool = True,
-    num_features: int = 12,
-    seed: int = 0,
-) -> CrossLayerTranscoder:
-    """A random transcoder standardised with the model's own activation statistics (as after
-    training), plus a random encoder bias and (unless told) decoder bias."""
-    layout = find_layout(model)
-    L, d = layout.num_layers, layout.d_model
-    cfg = CLTConfig(
-        num_features=num_features,
-        num_layers=L,
-        d_model=d,
-        activation_fn=activation,
-        cross_layer=cross_layer,
-        skip_connection=skip,
-        jumprelu_threshold=0.05,
-        seed=seed,
-    )
-    tc = CrossLayerTranscoder(cfg)
-    ids = torch.randint(3, layout.vocab_size, (64,), generator=torch.Generator().manual_seed(seed))
-    clean = ReplacementModel(model, tc).prepare(ids)
-    x, y = clean.mlp_inputs, clean.mlp_outputs  # [n, L, d]
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        tc.b_enc.copy_(torch.randn(L, num_features, generator=gen) * 0.3)
-        if skip:
-            tc.W_skip.copy_(torch.randn(L, d, d, generator=gen) * 0.05)
-        if output_bias:
-            tc.b_dec.copy_(torch.randn(L, d, generator=gen) * 0.1)
-        out_mean = y.mean(0) if output_bias else torch.zeros(L, d)
-        tc.set_normalization(x.mean(0), x.std(0), out_mean, y.std(0))
-    return tc.eval()
 
 
 class LinearOracle:
@@ -213,10 +173,10 @@ def _graph_rows(graph: Graph) -> torch.Tensor:
 
 
 CASES = {
-    "clt-relu": dict(cross_layer=True, activation="relu"),
-    "plt-jumprelu": dict(cross_layer=False, activation="jumprelu"),
-    "clt-skip": dict(cross_layer=True, activation="relu", skip=True),
-    "plt-skip": dict(cross_layer=False, activation="jumprelu", skip=True),
+    "clt-relu": dict(cross_layer=True, activation_fn="relu"),
+    "plt-jumprelu": dict(cross_layer=False, activation_fn="jumprelu"),
+    "clt-skip": dict(cross_layer=True, activation_fn="relu", skip_connection=True),
+    "plt-skip": dict(cross_layer=False, activation_fn="jumprelu", skip_connection=True),
 }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attribution import PROMPT, random_transcoder
+from helpers import random_transcoder
+from test_attribution import PROMPT
 
 from clt.attribution import ReplacementModel, intervene
 

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import cards_with_logits, saved_store, standardised_transcoder
 
 from clt.config.transcoder import CLTConfig
 from clt.interp import FeatureCards, build_feature_cards, output_logit_effects, unembedding_of
 from clt.models.transcoder import CrossLayerTranscoder, UnsupportedDictionaryError
-from clt.nnsight.extractors import ActivationExtractor
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama, tmp_path_factory):
     model, tokenizer = tiny_llama
-    store = (
-        ActivationExtractor(model=model, tokenizer=tokenizer, model_name="tiny-llama")
-        .extract(max_tokens=700, store_dtype="float32", progress=False)
-        .save(tmp_path_factory.mktemp("store"), shard_tokens=256)
-    )
-    cfg = CLTConfig(num_features=8, num_layers=store.num_layers, d_model=store.d_model, activation_fn="relu")
-    tc = CrossLayerTranscoder(cfg)
+    store = saved_store(model, tokenizer, tmp_path_factory.mktemp("store"), 700, shard_tokens=256)
+    tc = standardised_transcoder(store, num_features=8, activation_fn="relu")
     with torch.no_grad():
         tc.b_enc.fill_(-0.5)
-    stats = store.norm_stats()
-    tc.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
     return store, tc.eval(), model, tokenizer
 
 
@@ -40,18 +33,7 @@ def test_cards_match_brute_force(setup):
     assert len(store.shards) > 1
     acts, token_ids = _all_activations(store, tc)
     unembedding, norm_weight = unembedding_of(model)
-    cards = build_feature_cards(
-        tc,
-        store,
-        tokenizer,
-        unembedding=unembedding,
-        final_norm_weight=norm_weight,
-        top_k=5,
-        context=3,
-        n_logits=4,
-        batch_size=100,
-        progress=False,
-    )
+    cards = cards_with_logits(tc, store, model, tokenizer, top_k=5, batch_size=100)
     firing = [(lay, f) for lay, f in (acts > 0).any(0).nonzero().tolist()]
     assert sorted(cards) == sorted(f"{lay}/{f}" for lay, f in firing) and len(firing) > 0
     for layer, feature in firing[:6]:

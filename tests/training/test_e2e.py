@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+from helpers import random_transcoder
 
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
@@ -26,37 +27,6 @@ def setup(tiny_llama):
     extractor = ActivationExtractor("tiny-llama", model=model, tokenizer=tokenizer, context_length=24)
     store = extractor.extract(max_tokens=1500, store_dtype="float32", progress=False)
     return model, tokenizer, store, extractor
-
-
-def random_transcoder(
-    store: ActivationStore, *, seed: int = 0, dtype: torch.dtype = torch.float32, scale: float = 3.0, **overrides
-) -> CrossLayerTranscoder:
-    """A transcoder with random weights of a typical scale and the store's statistics."""
-    cfg = CLTConfig(
-        **{
-            "num_features": 16,
-            "num_layers": store.num_layers,
-            "d_model": store.d_model,
-            "activation_fn": "jumprelu",
-            "model_name": store.model_name,
-            "seed": seed,
-            **overrides,
-        }
-    )
-    clt = CrossLayerTranscoder(cfg)
-    stats = store.norm_stats()
-    clt.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for w in clt.W_dec:
-            w.copy_(torch.randn(w.shape, generator=g) * scale)
-        clt.b_dec.copy_(torch.randn(clt.b_dec.shape, generator=g) * scale)
-        clt.b_enc.copy_(torch.randn(clt.b_enc.shape, generator=g) * 0.2)
-        if cfg.activation_fn == "jumprelu":
-            clt.log_threshold.copy_(torch.rand(clt.log_threshold.shape, generator=g).log() - 1)
-        if cfg.skip_connection:
-            clt.W_skip.copy_(torch.randn(clt.W_skip.shape, generator=g) * 0.05)
-    return clt.to(dtype)
 
 
 def hooked_kl(model, ids: torch.Tensor, layer_output) -> torch.Tensor:
@@ -112,7 +82,7 @@ def test_store_windows_are_the_extracted_windows(setup):
 
 def test_kl_equals_plain_hook_splicing(setup):
     model, tokenizer, store, _ = setup
-    clt = random_transcoder(store, skip_connection=True)
+    clt = random_transcoder(store, activation_fn="jumprelu", skip_connection=True, decoder_scale=3.0)
     objective = KLObjective(model, tokenizer, store, clt)
     windows = [w for w in store_windows(store, tokenizer) if len(w.token_ids) == 24][:3]
     kl = objective.loss(clt, windows)
@@ -129,7 +99,7 @@ def test_kl_gradient_matches_finite_differences(setup):
     for module in model.modules():  # Llama's RMSNorm computes in float32: make it float64 too
         if type(module).__name__ == "LlamaRMSNorm":
             module.forward = functools.partial(_rms_norm_float64, module)
-    clt = random_transcoder(store, dtype=torch.float64, activation_fn="relu")
+    clt = random_transcoder(store, decoder_scale=3.0, dtype=torch.float64)
     objective = KLObjective(model, tokenizer, store, clt)
     windows = objective.windows_at(0)[:2]
     params = {"W_enc": clt.W_enc, "b_enc": clt.b_enc, "W_dec.0": clt.W_dec[0], "b_dec": clt.b_dec}

@@ -119,7 +119,7 @@ def test_low_precision_transcoder_is_spliced_in_its_own_dtype(relu_gpt2, exact_p
     assertion rests on the sign or value of a rounding-level number (which differ between CPUs)."""
     from clt.data.corpus import load_texts, token_windows
     from clt.data.windows import pad_windows
-    from clt.training.metrics import language_model, spliced_logits
+    from clt.nnsight.splice import language_model, spliced_logits
 
     model, tokenizer = relu_gpt2
     exact = exact_plt(model)

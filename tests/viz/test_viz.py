@@ -9,13 +9,13 @@ import json
 import networkx as nx
 import pytest
 import torch
+from helpers import cards_with_logits, saved_store, standardised_transcoder
 
 from clt.attribution import Graph, attribute, prune
 from clt.config.transcoder import CLTConfig
-from clt.interp import FeatureCard, build_feature_cards
+from clt.interp import FeatureCard
 from clt.interp.features import Context
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.nnsight.extractors import ActivationExtractor
 from clt.nnsight.models import find_layout
 from clt.training.metrics import ReconstructionMetrics
 from clt.viz import (
@@ -197,44 +197,25 @@ def test_tokens_are_escaped(graph, tmp_path):
 
 
 def test_click_script_data(graph, pruned):
-    from clt.viz.graph import _build, _click_script, _script_json
+    from clt.viz.click import click_script, script_json
+    from clt.viz.graph import _build
 
     fig, data = _build(graph, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=None)
     group = next(g for g in data["groups"] if all(fig.data[i].visible for i in g["nodes"]))
     links = {(s, t) for s, t, _ in group["links"]}
     assert links == set(_nonzero_edges(graph, pruned.node_mask, pruned.edge_mask))
     assert all(fig.data[i].meta == "highlight" for i in data["highlight"])
-    assert _script_json({"t": "</script>&"}) == '{"t":"\\u003c/script\\u003e\\u0026"}'
-    assert json.loads(_script_json({"t": "</script>&"})) == {"t": "</script>&"}
-    assert "{plot_id}" in _click_script(data)
+    assert script_json({"t": "</script>&"}) == '{"t":"\\u003c/script\\u003e\\u0026"}'
+    assert json.loads(script_json({"t": "</script>&"})) == {"t": "</script>&"}
+    assert "{plot_id}" in click_script(data)
 
 
 @pytest.fixture(scope="module")
 def cards(tiny_llama, tmp_path_factory):
     model, tokenizer = tiny_llama
-    store = (
-        ActivationExtractor(model=model, tokenizer=tokenizer, model_name="tiny-llama")
-        .extract(max_tokens=300, store_dtype="float32", progress=False)
-        .save(tmp_path_factory.mktemp("store"))
-    )
-    cfg = CLTConfig(num_features=8, num_layers=store.num_layers, d_model=store.d_model, activation_fn="relu")
-    tc = CrossLayerTranscoder(cfg)
-    stats = store.norm_stats()
-    tc.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
-    from clt.interp import unembedding_of
-
-    unembedding, norm = unembedding_of(model)
-    return build_feature_cards(
-        tc.eval(),
-        store,
-        tokenizer,
-        unembedding=unembedding,
-        final_norm_weight=norm,
-        top_k=4,
-        context=3,
-        n_logits=4,
-        progress=False,
-    )
+    store = saved_store(model, tokenizer, tmp_path_factory.mktemp("store"), 300)
+    tc = standardised_transcoder(store, num_features=8, activation_fn="relu")
+    return cards_with_logits(tc.eval(), store, model, tokenizer, top_k=4)
 
 
 def test_feature_card_figure(cards, tmp_path):

@@ -1,0 +1,216 @@
+"""The one splice of a transcoder into a live model: its MLP outputs replaced in an nnsight trace.
+
+Layer by layer in execution order, a covered MLP's features are encoded from the MLP input of the
+spliced run itself (the transcoder's inference rule), and its output becomes
+
+    out_m = base_m + Σ_{i ≤ m} (a_new_i − a_ref_i) · W_dec[i→m] + skip(x_m) − skip_ref_m
+
+(standardised decoder contributions, scaled by the output σ), where, by `errors`:
+
+- ``None`` (the replacement model of the metrics and the KL objective): base = b_dec·σ + μ, a_ref = 0,
+  skip_ref = 0, i.e. the plain reconstruction ŷ;
+- ``"live"``: base = the MLP's own output, a_ref = the live features, skip_ref = skip(x_m) (the
+  model's error terms follow the run; only edited features change anything);
+- a `CleanRun` (the local replacement model): base = the clean run's output, a_ref = its features,
+  skip_ref = its skip term (errors held constant; uncovered MLPs keep the clean outputs).
+
+a_new are the live features, changed by `edit` where given. Positions where `keep` is true keep the
+model's own output (the clean run's under constant errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from clt.config.constants import layer_span
+from clt.models.transcoder import CrossLayerTranscoder
+from clt.nnsight.models import ModelLayout, find_layout
+
+_MODES = ("none", "replace", "zero")
+_FAR_BELOW = -1e9
+
+
+class TranscoderMismatchError(ValueError):
+    """The transcoder was not trained for this model (layers or width differ)."""
+
+
+class CleanRun(Protocol):
+    """A clean run whose error terms a splice holds constant (e.g. attribution's `PromptState`)."""
+
+    mlp_inputs: Tensor
+    """MLP inputs [..., M, d] of every model layer."""
+    mlp_outputs: Tensor
+    """MLP outputs [..., M, d] of every model layer."""
+
+
+def fitted_layout(model: nn.Module, transcoder: CrossLayerTranscoder, purpose: str, *, linear: bool) -> ModelLayout:
+    """The model's layout, once the transcoder is known to replace its MLPs (`linear`: in a way
+    linear in the features) and to fit its layers and width; else a clear error."""
+    transcoder.require_mlp_replacement(purpose, linear=linear)
+    layout = find_layout(model)
+    cfg = transcoder.cfg
+    if cfg.d_model != layout.d_model or max(cfg.layers) >= layout.num_layers:
+        raise TranscoderMismatchError(
+            f"the transcoder (layers {layer_span(cfg.layers)}, d_model {cfg.d_model}) does not fit the model "
+            f"({layout.num_layers} layers, d_model {layout.d_model}); use a transcoder trained on this model"
+        )
+    return layout
+
+
+def wrap_model(model: nn.Module, tokenizer: Any = None) -> Any:
+    """The model wrapped by nnsight: a `LanguageModel` with a tokenizer, a bare `NNsight` without."""
+    from nnsight import LanguageModel, NNsight
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LanguageModel(model, tokenizer=tokenizer) if tokenizer is not None else NNsight(model)
+
+
+def language_model(model: nn.Module, tokenizer: Any, transcoder: CrossLayerTranscoder) -> tuple[Any, list[str]]:
+    """(nnsight LanguageModel, MLP module paths of every model layer); errors if the transcoder does not fit."""
+    layout = fitted_layout(model, transcoder, "splicing into the model", linear=False)
+    return wrap_model(model, tokenizer), list(layout.mlp_paths)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put a module in eval mode until exit, then back in the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def spliced_logits(
+    lm: Any,
+    mlp_paths: Sequence[str],
+    transcoder: CrossLayerTranscoder,
+    ids: Tensor,
+    mask: Tensor | None = None,
+    mode: str = "replace",
+    keep: Tensor | None = None,
+    *,
+    grad: bool = False,
+    errors: str | CleanRun | None = None,
+    edit: Callable[[int, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Logits [B, T, V] of `lm` (`wrap_model`; `mlp_paths`: every model layer's MLP) with the covered
+    MLP outputs replaced ('replace', see the module docstring), zeroed ('zero') or kept ('none').
+
+    `edit(layer, features)` returns the features [..., F] of transcoder layer `layer` to use instead
+    of the encoded ones; positions where `keep` [B, T] is true keep the model's own outputs. With
+    `grad` the logits stay differentiable w.r.t. the transcoder (through the frozen model)."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'none', 'replace' or 'zero', got {mode!r}")
+    if isinstance(errors, str) and errors != "live":
+        raise ValueError(f"errors must be None, 'live' or a clean run, got {errors!r}")
+    if errors is not None or edit is not None:
+        if mode != "replace":
+            raise ValueError(f"error terms and edits need mode 'replace', got {mode!r}")
+        transcoder.require_mlp_replacement("splicing with error terms or edited features")
+    splice = _Splice(transcoder, errors, edit, keep)
+    clean = splice.clean
+    layer_of = {m: i for i, m in enumerate(transcoder.cfg.layers)}
+    inputs = {"input_ids": ids, "use_cache": False} | ({} if mask is None else {"attention_mask": mask})
+    with torch.set_grad_enabled(grad), eval_mode(transcoder), lm.trace(**inputs):
+        for m, path in enumerate(mlp_paths):
+            i = layer_of.get(m)
+            if mode == "none" or (i is None and clean is None):
+                continue
+            mlp = lm.get(path)
+            if mode == "zero":
+                mlp.output = _kept(mlp.output, torch.zeros_like(mlp.output), keep)
+            elif i is None:
+                mlp.output = clean.mlp_outputs[..., m, :].to(mlp.output.dtype).expand_as(mlp.output)
+            else:
+                x = mlp.input  # before the output: nnsight visits a module's values in execution order
+                own = mlp.output if clean is None else clean.mlp_outputs[..., m, :]
+                mlp.output = splice.output(m, i, x, own).to(mlp.output.dtype)
+        logits = lm.output.logits.save()
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+class _Splice:
+    """The per-layer arithmetic of `spliced_logits` (module docstring), in execution order."""
+
+    def __init__(
+        self,
+        transcoder: CrossLayerTranscoder,
+        errors: str | CleanRun | None,
+        edit: Callable[[int, Tensor], Tensor] | None,
+        keep: Tensor | None,
+    ) -> None:
+        self.tc, self.errors, self.edit, self.keep = transcoder, errors, edit, keep
+        self.live = isinstance(errors, str)
+        self.clean = None if errors is None or self.live else errors
+        self.pending: Tensor | None = None
+        """Standardised decoder contributions [..., L, d] to the transcoder layers still to come."""
+
+    def output(self, m: int, i: int, x: Tensor, own: Tensor) -> Tensor:
+        """Output of model layer m (transcoder layer i) for its live input x; `own`: its kept output."""
+        tc = self.tc
+        x_std = _standardised(tc, i, x)
+        a = _features(tc, i, x_std)
+        a_new = a if self.edit is None else self.edit(i, a)
+        ref_std = None if self.clean is None else _standardised(tc, i, self.clean.mlp_inputs[..., m, :])
+        if ref_std is not None:
+            a_new = a_new - _features(tc, i, ref_std)
+        elif self.live:
+            a_new = a_new - a
+        y_std = tc.layer_output(i, a_new, x_std) if tc.cfg.architecture == "molt" else self._decoded(i, a_new)
+        if self.errors is None:
+            y_std = y_std + tc.b_dec[i]
+        if tc.cfg.skip_connection and not self.live:
+            y_std = y_std + x_std @ tc.W_skip[i].T
+            if ref_std is not None:
+                y_std = y_std - ref_std @ tc.W_skip[i].T
+        base = tc.output_mean[i] if self.errors is None else own.to(torch.promote_types(own.dtype, torch.float32))
+        return _kept(own, y_std * tc.output_std[i] + base, self.keep)
+
+    def _decoded(self, i: int, a: Tensor) -> Tensor:
+        """Add features a [..., F] of transcoder layer i to the pending contributions; layer i's sum."""
+        contrib = torch.einsum("...f,fjd->...jd", a, self.tc.W_dec[i])
+        if self.pending is None:
+            self.pending = contrib.new_zeros(*contrib.shape[:-2], self.tc.cfg.num_layers, contrib.shape[-1])
+        targets = torch.arange(i, i + contrib.shape[-2], device=contrib.device)
+        self.pending = self.pending.index_add(-2, targets, contrib)
+        return self.pending[..., i, :]
+
+
+def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Tensor:
+    """Raw MLP input x [..., d] of transcoder layer `layer`, standardised in float32 (or wider),
+    then in the parameter dtype (as `CrossLayerTranscoder.normalize_inputs`)."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
+
+
+def _features(transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor) -> Tensor:
+    """Features [..., F] of transcoder layer `layer` from its standardised input [..., d]."""
+    w = transcoder
+    z_l = x_std @ w.W_enc[layer].T + w.b_enc[layer]
+    z = z_l.new_full((*z_l.shape[:-1], w.cfg.num_layers, w.cfg.num_features), _FAR_BELOW)
+    z[..., layer, :] = z_l
+    return w.activate(z)[..., layer, :]
+
+
+def _kept(own: Tensor, new: Tensor, keep: Tensor | None) -> Tensor:
+    return new if keep is None else torch.where(keep[..., None], own, new)
+
+
+__all__ = [
+    "CleanRun",
+    "TranscoderMismatchError",
+    "eval_mode",
+    "fitted_layout",
+    "language_model",
+    "spliced_logits",
+    "wrap_model",
+]
