@@ -21,8 +21,9 @@ from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.training.checkpoint import list_checkpoints
+from clt.training.collectives import Dist, DistributedError, run_local
 from clt.training.data import ActivationStore
-from clt.training.distributed import Dist, DistributedError, run_local, split_problems
+from clt.training.distributed import split_problems
 from clt.training.trainer import CLTTrainer
 
 TOL = 1e-5
