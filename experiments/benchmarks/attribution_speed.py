@@ -119,8 +119,15 @@ def _touch(parameters) -> None:
             p.sum()
 
 
-def _measure(call):
-    """(result, seconds, peak bytes, rss bytes before, method) of call()."""
+def _loaded(parameters, t0: float) -> dict:
+    """Touch the loaded `parameters`; the seconds since `t0` and the peak RSS so far (the cost of loading)."""
+    _touch(parameters)
+    load_s = time.perf_counter() - t0
+    return {"load_peak_bytes": _status_kib("VmHWM") * 1024, "load_seconds": load_s}
+
+
+def _measure(call, load: dict) -> tuple:
+    """call()'s result and its record: seconds, peak bytes, rss bytes before, the `load` record, method."""
     import gc
 
     gc.collect()
@@ -130,7 +137,8 @@ def _measure(call):
     t0 = time.perf_counter()
     result = call()
     seconds = time.perf_counter() - t0
-    return result, seconds, peak.stop(), before, peak.method
+    record = {"seconds": seconds, "peak_bytes": peak.stop(), "rss_before_bytes": before, **load}
+    return result, {**record, "memory_method": peak.method}
 
 
 # ===================================================================== child processes
@@ -147,24 +155,17 @@ def child_ours(spec: dict, out: Path, batch_size: int | None) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(spec["model_dir"])
     transcoder = CrossLayerTranscoder.load(spec["transcoder"]).eval()
-    _touch(model.parameters())
-    load_s = time.perf_counter() - t0
-    load_peak = _status_kib("VmHWM") * 1024
+    load = _loaded(model.parameters(), t0)
     settings = dict(spec["settings"])
     if batch_size is not None:
         settings["batch_size"] = batch_size
     ids = torch.tensor(spec["token_ids"])
-    graph, seconds, peak, before, method = _measure(
-        lambda: attribute(ids, model, transcoder, tokenizer=tokenizer, progress=False, **settings)
+    graph, record = _measure(
+        lambda: attribute(ids, model, transcoder, tokenizer=tokenizer, progress=False, **settings), load
     )
     graph.save(out.with_suffix(".graph.json"))
     return {
-        "seconds": seconds,
-        "peak_bytes": peak,
-        "rss_before_bytes": before,
-        "load_peak_bytes": load_peak,
-        "load_seconds": load_s,
-        "memory_method": method,
+        **record,
         "n_active_features": graph.n_active_features,
         "n_feature_nodes": graph.n_features,
         "n_logits": graph.n_logits,
@@ -185,12 +186,10 @@ def child_ct(spec: dict, out: Path, scores: bool) -> dict:
     model = ReplacementModel.from_pretrained(
         spec["model_dir"], spec["ct_transcoder"], backend="nnsight", device=torch.device("cpu"), dtype=torch.float32
     )
-    _touch(model.parameters())
-    load_s = time.perf_counter() - t0
-    load_peak = _status_kib("VmHWM") * 1024
+    load = _loaded(model.parameters(), t0)
     s = spec["settings"]
     ids = torch.tensor(spec["token_ids"])
-    graph, seconds, peak, before, method = _measure(
+    graph, record = _measure(
         lambda: attribute(
             ids,
             model,
@@ -199,17 +198,13 @@ def child_ct(spec: dict, out: Path, scores: bool) -> dict:
             batch_size=s["batch_size"],
             max_feature_nodes=s["max_feature_nodes"],
             verbose=False,
-        )
+        ),
+        load,
     )
     path = out.with_suffix(".graph.pt")
     graph.to_pt(str(path))
     result = {
-        "seconds": seconds,
-        "peak_bytes": peak,
-        "rss_before_bytes": before,
-        "load_peak_bytes": load_peak,
-        "load_seconds": load_s,
-        "memory_method": method,
+        **record,
         "n_active_features": int(graph.active_features.shape[0]),
         "n_feature_nodes": len(graph.selected_features),
         "n_logits": len(graph.logit_targets),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from planted import (
@@ -149,6 +151,22 @@ def test_truncate_refuses_bad_sizes_and_keeps_everything_else():
         _random(_molt_cfg()).truncate(3)
 
 
+def _planted_training(output_dir: Path, *, steps: int) -> TrainingConfig:
+    """Batches of 1024 at lr 1e-2 (decaying over the second half), λ = 1 ramped over the first tenth,
+    one log line at the end."""
+    return TrainingConfig(
+        learning_rate=1e-2,
+        batch_size=1024,
+        training_steps=steps,
+        sparsity_lambda=1.0,
+        sparsity_warmup_steps=steps // 10,
+        lr_warmup_steps=10,
+        lr_decay_start=0.5,
+        log_every=steps,
+        output_dir=str(output_dir),
+    )
+
+
 def _store(x: torch.Tensor, y: torch.Tensor, site: str = "mlp_out") -> ActivationStore:
     store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=256)
     store.output_site = site
@@ -162,17 +180,7 @@ def test_matryoshka_recovers_a_planted_dictionary_and_truncation_gives_the_logge
     true_dec, sample = planted_dictionary(L, D, cross=True, features=24)
     x, y = sample(16_000)
     cfg = _cfg(num_features=48, activation_fn="relu", matryoshka_prefixes=[24])
-    training = TrainingConfig(
-        learning_rate=1e-2,
-        batch_size=1024,
-        training_steps=600,
-        sparsity_lambda=1.0,
-        sparsity_warmup_steps=60,
-        lr_warmup_steps=10,
-        lr_decay_start=0.5,
-        log_every=600,
-        output_dir=str(tmp_path / "run"),
-    )
+    training = _planted_training(tmp_path / "run", steps=600)
     store = _store(x, y)
     trainer = CLTTrainer(cfg, training, store)
     trainer.train(progress=False)
@@ -316,17 +324,7 @@ def test_sae_mode_recovers_a_planted_dictionary_of_the_inputs(tmp_path, one_thre
     x, y = sample(16_000)
     assert torch.equal(x, y)
     cfg = _cfg(num_features=48, activation_fn="relu", cross_layer=False)
-    training = TrainingConfig(
-        learning_rate=1e-2,
-        batch_size=1024,
-        training_steps=300,
-        sparsity_lambda=1.0,
-        sparsity_warmup_steps=30,
-        lr_warmup_steps=10,
-        lr_decay_start=0.5,
-        log_every=300,
-        output_dir=str(tmp_path / "sae"),
-    )
+    training = _planted_training(tmp_path / "sae", steps=300)
     model = CLTTrainer(cfg, training, _store(x, y, "mlp_in")).train(progress=False).eval()
     assert model.cfg.output_site == "mlp_in" and model.kind == "SAE"
     assert max_cosines(true_dec, model.fold_normalization().W_dec).mean() >= 0.9

@@ -30,16 +30,11 @@ def _model(seed: int = 0, **kw) -> CrossLayerTranscoder:
 # ---------------------------------------------------------------- planted dictionary
 
 
-def _planted(cross: bool, seed: int = 0, ft: int = 24, p: float = 0.03):
-    """True decoders D[l] [ft, L_out, D] (unit norm per feature) and a sampler of (x, y)."""
-    return planted_dictionary(L, D, cross=cross, seed=seed, features=ft, p=p)
-
-
 @pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
 @pytest.mark.parametrize("act", ACTS)
 def test_planted_dictionary_is_recovered(act, cross, one_thread):
     steps, batch = 1000, 256
-    true_dec, sample = _planted(cross)
+    true_dec, sample = planted_dictionary(L, D, cross=cross)
     x, y = sample(64_000)
     cfg = _cfg(num_features=48, activation_fn=act, cross_layer=cross, topk=1 if act == "batchtopk" else 3)
     model = train_planted(
