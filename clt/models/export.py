@@ -104,20 +104,23 @@ def export_circuit_tracer(
     index = {m: i for i, m in enumerate(layers)}
     F, d = cfg.num_features, cfg.d_model
     written: set[str] = set()
+
+    def part(t: Tensor, i: int | None, *shape: int) -> Tensor:
+        """Covered layer i's slice of `t`, or zeros of `shape` for a model layer not covered."""
+        return t[i] if i is not None else torch.zeros(*shape, dtype=dtype)
+
     for m in range(M):
         i = index.get(m)
         tensors: dict[str, Tensor | None] = {
-            "W_enc": folded.W_enc[i] if i is not None else torch.zeros(F, d, dtype=dtype),
-            "b_enc": folded.b_enc[i] if i is not None else torch.zeros(F, dtype=dtype),
-            "b_dec": folded.b_dec[i] if i is not None else torch.zeros(d, dtype=dtype),
-            "threshold": None
-            if threshold is None
-            else (threshold[i] if i is not None else torch.zeros(F, dtype=dtype)),
+            "W_enc": part(folded.W_enc, i, F, d),
+            "b_enc": part(folded.b_enc, i, F),
+            "b_dec": part(folded.b_dec, i, d),
+            "threshold": None if threshold is None else part(threshold, i, F),
         }
         if kind == PLT_KIND:
             tensors["W_dec"] = folded.W_dec[i][:, 0] if i is not None else torch.zeros(F, d, dtype=dtype)
             if cfg.skip_connection:
-                tensors["W_skip"] = folded.W_skip[i] if i is not None else torch.zeros(d, d, dtype=dtype)
+                tensors["W_skip"] = part(folded.W_skip, i, d, d)
         else:
             W_dec = torch.zeros(F, M - m, d, dtype=dtype)
             if i is not None:
