@@ -7,6 +7,7 @@ or JSON file of those options and the command-line options override it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ import yaml
 from clt.config.attribution import AttributionConfig
 from clt.config.base import ConfigError
 from clt.config.cli_args import add_config_arguments, config_from_args
+from clt.config.constants import DEFAULT_MODEL
 from clt.config.extraction import ExtractionConfig
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
@@ -62,8 +64,17 @@ def _section(values: dict[str, Any], name: str) -> dict[str, Any]:
     return values
 
 
+def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The parsed options `names`, by name."""
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
-    """Run `clt extract`."""
+    """Record MLP inputs/outputs of a model over a corpus into a store.
+
+    Trace the model with nnsight and stream each layer's MLP input and output into an on-disk
+    activation store (resumable).
+    """
     from clt.pipeline import run_extraction
 
     cfg = config_from_args(ExtractionConfig, args, _section(_read_config_file(args.config), "extraction"))
@@ -73,7 +84,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run `clt train`."""
+    """Train a cross-layer (or per-layer) transcoder.
+
+    Train a transcoder on an activation store (--store), or extract one first from --model over
+    --dataset. Accepts the flags of the original train_clt.py; --config reads a YAML file with
+    sections extraction:, transcoder:, training: (see experiments/). Several processes:
+    `torchrun --nproc_per_node N -m clt.cli train --store FOLDER --parallel data|features ...`
+    (see experiments/configs/).
+    """
     from clt.pipeline import run_training
 
     values = _read_config_file(args.config)
@@ -82,17 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: unknown sections {sorted(unknown)}; use extraction:, transcoder:, training:")
     section = {name: {**TRAIN_DEFAULTS[name], **(values.get(name) or {})} for name in TRAIN_DEFAULTS}
     training = config_from_args(TrainingConfig, args, section["training"])
+    options = _options(args, "model", "max_tokens", "layers", "context_length")
+    store_dir = str(Path(training.output_dir) / "store")
     extraction = config_from_args(
         ExtractionConfig,
-        argparse.Namespace(
-            model=args.model,
-            corpus=args.dataset,
-            max_tokens=args.max_tokens,
-            layers=args.layers,
-            context_length=args.context_length,
-            device=training.device,
-            output_dir=str(Path(training.output_dir) / "store"),
-        ),
+        argparse.Namespace(**options, corpus=args.dataset, device=training.device, output_dir=store_dir),
         section["extraction"],
     )
     transcoder = config_from_args(
@@ -110,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _open_store(path: str | None, what: str) -> Any:
-    from clt.training.data import ActivationStore
+    from clt.store import ActivationStore
 
     if path is None:
         return None
@@ -133,7 +145,11 @@ def _feature_list(value: str) -> list[tuple[int, int]]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Run `clt evaluate`."""
+    """Metrics of a trained transcoder.
+
+    FVU, L0 and dead features on an activation store, and the replacement model's KL, top-1
+    agreement and CE loss recovered (model with the transcoder spliced in).
+    """
     from clt.pipeline import load_transcoder, run_evaluation
 
     transcoder = load_transcoder(args.transcoder, args.device)
@@ -154,7 +170,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    """Run `clt attribute`."""
+    """Attribution graph of a prompt (JSON + interactive HTML).
+
+    Build the attribution graph of a prompt through the replacement model, prune it, score it and
+    write graph.json, graph.html (open it in a browser, offline) and neuronpedia.json.
+    """
     from clt.config.attribution import AttributionConfig
     from clt.pipeline import load_transcoder, run_attribution
 
@@ -176,7 +196,12 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    """Run `clt features`."""
+    """Feature cards: what makes features fire.
+
+    For each feature: top activating contexts from the store's corpus, density, activation
+    histogram, promoted/suppressed output tokens and an automatic label; cards.json plus an HTML
+    card per feature.
+    """
     from clt.pipeline import load_transcoder, run_features
 
     transcoder = load_transcoder(args.transcoder)
@@ -199,19 +224,33 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run `clt demo`."""
+    """The whole pipeline on the default model, offline.
+
+    Extract activations of the default model, train a transcoder, build an attribution graph and
+    write it as HTML.
+    """
     from clt.pipeline import run_demo
 
     result = run_demo(
-        output_dir=args.output_dir,
-        model=args.model,
-        max_tokens=args.max_tokens,
-        num_features=args.num_features,
-        training_steps=args.training_steps,
-        batch_size=args.batch_size,
+        **_options(args, "output_dir", "model", "max_tokens", "num_features", "training_steps", "batch_size")
     )
     print(result.summary())
     return 0
+
+
+def _subcommand(
+    sub: Any, func: Callable[[argparse.Namespace], int], parents: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
+    """Add the subcommand `func` (``cmd_NAME``) runs: help from its docstring's first line, description the rest."""
+    summary, _, details = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
+    parser = sub.add_parser(
+        func.__name__.removeprefix("cmd_"),
+        parents=list(parents),
+        help=summary[:1].lower() + summary[1:].rstrip("."),
+        description=" ".join(details.split()) or summary,
+    )
+    parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,28 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    extract = sub.add_parser(
-        "extract",
-        help="record MLP inputs/outputs of a model over a corpus into a store",
-        description="Trace the model with nnsight and stream each layer's MLP input and "
-        "output into an on-disk activation store (resumable).",
-    )
+    extract = _subcommand(sub, cmd_extract)
     extract.add_argument("--config", help="YAML/JSON file of options (command-line options override it)")
     add_config_arguments(extract, ExtractionConfig)
-    extract.set_defaults(func=cmd_extract)
 
-    train = sub.add_parser(
-        "train",
-        help="train a cross-layer (or per-layer) transcoder",
-        description="Train a transcoder on an activation store (--store), or extract one first from --model over "
-        "--dataset. Accepts the flags of the original train_clt.py; --config reads a YAML file with "
-        "sections extraction:, transcoder:, training: (see experiments/). Several processes: "
-        "`torchrun --nproc_per_node N -m clt.cli train --store FOLDER --parallel data|features ...` "
-        "(see experiments/configs/).",
-    )
+    train = _subcommand(sub, cmd_train)
     train.add_argument("--config", help="YAML/JSON file with extraction/transcoder/training sections")
     train.add_argument("--store", help="existing activation store folder (skips extraction)")
-    train.add_argument("--model", help="model to extract from (default: smollm2-135m)")
+    train.add_argument("--model", help=f"model to extract from (default: {DEFAULT_MODEL})")
     train.add_argument("--dataset", help="corpus: 'pydoc' (default), a .txt/.jsonl file or a folder")
     train.add_argument("--max-tokens", type=int, help="tokens to extract when no --store is given (default: 100000)")
     train.add_argument(
@@ -259,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--context-length", type=int, help="tokens per context window (default: 128)")
     add_config_arguments(train, CLTConfig, skip=_DERIVED_CLT_FIELDS, defaults=TRAIN_DEFAULTS["transcoder"])
     add_config_arguments(train, TrainingConfig, defaults=TRAIN_DEFAULTS["training"])
-    train.set_defaults(func=cmd_train)
 
     common = _Parser(add_help=False)
     common.add_argument(
@@ -270,27 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", help="model alias or path (default: the model the transcoder was trained on)")
     common.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
-    evaluate = sub.add_parser(
-        "evaluate",
-        parents=[common],
-        help="metrics of a trained transcoder",
-        description="FVU, L0 and dead features on an activation store, and the replacement "
-        "model's KL, top-1 agreement and CE loss recovered (model with the "
-        "transcoder spliced in).",
-    )
+    evaluate = _subcommand(sub, cmd_evaluate, [common])
     evaluate.add_argument("--store", required=True, help="activation store folder to evaluate on")
     evaluate.add_argument("--max-tokens", type=int, default=4096, help="store tokens to evaluate (default: 4096)")
     evaluate.add_argument("--no-replacement", action="store_true", help="skip the replacement-model metrics")
     evaluate.add_argument("--output", help="write the metrics as JSON to this file")
-    evaluate.set_defaults(func=cmd_evaluate)
 
-    attribute = sub.add_parser(
-        "attribute",
-        parents=[common],
-        help="attribution graph of a prompt (JSON + interactive HTML)",
-        description="Build the attribution graph of a prompt through the replacement model, prune it, score it "
-        "and write graph.json, graph.html (open it in a browser, offline) and neuronpedia.json.",
-    )
+    attribute = _subcommand(sub, cmd_attribute, [common])
     attribute.add_argument("--prompt", required=True, help="the text to attribute (BOS is prepended)")
     attribute.add_argument("--output-dir", default="runs/attribute", help="folder for the graph files")
     attribute.add_argument("--store", help="activation store: adds feature cards and labels to the graph")
@@ -305,16 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attribute.add_argument("--config", help="YAML/JSON file of attribution options")
     add_config_arguments(attribute, AttributionConfig)
-    attribute.set_defaults(func=cmd_attribute)
 
-    features = sub.add_parser(
-        "features",
-        parents=[common],
-        help="feature cards: what makes features fire",
-        description="For each feature: top activating contexts from the store's corpus, "
-        "density, activation histogram, promoted/suppressed output tokens and an "
-        "automatic label; cards.json plus an HTML card per feature.",
-    )
+    features = _subcommand(sub, cmd_features, [common])
     features.add_argument("--store", required=True, help="activation store folder (with token ids)")
     features.add_argument(
         "--features", type=_feature_list, help="LAYER:FEATURE pairs, e.g. 0:12,3:7 (default: every feature that fires)"
@@ -323,21 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--max-tokens", type=int, help="store tokens to scan (default: all)")
     features.add_argument("--figures", type=int, default=10, help="HTML cards to write (default: 10)")
     features.add_argument("--output-dir", default="runs/features", help="folder for cards.json and HTML cards")
-    features.set_defaults(func=cmd_features)
 
-    demo = sub.add_parser(
-        "demo",
-        help="the whole pipeline on the default model, offline",
-        description="Extract activations of the default model, train a transcoder, build an "
-        "attribution graph and write it as HTML.",
-    )
+    demo = _subcommand(sub, cmd_demo)
     demo.add_argument("--output-dir", default="runs/demo", help="folder for the store, transcoder and graph")
     demo.add_argument("--max-tokens", type=int, default=20_000, help="tokens to extract (default: 20000)")
-    demo.add_argument("--model", default="smollm2-135m", help="model alias or path (default: smollm2-135m)")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias or path (default: {DEFAULT_MODEL})")
     demo.add_argument("--num-features", type=int, default=64, help="CLT features per layer (default: 64)")
     demo.add_argument("--training-steps", type=int, default=600, help="training steps (default: 600)")
     demo.add_argument("--batch-size", type=int, default=128, help="tokens per training step (default: 128)")
-    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clt.config.constants import DEFAULT_MODEL
 from clt.config.extraction import ExtractionConfig
 from clt.files import atomic_write_text
-from clt.training.data import ActivationStore, writable_folder
+from clt.store import ActivationStore, writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,20 @@ DEMO_TRAINING: dict[str, Any] = {"learning_rate": 5e-4, "checkpoint_every": 0}
 """The demo's training options beyond size: a high learning rate for a short run."""
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
+_EXTRACTOR_FIELDS = ("layers", "context_length", "batch_size", "prepend_bos", "exclude_bos", "device")
+"""ExtractionConfig fields that are options of `ActivationExtractor` (besides the model)."""
+_EXTRACT_FIELDS = (
+    "max_tokens",
+    "output_dir",
+    "store_dtype",
+    "shard_tokens",
+    "text_field",
+    "compression",
+    "output_site",
+    "writer_rank",
+    "num_writers",
+)
+"""ExtractionConfig fields that are options of `ActivationExtractor.extract` (besides the corpus)."""
 
 
 def run_extraction(cfg: ExtractionConfig, *, progress: bool = True, stop: Any = None) -> ActivationStore:
@@ -31,29 +46,8 @@ def run_extraction(cfg: ExtractionConfig, *, progress: bool = True, stop: Any = 
     from clt.nnsight.extractors import ActivationExtractor
 
     writable_folder(cfg.output_dir)  # fail before the model loads
-    extractor = ActivationExtractor(
-        cfg.model,
-        layers=cfg.layers,
-        context_length=cfg.context_length,
-        batch_size=cfg.batch_size,
-        prepend_bos=cfg.prepend_bos,
-        exclude_bos=cfg.exclude_bos,
-        device=cfg.device,
-    )
-    store = extractor.extract(
-        cfg.corpus,
-        max_tokens=cfg.max_tokens,
-        output_dir=cfg.output_dir,
-        store_dtype=cfg.store_dtype,
-        shard_tokens=cfg.shard_tokens,
-        text_field=cfg.text_field,
-        progress=progress,
-        compression=cfg.compression,
-        output_site=cfg.output_site,
-        writer_rank=cfg.writer_rank,
-        num_writers=cfg.num_writers,
-        stop=stop,
-    )
+    extractor = ActivationExtractor(cfg.model, **cfg.subset(*_EXTRACTOR_FIELDS))
+    store = extractor.extract(cfg.corpus, progress=progress, stop=stop, **cfg.subset(*_EXTRACT_FIELDS))
     cfg.save(Path(cfg.output_dir) / "extraction.yaml")
     return store
 
@@ -439,7 +433,7 @@ class DemoResult:
 def run_demo(
     output_dir: str | Path = "runs/demo",
     *,
-    model: str = "smollm2-135m",
+    model: str = DEFAULT_MODEL,
     max_tokens: int = 20_000,
     num_features: int = 64,
     training_steps: int = 600,

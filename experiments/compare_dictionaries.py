@@ -35,7 +35,7 @@ import pandas as pd
 from clt.config import CLTConfig, ExtractionConfig, TrainingConfig
 from clt.config.base import ConfigError
 from clt.pipeline import run_evaluation, run_extraction, run_training
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
 
 logger = logging.getLogger("compare_dictionaries")
 PROMPTS = ("The list is sorted in place by the", "A class definition defines a class")

@@ -30,7 +30,7 @@ import torch
 
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
 from clt.training.metrics import reconstruction_metrics
 from clt.training.trainer import CLTTrainer
 

@@ -8,7 +8,15 @@ import sys
 import pytest
 
 from clt.cli import main
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
+
+
+def run_clt(words: str, **options: object) -> None:
+    """Run `clt WORDS --OPTION VALUE ...` in this process (- for _ in option names) and check it exits 0."""
+    argv = words.split()
+    for name, value in options.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    assert main(argv) == 0
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -17,24 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_extract_end_to_end(tmp_path, capsys):
     out = tmp_path / "store"
-    assert (
-        main(
-            [
-                "extract",
-                "--model",
-                "tiny-llama",
-                "--max-tokens",
-                "300",
-                "--output-dir",
-                str(out),
-                "--layers",
-                "0,2",
-                "--store-dtype",
-                "float32",
-            ]
-        )
-        == 0
-    )
+    run_clt("extract --model tiny-llama --max-tokens 300 --layers 0,2 --store-dtype float32", output_dir=out)
     store = ActivationStore.open(out)
     assert store.n_tokens == 300 and store.layers == [0, 2] and store.dtype == "float32"
     assert (out / "extraction.yaml").is_file()
@@ -44,7 +35,7 @@ def test_extract_end_to_end(tmp_path, capsys):
 def test_extract_reads_a_config_file_and_overrides_it(tmp_path):
     config = tmp_path / "extract.yaml"
     config.write_text(f"model: tiny-gpt2\nmax_tokens: 150\noutput_dir: {tmp_path / 'a'}\n")
-    assert main(["extract", "--config", str(config), "--max-tokens", "120"]) == 0
+    run_clt("extract --max-tokens 120", config=config)
     assert ActivationStore.open(tmp_path / "a").n_tokens == 120
 
 
@@ -128,35 +119,10 @@ def test_every_config_option_appears_in_its_commands_help():
 
 def test_train_with_seed_flags_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-llama",
-                "--max-tokens",
-                "600",
-                "--num-features",
-                "16",
-                "--batch-size",
-                "32",
-                "--learning-rate",
-                "1e-3",
-                "--training-steps",
-                "12",
-                "--sparsity-lambda",
-                "1e-3",
-                "--jumprelu-threshold",
-                "0.03",
-                "--device",
-                "cpu",
-                "--dataset",
-                "pydoc",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        == 0
+    run_clt(
+        "train --model tiny-llama --max-tokens 600 --num-features 16 --batch-size 32 --learning-rate 1e-3 "
+        "--training-steps 12 --sparsity-lambda 1e-3 --jumprelu-threshold 0.03 --device cpu --dataset pydoc",
+        output_dir=out,
     )
     text = capsys.readouterr().out
     assert "FVU" in text and "replacement model: KL" in text
@@ -166,27 +132,10 @@ def test_train_with_seed_flags_end_to_end(tmp_path, capsys):
     assert clt.cfg.num_features == 16 and clt.cfg.num_layers == 3 and clt.cfg.model_name == "tiny-llama"
     assert (out / "metrics.jsonl").is_file() and (out / "eval.json").is_file()
     # a second run trains on the existing store
-    assert (
-        main(
-            [
-                "train",
-                "--store",
-                str(out / "store"),
-                "--num-features",
-                "8",
-                "--activation-fn",
-                "topk",
-                "--topk",
-                "2",
-                "--training-steps",
-                "5",
-                "--batch-size",
-                "16",
-                "--output-dir",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 0
+    run_clt(
+        "train --num-features 8 --activation-fn topk --topk 2 --training-steps 5 --batch-size 16",
+        store=out / "store",
+        output_dir=tmp_path / "b",
     )
 
 
@@ -197,7 +146,7 @@ def test_train_config_file_with_sections(tmp_path):
         "transcoder:\n  num_features: 8\n  cross_layer: false\n"
         f"training:\n  training_steps: 4\n  batch_size: 16\n  output_dir: {tmp_path / 'r'}\n"
     )
-    assert main(["train", "--config", str(config), "--training-steps", "6"]) == 0
+    run_clt("train --training-steps 6", config=config)
     import json
 
     steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -209,25 +158,9 @@ def test_train_config_file_with_sections(tmp_path):
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys, rendered_node_markers):
     out = tmp_path / "demo"
-    assert (
-        main(
-            [
-                "demo",
-                "--model",
-                "tiny-gpt2",
-                "--max-tokens",
-                "1500",
-                "--num-features",
-                "16",
-                "--training-steps",
-                "30",
-                "--batch-size",
-                "64",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        == 0
+    run_clt(
+        "demo --model tiny-gpt2 --max-tokens 1500 --num-features 16 --training-steps 30 --batch-size 64",
+        output_dir=out,
     )
     text = capsys.readouterr().out
     assert "FVU" in text and "replacement model: KL" in text and "KiB/token" in text
@@ -258,12 +191,7 @@ def _check_demo_graph(out, text, rendered_node_markers):
 def test_demo_on_the_default_model_renders(tmp_path, capsys, rendered_node_markers):
     """A short demo on SmolLM2 (all 30 layers): the real-model path up to the rendered graph."""
     out = tmp_path / "demo"
-    assert (
-        main(
-            ["demo", "--max-tokens", "3000", "--num-features", "32", "--training-steps", "40", "--output-dir", str(out)]
-        )
-        == 0
-    )
+    run_clt("demo --max-tokens 3000 --num-features 32 --training-steps 40", output_dir=out)
     text = capsys.readouterr().out
     assert "layers=0..29" in text
     _check_demo_graph(out, text, rendered_node_markers)
@@ -273,47 +201,17 @@ def test_demo_on_the_default_model_renders(tmp_path, capsys, rendered_node_marke
 def trained_run(tmp_path_factory):
     """A tiny-llama store and a CLT trained on it by `clt train` (shared by the stage commands)."""
     out = tmp_path_factory.mktemp("run")
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-llama",
-                "--max-tokens",
-                "800",
-                "--num-features",
-                "16",
-                "--activation-fn",
-                "relu",
-                "--batch-size",
-                "32",
-                "--training-steps",
-                "10",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        == 0
+    run_clt(
+        "train --model tiny-llama --max-tokens 800 --num-features 16 --activation-fn relu --batch-size 32 "
+        "--training-steps 10",
+        output_dir=out,
     )
     return out
 
 
 def test_evaluate_end_to_end(trained_run, tmp_path, capsys):
     output = tmp_path / "eval.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--transcoder",
-                str(trained_run),
-                "--store",
-                str(trained_run / "store"),
-                "--output",
-                str(output),
-            ]
-        )
-        == 0
-    )
+    run_clt("evaluate", transcoder=trained_run, store=trained_run / "store", output=output)
     text = capsys.readouterr().out
     assert "FVU" in text and "replacement model: KL" in text
     import json
@@ -324,23 +222,12 @@ def test_evaluate_end_to_end(trained_run, tmp_path, capsys):
 
 def test_attribute_end_to_end(trained_run, tmp_path, capsys):
     out = tmp_path / "graph"
-    assert (
-        main(
-            [
-                "attribute",
-                "--transcoder",
-                str(trained_run / "transcoder"),
-                "--prompt",
-                "The for statement iterates",
-                "--store",
-                str(trained_run / "store"),
-                "--max-n-logits",
-                "3",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        == 0
+    run_clt(
+        "attribute --max-n-logits 3",
+        transcoder=trained_run / "transcoder",
+        prompt="The for statement iterates",
+        store=trained_run / "store",
+        output_dir=out,
     )
     text = capsys.readouterr().out
     assert "replacement score" in text and "graph.html" in text
@@ -362,23 +249,11 @@ def test_attribute_end_to_end(trained_run, tmp_path, capsys):
 
 def test_features_end_to_end(trained_run, tmp_path, capsys):
     out = tmp_path / "cards"
-    assert (
-        main(
-            [
-                "features",
-                "--transcoder",
-                str(trained_run),
-                "--store",
-                str(trained_run / "store"),
-                "--features",
-                "0:1,2:3",
-                "--figures",
-                "2",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        == 0
+    run_clt(
+        "features --features 0:1,2:3 --figures 2",
+        transcoder=trained_run,
+        store=trained_run / "store",
+        output_dir=out,
     )
     assert "2 feature cards" in capsys.readouterr().out
     from clt.interp import FeatureCards
@@ -417,23 +292,12 @@ def test_attribute_reads_the_yaml_config(trained_run, tmp_path):
 
     config = Path(__file__).resolve().parents[1] / "experiments" / "attribute_smollm2.yaml"
     out = tmp_path / "g"
-    assert (
-        main(
-            [
-                "attribute",
-                "--transcoder",
-                str(trained_run),
-                "--prompt",
-                "The for statement",
-                "--config",
-                str(config),
-                "--max-n-logits",
-                "2",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        == 0
+    run_clt(
+        "attribute --max-n-logits 2",
+        transcoder=trained_run,
+        prompt="The for statement",
+        config=config,
+        output_dir=out,
     )
     from clt.attribution import Graph
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clt.config.constants import layer_span
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight.models import ModelLayout, find_layout
 
@@ -79,7 +80,7 @@ class ReplacementModel:
         cfg = transcoder.cfg
         if cfg.d_model != self.layout.d_model or max(cfg.layers) >= self.layout.num_layers:
             raise TranscoderMismatchError(
-                f"the transcoder (layers {_span(cfg.layers)}, d_model {cfg.d_model}) does not fit "
+                f"the transcoder (layers {layer_span(cfg.layers)}, d_model {cfg.d_model}) does not fit "
                 f"the model ({self.layout.num_layers} layers, d_model {self.layout.d_model}); use a "
                 "transcoder trained on this model"
             )
@@ -469,10 +470,6 @@ class _NormFreezer:
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def _span(layers: Sequence[int]) -> str:
-    return f"{layers[0]}..{layers[-1]}" if list(layers) == list(range(layers[0], layers[-1] + 1)) else str(list(layers))
 
 
 def _first_arg(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:

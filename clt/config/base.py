@@ -45,6 +45,10 @@ class ConfigBase:
                 raise ConfigError(f"{cls.__name__} has no option '{key}'.{hint}")
         return cls(**values)
 
+    def subset(self, *names: str) -> dict[str, Any]:
+        """The values of the fields `names`, by name (keyword arguments for the code a config drives)."""
+        return {name: getattr(self, name) for name in names}
+
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed (validated again)."""
         return type(self).from_dict({**self.to_dict(), **changes})

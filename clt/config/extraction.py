@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from clt.config.base import ConfigBase, check
-from clt.config.transcoder import OUTPUT_SITES
-from clt.nnsight.models import DEFAULT_MODEL
-from clt.training.shards import COMPRESSIONS, STORE_DTYPES
+from clt.config.constants import COMPRESSIONS, DEFAULT_MODEL, STORE_DTYPES, check_choice, check_output_site
 
 
 @dataclasses.dataclass
@@ -57,9 +55,9 @@ class ExtractionConfig(ConfigBase):
         check(self.context_length >= 2, f"context_length must be at least 2, got {self.context_length}")
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         check(self.shard_tokens > 0, f"shard_tokens must be positive, got {self.shard_tokens}")
-        check(self.store_dtype in STORE_DTYPES, f"store_dtype '{self.store_dtype}' is not one of {STORE_DTYPES}")
-        check(self.compression in COMPRESSIONS, f"compression '{self.compression}' is not one of {COMPRESSIONS}")
-        check(self.output_site in OUTPUT_SITES, f"output_site '{self.output_site}' is not one of {OUTPUT_SITES}")
+        check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
+        check_choice("compression", self.compression, COMPRESSIONS)
+        check_output_site(self.output_site)
         check(self.num_writers >= 1, f"num_writers must be at least 1, got {self.num_writers}")
         check(
             0 <= self.writer_rank < self.num_writers,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 from clt.config.base import ConfigBase, check
+from clt.config.constants import FLOAT_DTYPE_NAMES, check_choice, check_output_site
 
 ACTIVATION_FNS = ("relu", "jumprelu", "topk", "batchtopk")
 BATCHTOPK_SCOPES = ("layer", "all")
-PARAM_DTYPES = ("float32", "float16", "bfloat16")
+PARAM_DTYPES = FLOAT_DTYPE_NAMES
 SPARSE_DECODE = ("auto", "on", "off")
 ARCHITECTURES = ("transcoder", "molt")
-OUTPUT_SITES = ("mlp_out", "mlp_in")
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ class CLTConfig(ConfigBase):
             f"batchtopk_scope '{self.batchtopk_scope}' is not one of {BATCHTOPK_SCOPES}",
         )
         check(0 < self.batchtopk_momentum <= 1, f"batchtopk_momentum must be in (0, 1], got {self.batchtopk_momentum}")
-        check(self.dtype in PARAM_DTYPES, f"dtype '{self.dtype}' is not one of {PARAM_DTYPES}")
+        check_choice("dtype", self.dtype, PARAM_DTYPES)
         self._check_architecture()
         self._check_matryoshka()
         self._check_output_site()
@@ -167,7 +167,7 @@ class CLTConfig(ConfigBase):
         )
 
     def _check_output_site(self) -> None:
-        check(self.output_site in OUTPUT_SITES, f"output_site '{self.output_site}' is not one of {OUTPUT_SITES}")
+        check_output_site(self.output_site)
         if self.output_site != "mlp_in":
             return
         sae = "output_site='mlp_in' (an SAE: the outputs are the layer's own inputs)"

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from clt.data.stdlib import parse_corpus_name, stdlib_corpus
+
 DEFAULT_CORPUS = "pydoc"
 
 
@@ -29,9 +31,12 @@ def default_corpus() -> list[str]:
 
 
 def load_texts(source: Any = DEFAULT_CORPUS, *, text_field: str = "text") -> list[str]:
-    """Documents from a corpus source: "pydoc", a .txt/.jsonl file, a folder, a list, a dataset."""
+    """Documents from a corpus source: "pydoc", "stdlib" (or "stdlib:heldout"), a .txt/.jsonl file, a
+    folder, a list, a dataset."""
     if isinstance(source, str) and source == DEFAULT_CORPUS:
         texts = default_corpus()
+    elif isinstance(source, str) and parse_corpus_name(source) is not None:
+        texts = stdlib_corpus(parse_corpus_name(source))
     elif isinstance(source, (str, Path)):
         texts = _texts_from_path(Path(source), text_field)
     elif _is_hf_dataset(source):
@@ -42,7 +47,7 @@ def load_texts(source: Any = DEFAULT_CORPUS, *, text_field: str = "text") -> lis
         texts = list(source)
     else:
         raise TypeError(
-            f"unsupported corpus source {type(source).__name__}: use 'pydoc', a path to a .txt/.jsonl "
+            f"unsupported corpus source {type(source).__name__}: use 'pydoc', 'stdlib', a path to a .txt/.jsonl "
             "file or a folder of .txt files, a list of strings, or a datasets.Dataset"
         )
     texts = [t for t in texts if t.strip()]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from clt.files import atomic_write_text
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
 
 logger = logging.getLogger(__name__)
 

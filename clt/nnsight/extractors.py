@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from clt.config.transcoder import OUTPUT_SITES
+from clt.config.constants import DEFAULT_MODEL, STORE_DTYPES, check_choice, check_output_site
 from clt.data.corpus import DEFAULT_CORPUS, TokenWindow, load_texts, token_windows
-from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
-from clt.training.data import MANIFEST, ActivationStore, StoreError, StoreWriter
-from clt.training.shards import STORE_DTYPES
+from clt.data.windows import hash_window, pad_id, pad_windows
+from clt.nnsight.models import find_layout, load_model
+from clt.store import FLOAT_DTYPES, MANIFEST, ActivationStore, StoreError, StoreWriter
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ActivationExtractor:
         self.context_length, self.batch_size = context_length, batch_size
         self.prepend_bos, self.exclude_bos = prepend_bos, exclude_bos
         self.device = torch.device(device)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self.pad_id = pad_id(tokenizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.lm = LanguageModel(model, tokenizer=tokenizer)
@@ -99,8 +99,7 @@ class ActivationExtractor:
 
         With ``output_site='mlp_in'`` the MLP outputs are not recorded and ``outputs`` is ``inputs``.
         """
-        if output_site not in OUTPUT_SITES:
-            raise ValueError(f"unknown output_site '{output_site}'; use one of {OUTPUT_SITES}")
+        check_output_site(output_site, ValueError)
         ids, mask = pad_windows(windows, self.pad_id)
         width = ids.shape[1]
         keep = mask.bool()
@@ -388,26 +387,5 @@ def _first(output: Any) -> torch.Tensor:
 
 def _dtype(name: str) -> torch.dtype:
     """The dtype activations are extracted in for a store of dtype `name` (int8 is quantised from float32)."""
-    from clt.training.data import DTYPES
-
-    if name == "int8":
-        return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype '{name}'; use one of {list(STORE_DTYPES)}")
-    return DTYPES[name]
-
-
-def pad_windows(windows: list[TokenWindow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` [batch, longest window] of a batch of windows."""
-    width = max(len(w.token_ids) for w in windows)
-    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, window in enumerate(windows):
-        ids[row, : len(window.token_ids)] = torch.tensor(window.token_ids)
-        mask[row, : len(window.token_ids)] = 1
-    return ids, mask
-
-
-def hash_window(window: TokenWindow) -> int:
-    """A stable id of a window: document index and offset packed into one integer."""
-    return window.document * 1_000_000_007 + window.start
+    check_choice("store_dtype", name, STORE_DTYPES, ValueError)
+    return torch.float32 if name == "int8" else FLOAT_DTYPES[name]

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clt.config.constants import DEFAULT_MODEL
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff", "mlp_block")

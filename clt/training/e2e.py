@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from clt.data.corpus import TokenWindow, bos_id
+from clt.data.windows import pad_id, pad_windows
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.training.data import ActivationStore, StoreError
+from clt.store import ActivationStore, StoreError
 from clt.training.metrics import (
     bos_keep_mask,
     language_model,
@@ -91,7 +92,7 @@ class KLObjective:
         self.lm, self.mlp_paths = language_model(model, tokenizer, transcoder)
         self.windows = store_windows(store, tokenizer)
         self.prepend_bos, self.keep_bos = bool(store.extra.get("prepend_bos", True)), keep_bos
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(tokenizer)
         self.device = next(model.parameters()).device
 
     def windows_at(self, step: int) -> list[TokenWindow]:
@@ -102,8 +103,6 @@ class KLObjective:
 
     def loss(self, transcoder: CrossLayerTranscoder, windows: list[TokenWindow]) -> torch.Tensor:
         """Mean KL (nats per predicted token) of the spliced model on `windows`, with its graph."""
-        from clt.nnsight.extractors import pad_windows
-
         ids, mask = pad_windows(windows, self.pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.no_grad():

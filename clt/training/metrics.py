@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from clt.data.windows import pad_id, pad_windows
 from clt.models.transcoder import CrossLayerTranscoder
+from clt.store import ActivationStore
 from clt.training.activity import FeatureActivity
-from clt.training.data import ActivationStore
 
 _FAR_BELOW = -1e9
 
@@ -232,7 +233,6 @@ def replacement_metrics(
     replaced and the zero-ablated run: stores leave BOS out, so a transcoder never sees its
     (outlier) activations, and attribution treats it the same way (`zero_bos`)."""
     from clt.data.corpus import load_texts, token_windows
-    from clt.nnsight.extractors import pad_windows
 
     transcoder = transcoder.eval()
     lm, mlp_paths = language_model(model, tokenizer, transcoder)
@@ -246,7 +246,7 @@ def replacement_metrics(
             break
     sums = dict(kl=0.0, top1=0.0, ce_original=0.0, ce_replaced=0.0, ce_zero_ablated=0.0)
     count = 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     for lo in range(0, len(windows), batch_size):
         ids, mask = pad_windows(windows[lo : lo + batch_size], pad)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
+from clt.store import FLOAT_DTYPES, ActivationBatch, ActivationStore
 from clt.training import collectives, distributed
 from clt.training.activity import FeatureActivity
 from clt.training.checkpoint import (
@@ -45,10 +46,8 @@ from clt.training.checkpoint import (
     optimizer_tensors,
     save_checkpoint,
 )
-from clt.training.data import ActivationBatch, ActivationStore
 from clt.training.distributed import DistributedTranscoder
 from clt.training.losses import compute_losses, fvu, sparsity_lambda_at
-from clt.training.shards import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -246,7 +245,7 @@ class CLTTrainer:
     def _check_batch(self, batch: ActivationBatch) -> None:
         """Raise on NaN/inf at once on the CPU; on an accelerator note it and raise at the next log step."""
         if self.device.type == "cpu":
-            _check_finite(batch, self.step + 1, self.clt_config.layers or list(range(self.clt_config.num_layers)))
+            _check_batch_finite(batch, self.step + 1, self.clt_config.layers or list(range(self.clt_config.num_layers)))
         else:
             self._nonfinite |= ~(torch.isfinite(batch.inputs).all() & torch.isfinite(batch.outputs).all())
 
@@ -469,7 +468,7 @@ def _retain_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
-def _check_finite(batch: Any, step: int, layers: list[int]) -> None:
+def _check_batch_finite(batch: Any, step: int, layers: list[int]) -> None:
     """Raise, naming the layer and step, if a batch holds NaN or inf (before it reaches the model)."""
     for name, values in (("inputs", batch.inputs), ("outputs", batch.outputs)):
         finite = torch.isfinite(values)

@@ -57,10 +57,12 @@ from timing import rotated_min_s
 
 from clt.config.base import ConfigBase
 from clt.config.cli_args import add_config_arguments, config_from_args
+from clt.config.constants import DEFAULT_MODEL
 from clt.data.corpus import DEFAULT_CORPUS, load_texts
-from clt.nnsight.extractors import ActivationExtractor, pad_windows
-from clt.nnsight.models import DEFAULT_MODEL, find_layout, load_model
-from clt.training.data import ActivationStore
+from clt.data.windows import pad_windows
+from clt.nnsight.extractors import ActivationExtractor
+from clt.nnsight.models import find_layout, load_model
+from clt.store import ActivationStore
 
 
 @dataclasses.dataclass

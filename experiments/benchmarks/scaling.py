@@ -30,8 +30,8 @@ import torch
 
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
+from clt.store import ActivationStore
 from clt.training.collectives import memory_bytes, run_local
-from clt.training.data import ActivationStore
 from clt.training.trainer import CLTTrainer
 
 

@@ -54,7 +54,7 @@ from clt.config.base import ConfigBase
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
 from clt.training.trainer import CLTTrainer
 
 SPARSIFY_SCRIPT = Path(__file__).resolve().parents[1] / "sparsify" / "sparsify_steps.py"

@@ -12,7 +12,7 @@ from clt.models.convert import convert_to_jumprelu, source_features
 from clt.models.export import export_circuit_tracer, load_circuit_tracer
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight.extractors import ActivationExtractor
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
 from clt.training.trainer import CLTTrainer
 
 CALIBRATION, BATCH = 2048, 256

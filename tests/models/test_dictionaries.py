@@ -19,7 +19,7 @@ from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models import CrossLayerTranscoder, MixtureOfLinearTransforms, UnsupportedDictionaryError
 from clt.models.export import export_circuit_tracer, load_circuit_tracer
-from clt.training.data import ActivationStore
+from clt.store import ActivationStore
 from clt.training.losses import compute_losses, fvu, reconstruction_loss
 from clt.training.metrics import reconstruction_metrics
 from clt.training.trainer import CLTTrainer

@@ -11,7 +11,7 @@ import torch
 from clt.data.corpus import token_windows
 from clt.nnsight.extractors import ActivationExtractor
 from clt.nnsight.models import find_layout
-from clt.training.data import ActivationStore, StoreError
+from clt.store import ActivationStore, StoreError
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -115,27 +115,14 @@ def test_interrupted_extraction_resumes_to_the_same_store(tiny_llama, tmp_path, 
             raise KeyboardInterrupt("simulated crash")
         return original(windows, **kwargs)
 
+    settings = dict(max_tokens=900, store_dtype="float32", shard_tokens=100, progress=False, write_behind=write_behind)
     monkeypatch.setattr(extractor, "activations", crashing)
     with pytest.raises(KeyboardInterrupt):
-        extractor.extract(
-            max_tokens=900,
-            store_dtype="float32",
-            output_dir=tmp_path / "s",
-            shard_tokens=100,
-            progress=False,
-            write_behind=write_behind,
-        )
+        extractor.extract(output_dir=tmp_path / "s", **settings)
     partial = ActivationStore.open(tmp_path / "s")
     assert 0 < partial.n_tokens < 900
     monkeypatch.setattr(extractor, "activations", original)
-    resumed = extractor.extract(
-        max_tokens=900,
-        store_dtype="float32",
-        output_dir=tmp_path / "s",
-        shard_tokens=100,
-        progress=False,
-        write_behind=write_behind,
-    )
+    resumed = extractor.extract(output_dir=tmp_path / "s", **settings)
     assert resumed.n_tokens == 900
     for a, b in zip(reference.tensors(), resumed.tensors()):
         assert torch.equal(a, b)

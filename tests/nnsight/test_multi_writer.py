@@ -11,7 +11,7 @@ import torch
 
 from clt.config.base import ConfigError
 from clt.config.extraction import ExtractionConfig
-from clt.training.data import ActivationStore, StoreError, StoreWriter, merge_store
+from clt.store import ActivationStore, StoreError, StoreWriter, merge_store
 
 SETTINGS = {
     "model": "tiny-llama",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clt.training.data import ActivationStore, StoreError, StoreWriter
+from clt.store import ActivationStore, StoreError, StoreWriter
 
 
 def make_activations(n=300, layers=3, d=8, seed=0):
@@ -116,6 +116,13 @@ def test_disk_store_round_trip_and_dtypes(tmp_path):
     assert torch.allclose(disk.norm_stats().input_mean, stored.mean(0), atol=1e-5)
     assert torch.allclose(memory.norm_stats().input_mean, acts["inputs"].mean(0), atol=1e-5)
     assert reopened.nbytes() > 0 and "300 tokens" in repr(reopened)
+
+
+def test_the_seed_import_path_is_the_store():
+    from clt.training.data import ActivationStore as SeedStore
+
+    store = SeedStore.from_nnsight_activations(make_activations())
+    assert SeedStore is ActivationStore and store.n_tokens == 300 and "layers=0..2" in repr(store)
 
 
 def test_corrupt_and_truncated_files_give_clear_errors(tmp_path):

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
+from clt.store import ActivationStore
 from clt.training.checkpoint import list_checkpoints
 from clt.training.collectives import Dist, DistributedError, run_local
-from clt.training.data import ActivationStore
 from clt.training.distributed import split_problems
 from clt.training.trainer import CLTTrainer
 

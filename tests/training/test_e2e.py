@@ -13,7 +13,7 @@ from clt.config.transcoder import CLTConfig
 from clt.data.corpus import load_texts
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight.extractors import ActivationExtractor
-from clt.training.data import ActivationStore, StoreError
+from clt.store import ActivationStore, StoreError
 from clt.training.e2e import KLObjective, store_windows
 from clt.training.metrics import replacement_metrics
 from clt.training.trainer import CLTTrainer

@@ -118,7 +118,7 @@ def test_low_precision_transcoder_is_spliced_in_its_own_dtype(relu_gpt2, exact_p
     ran) and within a few bf16 steps; every metric is then bounded by that logit change δ, and no
     assertion rests on the sign or value of a rounding-level number (which differ between CPUs)."""
     from clt.data.corpus import load_texts, token_windows
-    from clt.nnsight.extractors import pad_windows
+    from clt.data.windows import pad_windows
     from clt.training.metrics import language_model, spliced_logits
 
     model, tokenizer = relu_gpt2

@@ -11,7 +11,7 @@ from safetensors.torch import load
 
 from clt.config.base import ConfigError
 from clt.config.extraction import ExtractionConfig
-from clt.training.data import ActivationStore, StoreError, StoreWriter, tokens_to_gib
+from clt.store import ActivationStore, StoreError, StoreWriter
 
 
 def activations(n=240, layers=3, d=64, seed=0):
@@ -103,14 +103,18 @@ def test_corrupt_or_truncated_zstd_shard_gives_a_clear_error(tmp_path):
 
 def test_bytes_per_token_of_each_format(tmp_path):
     x, y = activations(n=256, layers=2, d=128)
-    sizes = {}
+    sizes, stores = {}, {}
     for dtype, compression in (("float16", "none"), ("int8", "none"), ("float16", "zstd"), ("int8", "zstd")):
         store = write(tmp_path / f"{dtype}-{compression}", x, y, dtype=dtype, compression=compression, shard=256)
         sizes[dtype, compression] = sum(p.stat().st_size for p in store.shards) / store.n_tokens
+        stores[dtype, compression] = store
     meta = 8 + 4 + 8  # token id, position, window id
     assert sizes["float16", "none"] == pytest.approx(2 * 2 * 128 * 2 + meta, rel=0.02)
     assert sizes["int8", "none"] == pytest.approx(2 * 2 * (128 + 4) + meta, rel=0.02)
-    assert sizes["int8", "none"] == pytest.approx(tokens_to_gib(1, 2, 128, "int8") * 2**30 + meta, rel=0.02)
+    # the store's own byte count: per token, 2 layers x (inputs, outputs) x (128 int8 codes + a float32 scale)
+    # and the metadata; plus the float64 statistics (sums of x, x², y, y² per layer and dimension, and the count)
+    int8, stats = stores["int8", "none"], 4 * 2 * 128 * 8 + 8
+    assert int8.nbytes() == pytest.approx(int8.n_tokens * (2 * 2 * (128 + 4) + meta) + stats, rel=0.02)
     assert sizes["float16", "zstd"] < sizes["float16", "none"]
     assert sizes["int8", "zstd"] < sizes["int8", "none"]
 
@@ -169,7 +173,7 @@ def test_version_1_store_is_read_and_resumed(tmp_path):
 def test_unknown_formats_and_a_missing_zstandard_are_named(tmp_path, monkeypatch):
     settings = {"layers": [0], "d_model": 4}
     for option, value in (("dtype", "int4"), ("compression", "lz4"), ("output_site", "resid")):
-        with pytest.raises(StoreError, match=f"unknown {option.replace('dtype', 'store dtype')} '{value}'"):
+        with pytest.raises(StoreError, match=f"{option} '{value}' is not one of"):
             StoreWriter(tmp_path / "s", **settings, **{option: value})
         field = "store_dtype" if option == "dtype" else option
         with pytest.raises(ConfigError, match=f"{field} '{value}' is not one of"):

@@ -11,7 +11,7 @@ import torch
 from clt.config.extraction import ExtractionConfig
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
-from clt.training.data import ActivationStore, StoreError, StoreWriter
+from clt.store import ActivationStore, StoreError, StoreWriter
 
 
 def rows(n=360, layers=2, d=6):
@@ -99,20 +99,25 @@ def test_producer_failure_and_silence_give_clear_errors(tmp_path):
         ActivationStore.open(tmp_path / "s", follow="yes")
 
 
-def test_streaming_extraction_trains_while_extracting_on_the_same_tokens(tmp_path, monkeypatch):
-    from clt.nnsight.extractors import ActivationExtractor
-    from clt.pipeline import run_streaming, run_training
-
+def streaming_configs(tmp_path, *, max_tokens, **training):
+    """Extraction (tiny-llama, shards of 128 tokens into tmp_path/streamed), transcoder and training configs."""
     extraction = ExtractionConfig(
         model="tiny-llama",
-        max_tokens=1024,
+        max_tokens=max_tokens,
         context_length=32,
         batch_size=2,
         shard_tokens=128,
         output_dir=str(tmp_path / "streamed"),
     )
     clt = CLTConfig(num_features=16, num_layers=1, d_model=1, activation_fn="topk", topk=4)
-    training = TrainingConfig(batch_size=64, training_steps=16, learning_rate=1e-3, log_every=1, lr_warmup_steps=0)
+    return extraction, clt, TrainingConfig(batch_size=64, learning_rate=1e-3, lr_warmup_steps=0, **training)
+
+
+def test_streaming_extraction_trains_while_extracting_on_the_same_tokens(tmp_path, monkeypatch):
+    from clt.nnsight.extractors import ActivationExtractor
+    from clt.pipeline import run_streaming, run_training
+
+    extraction, clt, training = streaming_configs(tmp_path, max_tokens=1024, training_steps=16, log_every=1)
     following_at_step, traced, consumed = [], [], threading.Event()
     original_gather, original_activations = ActivationStore._gather, ActivationExtractor.activations
 
@@ -148,16 +153,7 @@ def test_failed_streaming_training_stops_the_extraction_and_the_store_resumes(tm
     from clt.pipeline import run_extraction, run_streaming
     from clt.training.trainer import CLTTrainer
 
-    extraction = ExtractionConfig(
-        model="tiny-llama",
-        max_tokens=4096,
-        context_length=32,
-        batch_size=2,
-        shard_tokens=128,
-        output_dir=str(tmp_path / "streamed"),
-    )
-    clt = CLTConfig(num_features=16, num_layers=1, d_model=1, activation_fn="topk", topk=4)
-    training = TrainingConfig(batch_size=64, training_steps=64, learning_rate=1e-3, lr_warmup_steps=0)
+    extraction, clt, training = streaming_configs(tmp_path, max_tokens=4096, training_steps=64)
     original = ActivationExtractor.activations
 
     def slow(self, *args, **kwargs):

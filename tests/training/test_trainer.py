@@ -11,8 +11,8 @@ from clt.config import ConfigError
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
+from clt.store import ActivationStore
 from clt.training.checkpoint import CheckpointMismatchError, list_checkpoints
-from clt.training.data import ActivationStore
 from clt.training.trainer import CLTTrainer
 
 
@@ -137,7 +137,7 @@ def test_seed_003_example_runs_as_written(tmp_path, monkeypatch):
 
     from clt.config import CLTConfig, TrainingConfig
     from clt.nnsight.extractors import ActivationExtractor
-    from clt.training.data import ActivationStore
+    from clt.store import ActivationStore
     from clt.training.trainer import CLTTrainer
 
     # Extract activations

@@ -19,11 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
+from clt.config.constants import FLOAT_DTYPE_NAMES
 from clt.files import atomic_path, atomic_save_tensors, read_tensors
 
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-STORE_DTYPES = (*FLOAT_DTYPES, "int8")
-COMPRESSIONS = ("none", "zstd")
+FLOAT_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPE_NAMES}
+"""The torch dtype of each float store dtype."""
+META_KEYS = ("token_ids", "positions", "window_ids")
+"""Per-row metadata of a shard, [n] each."""
 SCALE_SUFFIX = "_scale"
 _INT8_MAX = 127
 _ZSTD_LEVEL = 3
@@ -36,6 +38,12 @@ _SAFETENSORS_DTYPES = {
     torch.int32: "I32",
     torch.int8: "I8",
 }
+_MISSING = "the store is incomplete; re-run the extraction to resume it"
+_CORRUPT = "delete it and its entry will be re-extracted when you resume the extraction"
+
+
+class StoreError(ValueError):
+    """A store is missing, corrupt or used inconsistently; the message says how to fix it."""
 
 
 def zstandard() -> Any:
@@ -121,28 +129,19 @@ def save_shard(parts: dict[str, list[torch.Tensor]], path: Path, compression: st
             sink.close()
 
 
-def load_shard(path: Path, error: type[Exception], *, missing: str, corrupt: str) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a plain safetensors file of a store (memory-mapped), or a StoreError that says what to do."""
+    return read_tensors(path, StoreError, missing=_MISSING, corrupt=_CORRUPT)
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a shard file (memory-mapped when plain; decompressed in memory when ``.zst``)."""
     if path.suffix != ".zst":
-        return read_tensors(path, error, missing=missing, corrupt=corrupt)
+        return load_tensors(path)
     if not path.is_file():
-        raise error(f"{path} is missing: {missing}")
+        raise StoreError(f"{path} is missing: {_MISSING}")
     zstd = zstandard()
     try:
         return load_bytes(zstd.ZstdDecompressor().decompress(path.read_bytes()))
     except (zstd.ZstdError, SafetensorError, OSError, ValueError) as err:
-        raise error(f"{path} is corrupt or truncated ({err}); {corrupt}") from err
-
-
-__all__ = [
-    "COMPRESSIONS",
-    "FLOAT_DTYPES",
-    "STORE_DTYPES",
-    "decode",
-    "dequantize_int8",
-    "encode",
-    "load_shard",
-    "quantize_int8",
-    "save_shard",
-    "shard_name",
-]
+        raise StoreError(f"{path} is corrupt or truncated ({err}); {_CORRUPT}") from err
