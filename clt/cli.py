@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from clt.config.attribution import AttributionConfig
-from clt.config.base import ConfigBase, ConfigError
+from clt.config.base import ConfigError
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.config.constants import DEFAULT_MODEL
 from clt.config.extraction import ExtractionConfig
@@ -57,8 +57,8 @@ def _read_config_file(path: str | None) -> dict[str, Any]:
     return values
 
 
-def _section(values: dict[str, Any], name: str, cls: type[ConfigBase]) -> dict[str, Any]:
-    """Options for `cls` from a config file: its own section if the file has sections, else all keys."""
+def _section(values: dict[str, Any], name: str) -> dict[str, Any]:
+    """Options of section `name` from a config file: that section if the file has sections, else all keys."""
     if name in values and isinstance(values[name], dict):
         return values[name]
     return values
@@ -77,9 +77,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     """
     from clt.pipeline import run_extraction
 
-    cfg = config_from_args(
-        ExtractionConfig, args, _section(_read_config_file(args.config), "extraction", ExtractionConfig)
-    )
+    cfg = config_from_args(ExtractionConfig, args, _section(_read_config_file(args.config), "extraction"))
     store = run_extraction(cfg)
     print(f"{store}\nsize on disk: {store.nbytes() / 2**20:.1f} MiB")
     return 0
@@ -180,9 +178,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from clt.config.attribution import AttributionConfig
     from clt.pipeline import load_transcoder, run_attribution
 
-    config = config_from_args(
-        AttributionConfig, args, _section(_read_config_file(args.config), "attribution", AttributionConfig)
-    )
+    config = config_from_args(AttributionConfig, args, _section(_read_config_file(args.config), "attribution"))
     transcoder = load_transcoder(args.transcoder, args.device)
     result = run_attribution(
         transcoder,

@@ -34,47 +34,41 @@ def rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
-class JumpReLUFunction(torch.autograd.Function):
-    """z·H(z−θ); backward: H(z−θ) for z, −(θ/ε)·K((z−θ)/ε) for θ."""
+class _ThresholdFunction(torch.autograd.Function):
+    """Backward shared by JumpReLU and the step: H(z−θ) (JumpReLU) or 0 (step) for z,
+    −(s/ε)·K((z−θ)/ε) for θ with s = θ (JumpReLU) or 1 (step)."""
 
     @staticmethod
-    def forward(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        return torch.where(z > threshold, z, _zero(z))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
-        z, threshold, bandwidth = inputs
+    def save(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float, *, jump: bool) -> None:
+        """Keep what `backward` needs."""
         ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.jump = bandwidth, jump
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         z, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_z = grad * (z > threshold).to(grad.dtype)
-        grad_theta = -(threshold / eps) * rectangle((z - threshold) / eps) * grad
+        grad_z = grad * (z > threshold).to(grad.dtype) if ctx.jump else torch.zeros_like(z)
+        grad_theta = -((threshold if ctx.jump else 1.0) / eps) * rectangle((z - threshold) / eps) * grad
         return grad_z, grad_theta.sum_to_size(threshold.shape), None
 
 
-class StepFunction(torch.autograd.Function):
+class JumpReLUFunction(_ThresholdFunction):
+    """z·H(z−θ); backward: H(z−θ) for z, −(θ/ε)·K((z−θ)/ε) for θ."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        _ThresholdFunction.save(ctx, z, threshold, bandwidth, jump=True)
+        return torch.where(z > threshold, z, _zero(z))
+
+
+class StepFunction(_ThresholdFunction):
     """H(z−θ); backward: 0 for z, −(1/ε)·K((z−θ)/ε) for θ."""
 
     @staticmethod
-    def forward(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        _ThresholdFunction.save(ctx, z, threshold, bandwidth, jump=False)
         return (z > threshold).to(z.dtype)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float], output: Tensor) -> None:
-        z, threshold, bandwidth = inputs
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        z, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_theta = -(1.0 / eps) * rectangle((z - threshold) / eps) * grad
-        return torch.zeros_like(z), grad_theta.sum_to_size(threshold.shape), None
 
 
 def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

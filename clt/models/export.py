@@ -1,25 +1,11 @@
 """Export a transcoder to circuit-tracer's on-disk formats, and read such a folder back.
 
-circuit-tracer (decoderesearch/circuit-tracer 0.5.0) reads two layouts, one file set per model
-layer m = 0..M-1 (F features, d = d_model), plus a ``config.yaml``:
-
-- Per-layer transcoders (``transcoder/single_layer_transcoder.py``: ``load_transcoder``,
-  ``SingleLayerTranscoder.to_safetensors``): ``layer_{m}.safetensors`` with ``W_enc`` [F, d]
-  (pre-activations ``x @ W_enc.T + b_enc``), ``b_enc`` [F], ``W_dec`` [F, d] (output
-  ``a @ W_dec + b_dec``), ``b_dec`` [d], ``activation_function.threshold`` [F] (JumpReLU; ReLU
-  when absent) and ``W_skip`` [d_out, d_in] (adds ``x @ W_skip.T``) when there is a skip.
-  ``load_transcoder`` loads every key with a strict ``load_state_dict``: no other key may appear.
-- Cross-layer transcoder (``transcoder/cross_layer_transcoder.py``: ``load_clt``,
-  ``_load_state_dict``, ``to_safetensors``): ``W_enc_{m}.safetensors`` with ``W_enc_{m}`` [F, d],
-  ``b_enc_{m}`` [F], ``b_dec_{m}`` [d] and ``threshold_{m}`` [F] (JumpReLU), and
-  ``W_dec_{m}.safetensors`` with ``W_dec_{m}`` [F, M - m, d] (decoders to layers m..M-1).
-- ``config.yaml`` (``utils/caching.py``: ``load_transcoders_from_cache``): ``model_kind``
-  (``transcoder_set`` or ``cross_layer_transcoder``), ``feature_input_hook``,
-  ``feature_output_hook`` and optionally ``scan``. With it, ``ReplacementModel.from_pretrained(
-  model, "/absolute/path/to/folder")`` loads the folder; ``load_clt(folder, ...)`` and
-  ``load_transcoder_set({m: path}, ...)`` read the files directly. We add a ``clt_config`` key
-  (this project's CLTConfig, which circuit-tracer ignores) so that `load_circuit_tracer` restores
-  the exact configuration.
+The folder is circuit-tracer's layout (`clt.models.circuit_tracer_files`, which reads and writes
+its files). With its ``config.yaml``, ``ReplacementModel.from_pretrained(model,
+"/absolute/path/to/folder")`` loads the folder; ``load_clt(folder, ...)`` and
+``load_transcoder_set({m: path}, ...)`` read the files directly. We add a ``clt_config`` key
+(this project's CLTConfig, which circuit-tracer ignores) so that `load_circuit_tracer` restores
+the exact configuration.
 
 circuit-tracer runs transcoders on raw MLP inputs, so the export folds the standardisation into the
 weights (`CrossLayerTranscoder.fold_normalization`): W_enc/σ_in with b_enc − W_enc·μ_in/σ_in,
@@ -45,30 +31,35 @@ error terms there, as in this project's ReplacementModel.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 from clt.config.base import ConfigError
 from clt.config.transcoder import PARAM_DTYPES, CLTConfig
-from clt.files import atomic_save_tensors, atomic_write_text, read_tensors
-from clt.models.transcoder import CheckpointError, CrossLayerTranscoder
+from clt.models.circuit_tracer_files import (
+    CLT_KIND,
+    CONFIG_FILE,
+    FILES,
+    PLT_KIND,
+    detect_kind,
+    is_layer_file,
+    layer_files,
+    read_config,
+    read_layer,
+    write_config,
+    write_layer,
+)
+from clt.models.saving import CheckpointError
+from clt.models.transcoder import CrossLayerTranscoder
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-PLT_KIND = "transcoder_set"
-CLT_KIND = "cross_layer_transcoder"
-PLT_THRESHOLD = "activation_function.threshold"
 DEFAULT_INPUT_HOOK = "mlp.hook_in"
 DEFAULT_OUTPUT_HOOK = "mlp.hook_out"
 _OWN_CONFIG = "clt_config"
-_PATTERNS = {PLT_KIND: ("layer_{}.safetensors",), CLT_KIND: ("W_enc_{}.safetensors", "W_dec_{}.safetensors")}
-_FILE_RE = re.compile(r"^(layer|W_enc|W_dec)_(\d+)\.safetensors$")
 
 
 # ----------------------------------------------------------------- export
@@ -113,36 +104,32 @@ def export_circuit_tracer(
     index = {m: i for i, m in enumerate(layers)}
     F, d = cfg.num_features, cfg.d_model
     written: set[str] = set()
+
+    def part(t: Tensor, i: int | None, *shape: int) -> Tensor:
+        """Covered layer i's slice of `t`, or zeros of `shape` for a model layer not covered."""
+        return t[i] if i is not None else torch.zeros(*shape, dtype=dtype)
+
     for m in range(M):
         i = index.get(m)
-        W_enc = folded.W_enc[i] if i is not None else torch.zeros(F, d, dtype=dtype)
-        b_enc = folded.b_enc[i] if i is not None else torch.zeros(F, dtype=dtype)
-        b_dec = folded.b_dec[i] if i is not None else torch.zeros(d, dtype=dtype)
-        thr = None if threshold is None else (threshold[i] if i is not None else torch.zeros(F, dtype=dtype))
+        tensors: dict[str, Tensor | None] = {
+            "W_enc": part(folded.W_enc, i, F, d),
+            "b_enc": part(folded.b_enc, i, F),
+            "b_dec": part(folded.b_dec, i, d),
+            "threshold": None if threshold is None else part(threshold, i, F),
+        }
         if kind == PLT_KIND:
-            tensors = {
-                "W_enc": W_enc,
-                "W_dec": (folded.W_dec[i][:, 0] if i is not None else torch.zeros(F, d, dtype=dtype)),
-                "b_enc": b_enc,
-                "b_dec": b_dec,
-            }
-            if thr is not None:
-                tensors[PLT_THRESHOLD] = thr
+            tensors["W_dec"] = folded.W_dec[i][:, 0] if i is not None else torch.zeros(F, d, dtype=dtype)
             if cfg.skip_connection:
-                tensors["W_skip"] = folded.W_skip[i] if i is not None else torch.zeros(d, d, dtype=dtype)
-            written |= _save(out_dir, f"layer_{m}.safetensors", tensors)
+                tensors["W_skip"] = part(folded.W_skip, i, d, d)
         else:
-            enc = {f"W_enc_{m}": W_enc, f"b_enc_{m}": b_enc, f"b_dec_{m}": b_dec}
-            if thr is not None:
-                enc[f"threshold_{m}"] = thr
             W_dec = torch.zeros(F, M - m, d, dtype=dtype)
             if i is not None:
                 for t in range(i, cfg.num_layers):
                     W_dec[:, layers[t] - m] = folded.W_dec[i][:, t - i]
-            written |= _save(out_dir, f"W_enc_{m}.safetensors", enc)
-            written |= _save(out_dir, f"W_dec_{m}.safetensors", {f"W_dec_{m}": W_dec})
+            tensors["W_dec"] = W_dec
+        written.update(write_layer(out_dir, kind, m, tensors))
     for stale in out_dir.iterdir():
-        if _FILE_RE.match(stale.name) and stale.name not in written:
+        if is_layer_file(stale.name) and stale.name not in written:
             stale.unlink()
     config: dict[str, Any] = {
         "model_kind": kind,
@@ -152,7 +139,7 @@ def export_circuit_tracer(
     if scan is not None:
         config["scan"] = scan
     config[_OWN_CONFIG] = cfg.to_dict()
-    atomic_write_text(yaml.safe_dump(config, sort_keys=False), out_dir / CONFIG_FILE)
+    write_config(out_dir, config)
     return out_dir
 
 
@@ -177,20 +164,13 @@ def _prepare(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file; give a folder for the circuit-tracer export")
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = [p.name for p in out_dir.iterdir() if p.name == CONFIG_FILE or _FILE_RE.match(p.name)]
+    existing = [p.name for p in out_dir.iterdir() if p.name == CONFIG_FILE or is_layer_file(p.name)]
     if existing and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds circuit-tracer files ({min(existing)}, "
             "...); pass overwrite=True or choose an empty folder"
         )
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)
-
-
-def _save(out_dir: Path, name: str, tensors: dict[str, Tensor]) -> set[str]:
-    atomic_save_tensors(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out_dir / name, {"format": "pt"}
-    )
-    return {name}
 
 
 # ----------------------------------------------------------------- load
@@ -209,16 +189,21 @@ def load_circuit_tracer(path: str | Path, device: str | torch.device | None = No
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no circuit-tracer transcoder folder at {path}; write one with export_circuit_tracer")
-    config = _read_config(path)
-    kind = config.get("model_kind") or _infer_kind(path)
-    if kind not in _PATTERNS:
+    config = read_config(path)
+    kind = config.get("model_kind") or detect_kind(path)
+    if kind is None:
+        raise FileNotFoundError(
+            f"{path} holds no circuit-tracer transcoder (layer_0.safetensors or "
+            "W_enc_0.safetensors); write one with export_circuit_tracer"
+        )
+    if kind not in FILES:
         raise CheckpointError(
-            f"{path / CONFIG_FILE}: model_kind {kind!r} is not one of {sorted(_PATTERNS)}; fix config.yaml"
+            f"{path / CONFIG_FILE}: model_kind {kind!r} is not one of {sorted(FILES)}; fix config.yaml"
         )
     M = _count_layers(path, kind)
     own = _own_config(path, config, kind, M)
     layers = own.layers if own is not None else list(range(M))
-    per_layer = [_read_layer(path, kind, m, M) for m in layers]
+    per_layer = [read_layer(path, kind, m) for m in layers]
     first = per_layer[0]
     F, d = first["W_enc"].shape
     for m, t in zip(layers, per_layer):
@@ -245,35 +230,10 @@ def load_circuit_tracer(path: str | Path, device: str | torch.device | None = No
     return model if device is None else model.to(device)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        return {}
-    try:
-        config = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"{file} is not valid YAML ({err}); export the folder again") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} is not a mapping; export the folder again")
-    return config
-
-
-def _infer_kind(path: Path) -> str:
-    if (path / "layer_0.safetensors").is_file():
-        return PLT_KIND
-    if (path / "W_enc_0.safetensors").is_file():
-        return CLT_KIND
-    raise FileNotFoundError(
-        f"{path} holds no circuit-tracer transcoder (layer_0.safetensors or "
-        "W_enc_0.safetensors); write one with export_circuit_tracer"
-    )
-
-
 def _count_layers(path: Path, kind: str) -> int:
     counts = []
-    for pattern in _PATTERNS[kind]:
-        prefix = pattern.split("{}")[0]
-        found = {int(m.group(2)) for p in path.iterdir() if (m := _FILE_RE.match(p.name)) and p.name.startswith(prefix)}
+    for pattern in FILES[kind]:
+        found = set(layer_files(path, pattern))
         missing = sorted(set(range(max(found, default=-1) + 1)) - found)
         if not found or missing:
             first = pattern.format(missing[0] if missing else 0)
@@ -311,42 +271,6 @@ def _own_config(path: Path, config: dict[str, Any], kind: str, M: int) -> CLTCon
             "the folder again"
         )
     return cfg
-
-
-def _read_layer(path: Path, kind: str, m: int, M: int) -> dict[str, Tensor]:
-    hint = {
-        "missing": "copy the complete folder or export it again",
-        "corrupt": "copy the file again or export the folder again",
-    }
-    if kind == PLT_KIND:
-        t = read_tensors(path / f"layer_{m}.safetensors", CheckpointError, **hint)
-        _require(path / f"layer_{m}.safetensors", t, ("W_enc", "W_dec", "b_enc", "b_dec"))
-        out = {k: t[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "k") if k in t}
-        if PLT_THRESHOLD in t:
-            out["threshold"] = t[PLT_THRESHOLD]
-        return out
-    enc = read_tensors(path / f"W_enc_{m}.safetensors", CheckpointError, **hint)
-    dec = read_tensors(path / f"W_dec_{m}.safetensors", CheckpointError, **hint)
-    _require(path / f"W_enc_{m}.safetensors", enc, (f"W_enc_{m}", f"b_enc_{m}", f"b_dec_{m}"))
-    _require(path / f"W_dec_{m}.safetensors", dec, (f"W_dec_{m}",))
-    out = {
-        "W_enc": enc[f"W_enc_{m}"],
-        "b_enc": enc[f"b_enc_{m}"],
-        "b_dec": enc[f"b_dec_{m}"],
-        "W_dec": dec[f"W_dec_{m}"],
-    }
-    if f"threshold_{m}" in enc:
-        out["threshold"] = enc[f"threshold_{m}"]
-    return out
-
-
-def _require(file: Path, tensors: dict[str, Tensor], keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise CheckpointError(
-            f"{file} lacks {missing} (has {sorted(tensors)}); it is not a "
-            "circuit-tracer transcoder file: export the folder again"
-        )
 
 
 def _check_shapes(path: Path, kind: str, m: int, M: int, t: dict[str, Tensor], F: int, d: int) -> None:

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from clt.config.transcoder import CLTConfig
-from clt.models.transcoder import CrossLayerTranscoder, UnsupportedDictionaryError, _compute_dtype
+from clt.models.kernels import compute_dtype
+from clt.models.transcoder import CrossLayerTranscoder, UnsupportedDictionaryError
 
 
 def molt_group_sizes(cfg: CLTConfig) -> list[int]:
@@ -103,7 +104,7 @@ class MixtureOfLinearTransforms(CrossLayerTranscoder):
     def layer_output(self, layer: int, gates: Tensor, x_std: Tensor) -> Tensor:
         """Σ_i a_i T_i x̃ [..., d] of one layer from its gates [..., F] and standardised input
         x̃ [..., d] (no bias, no skip; in the autocast dtype when autocast is on)."""
-        dtype = _compute_dtype(gates, self.W_enc.dtype)
+        dtype = compute_dtype(gates, self.W_enc.dtype)
         a, x = gates.to(dtype), x_std.to(dtype)
         out = None
         for g, (U, V) in enumerate(zip(self.U, self.V)):

@@ -55,12 +55,7 @@ class AttributionFeature(TypedDict):
 
 
 def sparse_topk_kernel(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    threshold: Tensor | None,
-    activation_threshold: float,
-    k: int,
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor | None, activation_threshold: float, k: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Encode `x [L, N, h]` with stacked `W_enc [L, f, h]`: top-k values, indices, density."""
     pre = torch.baddbmm(b_enc.unsqueeze(1), x, W_enc.transpose(1, 2))

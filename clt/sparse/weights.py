@@ -9,21 +9,23 @@ Three on-disk layouts are read (safetensors only, never pickle):
   `W_dec [f, h]`, `b_enc`, `b_dec`, optional `activation_function.threshold` and `W_skip`;
 - circuit-tracer cross-layer transcoders: `W_enc_{i}.safetensors` (`W_enc_i`, `b_enc_i`,
   `b_dec_i`, optional `threshold_i`) and optional `W_dec_{i}.safetensors` (`W_dec_i [f, L - i, h]`).
+
+circuit-tracer's files are read and written by `clt.models.circuit_tracer_files` (writes atomic).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-_PLT_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
-_CLT_FILE = re.compile(r"^W_enc_(\d+)\.safetensors$")
+from clt.config.base import ConfigError
+from clt.config.transcoder import CLTConfig
+from clt.models.circuit_tracer_files import FILES, PLT_KIND, detect_kind, layer_files, read_layer, write_layer
+from clt.models.saving import CheckpointError
+from clt.models.transcoder import CrossLayerTranscoder
 
 
 class TranscoderLoadError(ValueError):
@@ -120,16 +122,16 @@ def load_transcoders(
     if (root / "config.json").is_file():
         result = _load_pretrained(root, layers, device, load_decoder)
     else:
-        found = _scan(root, _PLT_FILE) or _scan(root, _CLT_FILE)
-        if not found:
+        kind = detect_kind(root)
+        if kind is None:
             raise TranscoderLoadError(
                 f"{root} holds no transcoder: expected `config.json` + `model.safetensors` "
                 "(CrossLayerTranscoder.save_pretrained), `layer_{i}.safetensors` (circuit-tracer "
                 "per-layer transcoders) or `W_enc_{i}.safetensors` (circuit-tracer CLT)"
             )
+        found = layer_files(root, FILES[kind][0])
         wanted = _check_layers(root, layers, sorted(found))
-        reader = _read_plt if next(iter(found.values())).name.startswith("layer_") else _read_clt
-        result = {layer: reader(found[layer], layer, device, load_decoder) for layer in wanted}
+        result = {layer: _read_circuit_tracer(found[layer], kind, layer, device, load_decoder) for layer in wanted}
     if dtype is not None:
         result = {layer: weights.to(dtype=dtype) for layer, weights in result.items()}
     _check_consistent(root, result)
@@ -143,20 +145,8 @@ def save_transcoders(transcoders: dict[int, TranscoderWeights], directory: str |
     for layer, weights in transcoders.items():
         if weights.W_dec is None or weights.b_dec is None:
             raise ValueError(f"layer {layer}: circuit-tracer files need W_dec and b_dec")
-        tensors = {
-            "W_enc": weights.W_enc,
-            "W_dec": weights.W_dec.T,
-            "b_enc": weights.b_enc,
-            "b_dec": weights.b_dec,
-        }
-        if weights.threshold is not None:
-            tensors["activation_function.threshold"] = weights.threshold
-        if weights.W_skip is not None:
-            tensors["W_skip"] = weights.W_skip
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(directory / f"layer_{layer}.safetensors"),
-        )
+        tensors = {"W_enc": weights.W_enc, "W_dec": weights.W_dec.T, "b_enc": weights.b_enc, "b_dec": weights.b_dec}
+        write_layer(directory, PLT_KIND, layer, {**tensors, "threshold": weights.threshold, "W_skip": weights.W_skip})
     return directory
 
 
@@ -186,15 +176,6 @@ def random_transcoders(
     return result
 
 
-def _scan(root: Path, pattern: re.Pattern[str]) -> dict[int, Path]:
-    found = {}
-    for path in root.iterdir():
-        match = pattern.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return found
-
-
 def _check_layers(root: Path, layers: list[int] | None, available: list[int]) -> list[int]:
     if layers is None:
         return available
@@ -204,24 +185,6 @@ def _check_layers(root: Path, layers: list[int] | None, available: list[int]) ->
     return list(layers)
 
 
-def _read_file(
-    path: Path, device: str | torch.device, skip: tuple[str, ...] = (), header_only: bool = False
-) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            if header_only:
-                return {}
-            return {key: handle.get_tensor(key) for key in handle.keys() if key not in skip}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError) as err:
-        raise TranscoderLoadError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
-
-
-def _take(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
-    if key not in tensors:
-        raise TranscoderLoadError(f"{path} has no tensor '{key}'; it holds {sorted(tensors)}")
-    return tensors[key]
-
-
 def _build(path: Path, **fields: Tensor | None) -> TranscoderWeights:
     try:
         return TranscoderWeights(**fields)
@@ -229,36 +192,27 @@ def _build(path: Path, **fields: Tensor | None) -> TranscoderWeights:
         raise TranscoderLoadError(f"{path}: {err}") from err
 
 
-def _read_plt(path: Path, layer: int, device: str | torch.device, load_decoder: bool) -> TranscoderWeights:
-    tensors = _read_file(path, device, skip=() if load_decoder else ("W_dec",))
+def _read_circuit_tracer(
+    path: Path, kind: str, layer: int, device: str | torch.device, load_decoder: bool
+) -> TranscoderWeights:
+    """One layer of a circuit-tracer folder; `path` is the layer's main file."""
+    try:
+        tensors = read_layer(path.parent, kind, layer, device=device, decoder=load_decoder)
+    except CheckpointError as err:
+        raise TranscoderLoadError(str(err)) from err
+    if kind == PLT_KIND:
+        same_layer, cross = tensors.get("W_dec"), None
+    else:
+        cross = tensors.get("W_dec")
+        same_layer = None if cross is None else cross[:, 0, :]
     return _build(
         path,
-        W_enc=_take(tensors, "W_enc", path),
-        b_enc=_take(tensors, "b_enc", path),
-        W_dec=_take(tensors, "W_dec", path).T if load_decoder else None,
-        b_dec=_take(tensors, "b_dec", path),
-        threshold=tensors.get("activation_function.threshold"),
+        W_enc=tensors["W_enc"],
+        b_enc=tensors["b_enc"],
+        W_dec=None if same_layer is None else same_layer.T,
+        b_dec=tensors["b_dec"],
+        threshold=tensors.get("threshold"),
         W_skip=tensors.get("W_skip"),
-    )
-
-
-def _read_clt(path: Path, layer: int, device: str | torch.device, load_decoder: bool) -> TranscoderWeights:
-    tensors = _read_file(path, device)
-    cross = None
-    dec_path = path.with_name(f"W_dec_{layer}.safetensors")
-    if load_decoder and dec_path.is_file():
-        cross = _take(_read_file(dec_path, device), f"W_dec_{layer}", dec_path)
-        if cross.ndim != 3:
-            raise TranscoderLoadError(
-                f"{dec_path}: W_dec_{layer} has shape {list(cross.shape)}; expected [f, n_out, h]"
-            )
-    return _build(
-        path,
-        W_enc=_take(tensors, f"W_enc_{layer}", path),
-        b_enc=_take(tensors, f"b_enc_{layer}", path),
-        W_dec=None if cross is None else cross[:, 0, :].T,
-        b_dec=_take(tensors, f"b_dec_{layer}", path),
-        threshold=tensors.get(f"threshold_{layer}"),
         W_dec_cross=cross,
     )
 
@@ -271,10 +225,6 @@ def _load_pretrained(
     The threshold is the model's inference threshold (JumpReLU θ, or the BatchTopK EMA); ReLU and
     TopK transcoders get none (for TopK, the encoder's `top_k` plays the role of k).
     """
-    from clt.config.base import ConfigError
-    from clt.config.transcoder import CLTConfig
-    from clt.models.transcoder import CheckpointError, CrossLayerTranscoder
-
     try:
         cfg = CLTConfig.load(root / "config.json")
         wanted = _check_layers(root, layers, list(cfg.layers))

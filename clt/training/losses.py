@@ -21,7 +21,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from clt.models.activations import step as heaviside_step
 from clt.models.transcoder import CLTOutput, CrossLayerTranscoder
 
 SPARSITY_KINDS = ("tanh", "l1")
@@ -93,12 +92,6 @@ def sparsity_loss(
     else:
         raise ValueError(f"sparsity kind '{kind}' is not one of {SPARSITY_KINDS}")
     return coefficient * _tokens_mean(per_token.sum(dim=(-2, -1)))
-
-
-def l0_loss(preactivations: Tensor, threshold: Tensor, *, bandwidth: float, coefficient: float = 1.0) -> Tensor:
-    """coefficient · Σ H(z − θ), mean over tokens; θ gets the rectangle-kernel pseudo-gradient."""
-    active = heaviside_step(preactivations, threshold, bandwidth)
-    return coefficient * _tokens_mean(active.sum(dim=(-2, -1)))
 
 
 def sparsity_lambda_at(step: int, final: float, warmup_steps: int) -> float:

@@ -36,7 +36,7 @@ from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.store import FLOAT_DTYPES, ActivationBatch, ActivationStore
-from clt.training import distributed
+from clt.training import collectives, distributed
 from clt.training.activity import FeatureActivity
 from clt.training.checkpoint import (
     CheckpointMismatchError,
@@ -68,9 +68,9 @@ class CLTTrainer:
     ) -> None:
         store = activation_store
         c = training_config
-        self.dist = distributed.init_distributed(c.parallel, c.device, c.dist_timeout_s)
+        self.dist = collectives.init_distributed(c.parallel, c.device, c.dist_timeout_s)
         if self.dist is not None:
-            distributed.check_agreement(
+            collectives.check_agreement(
                 self.dist,
                 {
                     "transcoder": clt_config.to_dict(),
@@ -98,7 +98,7 @@ class CLTTrainer:
             output_site=getattr(store, "output_site", clt_config.output_site),
         )
         self.cfg, self.store, self.callbacks = training_config, store, callbacks or []
-        self.device = torch.device(distributed.local_device(c.device) if self.dist else c.device)
+        self.device = torch.device(collectives.local_device(c.device) if self.dist else c.device)
         if training_config.retain_freed_memory and self.device.type == "cpu":
             _retain_freed_memory()
         self.output_dir = Path(training_config.output_dir) if training_config.output_dir else None
@@ -125,7 +125,7 @@ class CLTTrainer:
             checkpoints = list_checkpoints(self.output_dir / "checkpoints")
             latest = checkpoints[-1] if checkpoints else None
             if self.dist is not None:
-                latest = distributed.broadcast_path(latest, self.dist.world_size)
+                latest = collectives.broadcast_path(latest, self.dist.world_size)
             if latest is not None:
                 self.load_checkpoint(latest)
 
@@ -204,7 +204,7 @@ class CLTTrainer:
             loss = terms.total / accumulation
             self._check_loss(loss)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            fired = self.activity.update(out.features, distributed.all_reduce_sum if data_parallel else None)
+            fired = self.activity.update(out.features, collectives.all_reduce_sum if data_parallel else None)
             tokens = out.features[..., 0, 0].numel() * (self.dist.world_size if data_parallel else 1)
             for name, value in terms.tensors().items():
                 _accumulate(sums, name, value.detach().double() / accumulation)
@@ -239,7 +239,7 @@ class CLTTrainer:
 
     def _fvu(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.dist is not None and not self.dist.sharded:
-            return distributed.global_fvu(reconstruction, target)
+            return collectives.global_fvu(reconstruction, target)
         return fvu(reconstruction, target, per_layer=False).double()
 
     def _check_batch(self, batch: ActivationBatch) -> None:
@@ -357,13 +357,13 @@ class CLTTrainer:
             activity = distributed.gather_state(activity, self.dist)
             model = model.whole()
         if not self.is_main:
-            distributed.barrier()
+            collectives.barrier()
             return directory / f"step_{self.step:08d}"
         tensors = {**{f"activity.{k}": v for k, v in activity.items()}, "rng": torch.get_rng_state()}
         state = {"history": self.history, "training_config": self.cfg.to_dict(), "store_tokens": self.store.n_tokens}
         path = save_checkpoint(directory, self.step, model, (opt_tensors, groups), tensors, state)
         if self.dist is not None:
-            distributed.barrier()
+            collectives.barrier()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:

@@ -59,168 +59,8 @@ DEFAULT_CT_PYTHON = "/work/ct-venv/bin/python"
 CALIBRATION_TOKENS = 512
 """Tokens of the default corpus used for the transcoders' statistics and thresholds."""
 MiB = 1024 * 1024
-
-
-# ===================================================================== measurement helpers
-# (used in the child processes; stdlib only, so that circuit-tracer's virtualenv can run them)
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-class PeakMemory:
-    """Peak resident memory of this process from `start` to `stop`, in bytes.
-
-    Resets the kernel's high-water mark (VmHWM) through /proc/self/clear_refs where allowed; else
-    samples the resident size every millisecond in a thread (which can miss short peaks)."""
-
-    def __init__(self) -> None:
-        self.method = "VmHWM"
-        self._peak = 0
-        self._thread = None
-        self._stop = False
-
-    def start(self) -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            import threading
-
-            self.method = "sampled RSS"
-            self._peak = _status_kib("VmRSS")
-
-            def sample() -> None:
-                while not self._stop:
-                    self._peak = max(self._peak, _status_kib("VmRSS"))
-                    time.sleep(0.001)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-
-    def stop(self) -> int:
-        if self._thread is None:
-            return _status_kib("VmHWM") * 1024
-        self._stop = True
-        self._thread.join()
-        return max(self._peak, _status_kib("VmRSS")) * 1024
-
-
-def _touch(parameters) -> None:
-    """Read every weight once, so that memory-mapped weight files are resident before measuring
-    (else the pages the call touches first would count as its memory)."""
-    import torch
-
-    with torch.no_grad():
-        for p in parameters:
-            p.sum()
-
-
-def _measure(call):
-    """(result, seconds, peak bytes, rss bytes before, method) of call()."""
-    import gc
-
-    gc.collect()
-    before = _status_kib("VmRSS") * 1024
-    peak = PeakMemory()
-    peak.start()
-    t0 = time.perf_counter()
-    result = call()
-    seconds = time.perf_counter() - t0
-    return result, seconds, peak.stop(), before, peak.method
-
-
-# ===================================================================== child processes
-
-
-def child_ours(spec: dict, out: Path, batch_size: int | None) -> dict:
-    """Our attribute (batch_size None: the spec's settings) on the spec's prompt ids."""
-    import torch
-
-    from clt.attribution import attribute
-    from clt.models.transcoder import CrossLayerTranscoder
-    from clt.nnsight.models import load_model
-
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(spec["model_dir"])
-    transcoder = CrossLayerTranscoder.load(spec["transcoder"]).eval()
-    _touch(model.parameters())
-    load_s = time.perf_counter() - t0
-    load_peak = _status_kib("VmHWM") * 1024
-    settings = dict(spec["settings"])
-    if batch_size is not None:
-        settings["batch_size"] = batch_size
-    ids = torch.tensor(spec["token_ids"])
-    graph, seconds, peak, before, method = _measure(
-        lambda: attribute(ids, model, transcoder, tokenizer=tokenizer, progress=False, **settings)
-    )
-    graph.save(out.with_suffix(".graph.json"))
-    return {
-        "seconds": seconds,
-        "peak_bytes": peak,
-        "rss_before_bytes": before,
-        "load_peak_bytes": load_peak,
-        "load_seconds": load_s,
-        "memory_method": method,
-        "n_active_features": graph.n_active_features,
-        "n_feature_nodes": graph.n_features,
-        "n_logits": graph.n_logits,
-        "n_nodes": graph.n_nodes,
-        "threads": torch.get_num_threads(),
-        "settings": settings,
-        "graph": str(out.with_suffix(".graph.json")),
-    }
-
-
-def child_ct(spec: dict, out: Path, scores: bool) -> dict:
-    """circuit-tracer's attribute (run in its virtualenv) on the spec's prompt ids."""
-    import torch
-    from circuit_tracer import ReplacementModel, attribute
-    from circuit_tracer.graph import compute_graph_scores
-
-    t0 = time.perf_counter()
-    model = ReplacementModel.from_pretrained(
-        spec["model_dir"], spec["ct_transcoder"], backend="nnsight", device=torch.device("cpu"), dtype=torch.float32
-    )
-    _touch(model.parameters())
-    load_s = time.perf_counter() - t0
-    load_peak = _status_kib("VmHWM") * 1024
-    s = spec["settings"]
-    ids = torch.tensor(spec["token_ids"])
-    graph, seconds, peak, before, method = _measure(
-        lambda: attribute(
-            ids,
-            model,
-            max_n_logits=s["max_n_logits"],
-            desired_logit_prob=s["desired_logit_prob"],
-            batch_size=s["batch_size"],
-            max_feature_nodes=s["max_feature_nodes"],
-            verbose=False,
-        )
-    )
-    path = out.with_suffix(".graph.pt")
-    graph.to_pt(str(path))
-    result = {
-        "seconds": seconds,
-        "peak_bytes": peak,
-        "rss_before_bytes": before,
-        "load_peak_bytes": load_peak,
-        "load_seconds": load_s,
-        "memory_method": method,
-        "n_active_features": int(graph.active_features.shape[0]),
-        "n_feature_nodes": len(graph.selected_features),
-        "n_logits": len(graph.logit_targets),
-        "n_nodes": int(graph.adjacency_matrix.shape[0]),
-        "threads": torch.get_num_threads(),
-        "graph": str(path),
-    }
-    if scores:
-        replacement, completeness = compute_graph_scores(graph)
-        result["ct_scores"] = [float(replacement), float(completeness)]
-    return result
+CHILD_SCRIPT = Path(__file__).resolve().with_name("attribution_child.py")
+"""Runs each measured call in a fresh process (ours, or circuit-tracer's in its virtualenv)."""
 
 
 # ===================================================================== preparation (our venv)
@@ -370,7 +210,7 @@ def run_child(python: str, mode: str, spec: dict, out: Path, extra: list[str] = 
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     proc = subprocess.run(
-        [python, str(Path(__file__).resolve()), "--child", mode, "--spec", str(spec_path), "--out", str(out), *extra],
+        [python, str(CHILD_SCRIPT), "--child", mode, "--spec", str(spec_path), "--out", str(out), *extra],
         env=env,
         text=True,
         capture_output=True,
@@ -471,20 +311,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/clt-bench"))
     parser.add_argument("--ct-python", default=DEFAULT_CT_PYTHON, help="python of the virtualenv with circuit-tracer")
-    parser.add_argument("--child", choices=["ours", "ours-b1", "ct"], help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--scores", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.child is not None:
-        spec = json.loads(args.spec.read_text())
-        if args.child == "ct":
-            result = child_ct(spec, args.out, args.scores)
-        else:
-            result = child_ours(spec, args.out, 1 if args.child == "ours-b1" else None)
-        args.out.write_text(json.dumps(result))
-        return 0
 
     if args.batch_size is None:
         from clt.config.attribution import AttributionConfig

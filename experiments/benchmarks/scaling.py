@@ -2,7 +2,7 @@
 
     flock /tmp/clt-cpu.lock python experiments/benchmarks/scaling.py [--layers 6 --d-model 128 --features 2048]
 
-Every variant is a `CLTTrainer.train` in freshly spawned processes (`clt.training.distributed.run_local`,
+Every variant is a `CLTTrainer.train` in freshly spawned processes (`clt.training.collectives.run_local`,
 gloo, torchrun's environment variables) on the same in-memory store of synthetic activations and the
 same configs; only the world size, `parallel` and the threads per process change.
 
@@ -31,7 +31,7 @@ import torch
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.store import ActivationStore
-from clt.training.distributed import memory_bytes, run_local
+from clt.training.collectives import memory_bytes, run_local
 from clt.training.trainer import CLTTrainer
 
 

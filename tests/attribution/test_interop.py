@@ -36,12 +36,7 @@ from clt.models.transcoder import CheckpointError, CrossLayerTranscoder
 F, D = 8, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kw(cross_layer: bool, activation: str, skip: bool = False, **extra) -> dict[str, Any]:

@@ -17,21 +17,19 @@ def planted_dictionary(
     d: int,
     *,
     cross: bool,
-    seed: int = 0,
     features: int = 24,
-    p: float = 0.03,
     skip: torch.Tensor | None = None,
     sae: bool = False,
     noise: float = 0.0,
 ) -> tuple[list[torch.Tensor], Sampler]:
-    """True decoders D[l] [features, L_out, d] (unit norm per feature) and a sampler of (x, y).
+    """True decoders D[l] [features, L_out, d] (unit norm per feature) and a sampler of (x, y) (seed 0).
 
-    x_l = Σ_i a_l,i E_l,i + noise·N(0, I) with sparse a (each feature on with probability p,
+    x_l = Σ_i a_l,i E_l,i + noise·N(0, I) with sparse a (each feature on with probability 0.03,
     value in [0.5, 1.5]);
     y_l' = Σ_{l ≤ l'} a_l D[l→l'] (CLT) or a_l D[l] (PLT), plus x_l' skip[l']ᵀ when `skip`
     [L, d, d] is given; with `sae` the targets are the inputs (y = x, decoders = encoders).
     """
-    g = torch.Generator().manual_seed(seed)
+    g, p = torch.Generator().manual_seed(0), 0.03
     enc = torch.randn(layers, d, features, generator=g)
     enc /= enc.norm(dim=1, keepdim=True)
     dec = [torch.randn(features, layers - l if cross else 1, d, generator=g) for l in range(layers)]

@@ -8,16 +8,7 @@ import pytest
 import torch
 
 from clt.config.transcoder import CLTConfig
-from clt.models import (
-    BatchTopK,
-    CrossLayerTranscoder,
-    batchtopk,
-    jumprelu,
-    rectangle,
-    relu,
-    step,
-    topk,
-)
+from clt.models import BatchTopK, CrossLayerTranscoder, batchtopk, jumprelu, rectangle, relu, step, topk
 
 
 def _normal_pdf(t: float) -> float:

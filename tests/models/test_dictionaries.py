@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from planted import (
@@ -32,18 +34,12 @@ def _random(cfg: CLTConfig, seed: int = 0) -> CrossLayerTranscoder:
     return randomize_parameters(CrossLayerTranscoder.from_config(cfg), seed)
 
 
+def _cfg(**kw) -> CLTConfig:
+    return CLTConfig(**{"num_layers": L, "d_model": D, **kw})
+
+
 def _molt_cfg(**kw) -> CLTConfig:
-    return CLTConfig(
-        **{
-            "num_features": 7,
-            "num_layers": L,
-            "d_model": D,
-            "architecture": "molt",
-            "cross_layer": False,
-            "molt_ranks": [4, 2, 1],
-            **kw,
-        }
-    )
+    return _cfg(**{"num_features": 7, "architecture": "molt", "cross_layer": False, "molt_ranks": [4, 2, 1], **kw})
 
 
 # ---------------------------------------------------------------- configuration
@@ -82,7 +78,7 @@ def test_unsupported_combinations_fail_at_config_time(kw, match):
 
 def test_from_config_builds_each_kind_and_refuses_a_mismatched_class():
     assert type(CrossLayerTranscoder.from_config(_molt_cfg())) is MixtureOfLinearTransforms
-    plain = CLTConfig(num_features=8, num_layers=L, d_model=D)
+    plain = _cfg(num_features=8)
     assert type(CrossLayerTranscoder.from_config(plain)) is CrossLayerTranscoder
     with pytest.raises(ValueError, match="from_config"):
         CrossLayerTranscoder(_molt_cfg())
@@ -103,15 +99,8 @@ def test_from_config_builds_each_kind_and_refuses_a_mismatched_class():
 @pytest.mark.parametrize("cross,skip", [(True, False), (False, True)], ids=["clt", "plt-skip"])
 def test_prefix_reconstructions_equal_the_truncated_transcoders(act, cross, skip):
     """The cumulative segment decode of the first m features = truncate(m) run on its own."""
-    cfg = CLTConfig(
-        num_features=16,
-        num_layers=L,
-        d_model=D,
-        activation_fn=act,
-        cross_layer=cross,
-        skip_connection=skip,
-        topk=2,
-        matryoshka_prefixes=[3, 8],
+    cfg = _cfg(
+        num_features=16, activation_fn=act, cross_layer=cross, skip_connection=skip, topk=2, matryoshka_prefixes=[3, 8]
     )
     model = _random(cfg)
     x_std = model.normalize_inputs(torch.randn(2, 5, L, D))
@@ -129,9 +118,7 @@ def test_prefix_reconstructions_equal_the_truncated_transcoders(act, cross, skip
 
 
 def test_matryoshka_loss_sums_the_prefix_losses_and_reports_their_fvu():
-    model = _random(
-        CLTConfig(num_features=16, num_layers=L, d_model=D, activation_fn="relu", matryoshka_prefixes=[4, 8])
-    )
+    model = _random(_cfg(num_features=16, activation_fn="relu", matryoshka_prefixes=[4, 8]))
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, L, D, generator=g), torch.randn(64, L, D, generator=g)
     terms, out = compute_losses(model, x, y)
@@ -153,17 +140,7 @@ def test_matryoshka_loss_sums_the_prefix_losses_and_reports_their_fvu():
 
 
 def test_truncate_refuses_bad_sizes_and_keeps_everything_else():
-    model = _random(
-        CLTConfig(
-            num_features=8,
-            num_layers=L,
-            d_model=D,
-            activation_fn="topk",
-            topk=5,
-            skip_connection=True,
-            cross_layer=False,
-        )
-    )
+    model = _random(_cfg(num_features=8, activation_fn="topk", topk=5, skip_connection=True, cross_layer=False))
     small = model.truncate(3)
     assert small.cfg.topk == 3 and torch.equal(small.W_skip, model.W_skip)
     assert torch.equal(small.W_enc, model.W_enc[:, :3]) and torch.equal(small.b_dec, model.b_dec)
@@ -172,6 +149,22 @@ def test_truncate_refuses_bad_sizes_and_keeps_everything_else():
         model.truncate(9)
     with pytest.raises(UnsupportedDictionaryError, match="nested order"):
         _random(_molt_cfg()).truncate(3)
+
+
+def _planted_training(output_dir: Path, *, steps: int) -> TrainingConfig:
+    """Batches of 1024 at lr 1e-2 (decaying over the second half), λ = 1 ramped over the first tenth,
+    one log line at the end."""
+    return TrainingConfig(
+        learning_rate=1e-2,
+        batch_size=1024,
+        training_steps=steps,
+        sparsity_lambda=1.0,
+        sparsity_warmup_steps=steps // 10,
+        lr_warmup_steps=10,
+        lr_decay_start=0.5,
+        log_every=steps,
+        output_dir=str(output_dir),
+    )
 
 
 def _store(x: torch.Tensor, y: torch.Tensor, site: str = "mlp_out") -> ActivationStore:
@@ -186,18 +179,8 @@ def test_matryoshka_recovers_a_planted_dictionary_and_truncation_gives_the_logge
     with the prefix size."""
     true_dec, sample = planted_dictionary(L, D, cross=True, features=24)
     x, y = sample(16_000)
-    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn="relu", matryoshka_prefixes=[24])
-    training = TrainingConfig(
-        learning_rate=1e-2,
-        batch_size=1024,
-        training_steps=600,
-        sparsity_lambda=1.0,
-        sparsity_warmup_steps=60,
-        lr_warmup_steps=10,
-        lr_decay_start=0.5,
-        log_every=600,
-        output_dir=str(tmp_path / "run"),
-    )
+    cfg = _cfg(num_features=48, activation_fn="relu", matryoshka_prefixes=[24])
+    training = _planted_training(tmp_path / "run", steps=600)
     store = _store(x, y)
     trainer = CLTTrainer(cfg, training, store)
     trainer.train(progress=False)
@@ -340,18 +323,8 @@ def test_sae_mode_recovers_a_planted_dictionary_of_the_inputs(tmp_path, one_thre
     true_dec, sample = planted_dictionary(L, D, cross=False, features=24, sae=True)
     x, y = sample(16_000)
     assert torch.equal(x, y)
-    cfg = CLTConfig(num_features=48, num_layers=L, d_model=D, activation_fn="relu", cross_layer=False)
-    training = TrainingConfig(
-        learning_rate=1e-2,
-        batch_size=1024,
-        training_steps=300,
-        sparsity_lambda=1.0,
-        sparsity_warmup_steps=30,
-        lr_warmup_steps=10,
-        lr_decay_start=0.5,
-        log_every=300,
-        output_dir=str(tmp_path / "sae"),
-    )
+    cfg = _cfg(num_features=48, activation_fn="relu", cross_layer=False)
+    training = _planted_training(tmp_path / "sae", steps=300)
     model = CLTTrainer(cfg, training, _store(x, y, "mlp_in")).train(progress=False).eval()
     assert model.cfg.output_site == "mlp_in" and model.kind == "SAE"
     assert max_cosines(true_dec, model.fold_normalization().W_dec).mean() >= 0.9
@@ -375,9 +348,7 @@ def test_skip_transcoder_recovers_a_planted_skip_and_dictionary(one_thread):
     skip = torch.randn(L, D, D, generator=g) * 0.3
     true_dec, sample = planted_dictionary(L, D, cross=False, features=24, skip=skip, noise=0.2)
     x, y = sample(32_000)
-    cfg = CLTConfig(
-        num_features=48, num_layers=L, d_model=D, activation_fn="relu", cross_layer=False, skip_connection=True
-    )
+    cfg = _cfg(num_features=48, activation_fn="relu", cross_layer=False, skip_connection=True)
     model = train_planted(CrossLayerTranscoder(cfg), x, y, steps=800, sparsity=1.0)
     folded = model.fold_normalization()
     x_test, y_test = sample(4096)
@@ -397,9 +368,7 @@ def test_skip_transcoder_recovers_a_planted_skip_and_dictionary(one_thread):
 
 
 def test_matryoshka_exports_like_a_plain_transcoder(tmp_path):
-    model = _random(
-        CLTConfig(num_features=8, num_layers=L, d_model=D, activation_fn="jumprelu", matryoshka_prefixes=[2, 4])
-    )
+    model = _random(_cfg(num_features=8, activation_fn="jumprelu", matryoshka_prefixes=[2, 4]))
     export_circuit_tracer(model, tmp_path / "ct")
     back = load_circuit_tracer(tmp_path / "ct")
     assert back.cfg.matryoshka_prefixes == [2, 4]

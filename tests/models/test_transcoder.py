@@ -11,6 +11,7 @@ from planted import max_cosines, planted_dictionary, train_planted
 from clt.config.base import ConfigError
 from clt.config.transcoder import CLTConfig
 from clt.models import CheckpointError, CLTOutput, CrossLayerTranscoder
+from clt.models.perturb import randomize_parameters
 from clt.training.losses import compute_losses, fvu
 
 L, D = 3, 16
@@ -21,47 +22,21 @@ def _cfg(**kw) -> CLTConfig:
     return CLTConfig(**{"num_features": 8, "num_layers": L, "d_model": D, **kw})
 
 
-def _model(seed: int = 0, stats: bool = True, **kw) -> CrossLayerTranscoder:
-    """A random transcoder with non-trivial weights, biases and standardisation statistics."""
-    model = CrossLayerTranscoder(_cfg(seed=seed, **kw))
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        model.b_enc.normal_(0, 0.3, generator=g)
-        model.b_dec.normal_(0, 0.3, generator=g)
-        if model.cfg.skip_connection:
-            model.W_skip.normal_(0, 0.2, generator=g)
-    if stats:
-        model.set_normalization(
-            torch.randn(L, D, generator=g),
-            torch.rand(L, D, generator=g) + 0.5,
-            torch.randn(L, D, generator=g),
-            torch.rand(L, D, generator=g) + 0.5,
-        )
-    return model
+def _model(seed: int = 0, **kw) -> CrossLayerTranscoder:
+    """A random transcoder (training mode) with non-trivial biases, thresholds and standardisation statistics."""
+    return randomize_parameters(CrossLayerTranscoder(_cfg(seed=seed, **kw)), seed + 100).train()
 
 
 # ---------------------------------------------------------------- planted dictionary
-
-
-def _planted(cross: bool, seed: int = 0, ft: int = 24, p: float = 0.03):
-    """True decoders D[l] [ft, L_out, D] (unit norm per feature) and a sampler of (x, y)."""
-    return planted_dictionary(L, D, cross=cross, seed=seed, features=ft, p=p)
 
 
 @pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
 @pytest.mark.parametrize("act", ACTS)
 def test_planted_dictionary_is_recovered(act, cross, one_thread):
     steps, batch = 1000, 256
-    true_dec, sample = _planted(cross)
+    true_dec, sample = planted_dictionary(L, D, cross=cross)
     x, y = sample(64_000)
-    cfg = CLTConfig(
-        num_features=48,
-        num_layers=L,
-        d_model=D,
-        activation_fn=act,
-        cross_layer=cross,
-        topk=1 if act == "batchtopk" else 3,
-    )
+    cfg = _cfg(num_features=48, activation_fn=act, cross_layer=cross, topk=1 if act == "batchtopk" else 3)
     model = train_planted(
         CrossLayerTranscoder(cfg), x, y, steps=steps, batch=batch, sparsity=1.0 if act in ("relu", "jumprelu") else 0.0
     )

@@ -21,8 +21,9 @@ H, F = 8, 24
 
 
 def _clt_model(layers: list[int], activation_fn: str = "jumprelu", skip: bool = False):
-    """A small CrossLayerTranscoder with random weights and non-trivial standardisation."""
+    """A small CrossLayerTranscoder with random weights, biases, thresholds and standardisation."""
     from clt.config.transcoder import CLTConfig
+    from clt.models.perturb import randomize_parameters
     from clt.models.transcoder import CrossLayerTranscoder
 
     cfg = CLTConfig(
@@ -34,21 +35,7 @@ def _clt_model(layers: list[int], activation_fn: str = "jumprelu", skip: bool = 
         skip_connection=skip,
         jumprelu_threshold=0.2,
     )
-    model = CrossLayerTranscoder(cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-        if activation_fn == "jumprelu":
-            model.log_threshold.copy_(torch.rand(model.log_threshold.shape, generator=gen).log() - 1)
-    L = len(layers)
-    model.set_normalization(
-        torch.randn(L, H, generator=gen),
-        torch.rand(L, H, generator=gen) + 0.5,
-        torch.randn(L, H, generator=gen),
-        torch.rand(L, H, generator=gen) + 0.5,
-    )
-    return model
+    return randomize_parameters(CrossLayerTranscoder(cfg), seed=1)
 
 
 def test_circuit_tracer_per_layer_round_trip(tmp_path: Path) -> None:

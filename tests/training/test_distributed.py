@@ -22,7 +22,8 @@ from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.store import ActivationStore
 from clt.training.checkpoint import list_checkpoints
-from clt.training.distributed import Dist, DistributedError, run_local, split_problems
+from clt.training.collectives import Dist, DistributedError, run_local
+from clt.training.distributed import split_problems
 from clt.training.trainer import CLTTrainer
 
 TOL = 1e-5
@@ -264,23 +265,10 @@ def test_cli_train_under_torchrun(tmp_path):
     import sys
 
     make_store().save(tmp_path / "store")
-    flags = [
-        "train",
-        "--store",
-        str(tmp_path / "store"),
-        "--num-features",
-        "16",
-        "--activation-fn",
-        "relu",
-        "--batch-size",
-        "32",
-        "--training-steps",
-        "4",
-        "--log-every",
-        "2",
-        "--parallel",
-        "features",
-    ]
+    options = (
+        "--num-features 16 --activation-fn relu --batch-size 32 --training-steps 4 --log-every 2 --parallel features"
+    )
+    flags = ["train", "--store", str(tmp_path / "store"), *options.split()]
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(

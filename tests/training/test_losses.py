@@ -14,7 +14,6 @@ from clt.training.losses import (
     auxiliary_topk_loss,
     compute_losses,
     fvu,
-    l0_loss,
     preactivation_loss,
     reconstruction_loss,
     sparsity_lambda_at,
@@ -85,16 +84,6 @@ def test_preactivation_loss_values_and_gradients():
     loss.backward()
     expected = torch.tensor([[[-1.0, 0.0], [-1.5, 0.0]]])
     assert torch.allclose(z.grad, expected), "raising z lowers the loss"
-
-
-def test_l0_loss_counts_and_trains_theta():
-    z = torch.tensor([[[0.5, 0.12, -1.0]], [[0.09, 0.3, 0.2]]])
-    theta = torch.full((1, 3), 0.1, requires_grad=True)
-    loss = l0_loss(z, theta, bandwidth=0.1, coefficient=2.0)
-    assert loss.item() == pytest.approx(2.0 * (2 + 2) / 2)
-    loss.backward()
-    near = torch.tensor([[1.0, 1.0, 0.0]])
-    assert torch.allclose(theta.grad, 2.0 * -(1 / 0.1) * near / 2)
 
 
 def _linear_decoder(weight: torch.Tensor):
