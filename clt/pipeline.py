@@ -132,7 +132,7 @@ def load_transcoder(path: str | Path, device: str = "cpu") -> Any:
 
 def _model_for(transcoder: Any, model: Any, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) from a name/path, a pair, or the transcoder's recorded model name."""
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
 
     if isinstance(model, tuple):
         return model

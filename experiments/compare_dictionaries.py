@@ -136,7 +136,7 @@ def compare(
     """Train each named dictionary for each k (BatchTopK, so L0 is matched), collect metrics, write
     comparison.json and pareto.html into output_dir; returns the table (None where not applicable)."""
     from clt.models.convert import convert_to_jumprelu
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
     from clt.viz import pareto_figure, save_figure_html
 
     unknown = [n for n in names if n not in DICTIONARIES]

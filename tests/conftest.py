@@ -27,7 +27,7 @@ def one_thread():
 @pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt2"])
 def tiny(request):
     """(name, model, tokenizer) for each tiny architecture."""
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
 
     model, tokenizer = load_model(request.param)
     return request.param, model, tokenizer
@@ -36,7 +36,7 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def tiny_llama():
     """(model, tokenizer) of the tiny Llama."""
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
 
     return load_model("tiny-llama")
 
@@ -44,7 +44,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the default model, SmolLM2-135M (slow to load: ~15 s)."""
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -54,7 +54,7 @@ def relu_gpt2():
     """A GPT-2 whose MLPs are y = W2 relu(W1 x + b1) + b2: a per-layer transcoder can equal it exactly."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from clt.nnsight.models import tiny_tokenizer
+    from clt.nnsight.loading import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(1)

@@ -30,7 +30,7 @@ def standardised_transcoder(source: Any, *, output_bias: bool = True, **config: 
         tc.set_normalization(stats.input_mean, stats.input_std, stats.output_mean, stats.output_std)
         return tc
     from clt.attribution import ReplacementModel
-    from clt.nnsight.models import find_layout
+    from clt.nnsight.loading import find_layout
 
     layout = find_layout(source)
     tc = CrossLayerTranscoder(CLTConfig(**{"num_layers": layout.num_layers, "d_model": layout.d_model, **config}))

@@ -234,7 +234,7 @@ def test_attribute_end_to_end(trained_run, tmp_path, capsys):
     from clt.attribution import Graph
 
     graph = Graph.load(out / "graph.json")
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
 
     tokenizer = load_model("tiny-llama")[1]
     assert graph.prompt == "The for statement iterates" and 1 <= graph.n_logits <= 3

@@ -69,7 +69,7 @@ def _replacement_model(model: Any, transcoder: CrossLayerTranscoder | None, toke
     if transcoder is None:
         raise ValueError("attribute needs a transcoder: attribute(prompt, model, transcoder)")
     if isinstance(model, str):
-        from clt.nnsight.models import load_model
+        from clt.nnsight.loading import load_model
 
         model, loaded_tokenizer = load_model(model)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from clt.attribution.frozen import frozen
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight import splice
-from clt.nnsight.models import ModelLayout
+from clt.nnsight.loading import ModelLayout
 
 
 @dataclasses.dataclass

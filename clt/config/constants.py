@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from clt.config.base import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
-"""Alias of the default model, SmolLM2-135M-Instruct (see clt.nnsight.models)."""
+"""Alias of the default model, SmolLM2-135M-Instruct (see clt.nnsight.loading)."""
 FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 """Floating-point precisions of stored activations and transcoder parameters, by torch name."""
 STORE_DTYPES = (*FLOAT_DTYPE_NAMES, "int8")

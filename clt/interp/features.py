@@ -253,7 +253,7 @@ def output_logit_effects(
 
 def unembedding_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The unembedding [vocab, d] of a transformers model and its final norm's weight (if any)."""
-    from clt.nnsight.models import find_layout
+    from clt.nnsight.loading import find_layout
 
     layout = find_layout(model)
     norm = model.get_submodule(layout.final_norm_path) if layout.final_norm_path else None

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from clt.config.constants import DEFAULT_MODEL, STORE_DTYPES, check_choice, check_output_site
 from clt.data.corpus import DEFAULT_CORPUS, TokenWindow, load_texts, token_windows
 from clt.data.windows import hash_window, pad_id, pad_windows
-from clt.nnsight.models import find_layout, load_model
+from clt.nnsight.loading import find_layout, load_model
 from clt.nnsight.splice import wrap_model
 from clt.store import FLOAT_DTYPES, MANIFEST, ActivationStore, StoreError, StoreWriter
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from clt.config.constants import layer_span
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.nnsight.models import ModelLayout, find_layout
+from clt.nnsight.loading import ModelLayout, find_layout
 
 _MODES = ("none", "replace", "zero")
 _FAR_BELOW = -1e9

@@ -390,12 +390,9 @@ class ActivationStore:
         when it goes to an accelerator (from pinned memory, without blocking, on CUDA).
         """
         batch_size = batch_size or self.batch_size
-        if batch_size % world_size:
-            raise StoreError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        lo, hi = rank_rows(batch_size, rank, world_size)
         position = start * batch_size
         epoch, offset = (0, position) if self.following else divmod(position, self.n_tokens)
-        lo = rank * (batch_size // world_size)
-        hi = lo + batch_size // world_size
         gather_dtype = dtype if torch.device(device).type == "cpu" else FLOAT_DTYPES.get(self.dtype, dtype)
         pinned = torch.device(device).type == "cuda"
         pending: list[tuple[list[int], torch.Tensor]] = []
@@ -469,3 +466,11 @@ def _stack(activations: dict[str, Any], key: str) -> torch.Tensor:
     if value.shape[0] == 0:
         raise StoreError("the activations contain no tokens: is the corpus empty?")
     return value
+
+
+def rank_rows(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of every global batch that rank `rank` of `world_size` takes (data parallel)."""
+    if batch_size % world_size:
+        raise StoreError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+    lo = rank * (batch_size // world_size)
+    return lo, lo + batch_size // world_size

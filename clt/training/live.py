@@ -26,6 +26,7 @@ import torch
 
 from clt.data.corpus import TokenWindow, load_texts
 from clt.store import ActivationBatch, NormStats, RunningStats
+from clt.store.reader import rank_rows
 
 logger = logging.getLogger(__name__)
 
@@ -182,24 +183,17 @@ class LiveActivations:
         )
 
     def batches(
-        self,
-        batch_size: int | None = None,
-        *,
-        seed: int | None = None,
-        start: int = 0,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        rank: int = 0,
-        world_size: int = 1,
+        self, batch_size: int | None = None, *, seed: int | None = None, start: int = 0, **placement: Any
     ) -> Iterator[ActivationBatch]:
-        """Endless batches; batch i depends only on (seed, i). `start` resumes at batch `start`."""
+        """Endless batches; batch i depends only on (seed, i). `start` resumes at batch `start`.
+
+        `placement`: ``device``, ``dtype``, and ``rank``/``world_size`` (this rank's rows of every
+        batch), as for `ActivationStore.batches`."""
         batch_size = batch_size or self.batch_size
         if seed is not None and seed != self.seed:
             raise ValueError(f"this stream was built with seed {self.seed}; the trainer asks for {seed}")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
-        lo = rank * (batch_size // world_size)
-        hi = lo + batch_size // world_size
+        lo, hi = rank_rows(batch_size, placement.get("rank", 0), placement.get("world_size", 1))
+        device, dtype = placement.get("device", "cpu"), placement.get("dtype", torch.float32)
         where = self.position(start, batch_size)
         cycle, offset = where.cycle, where.offset
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []

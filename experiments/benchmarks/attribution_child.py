@@ -103,7 +103,7 @@ def child_ours(spec: dict, out: Path, batch_size: int | None) -> dict:
 
     from clt.attribution import attribute
     from clt.models.transcoder import CrossLayerTranscoder
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(spec["model_dir"])

@@ -98,7 +98,7 @@ def prepare_model(name: str, work_dir: Path, prompt_ids: list[int] | None = None
     """(model, tokenizer, folder): the model loaded from its saved folder (created once)."""
     import torch
 
-    from clt.nnsight.models import load_model
+    from clt.nnsight.loading import load_model
 
     folder = work_dir / "models" / name
     if not (folder / "config.json").is_file():
@@ -125,7 +125,7 @@ def build_transcoder(model, tokenizer, kind: str, num_features: int, active_per_
     from clt.config.transcoder import CLTConfig
     from clt.data.corpus import default_corpus, encode_prompt
     from clt.models.transcoder import CrossLayerTranscoder
-    from clt.nnsight.models import find_layout
+    from clt.nnsight.loading import find_layout
 
     layout = find_layout(model)
     L, d, F = layout.num_layers, layout.d_model, num_features

@@ -61,7 +61,7 @@ from clt.config.constants import DEFAULT_MODEL
 from clt.data.corpus import DEFAULT_CORPUS, load_texts
 from clt.data.windows import pad_windows
 from clt.nnsight.extractors import ActivationExtractor
-from clt.nnsight.models import find_layout, load_model
+from clt.nnsight.loading import find_layout, load_model
 from clt.store import ActivationStore
 
 

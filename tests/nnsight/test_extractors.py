@@ -10,7 +10,7 @@ import torch
 
 from clt.data.corpus import token_windows
 from clt.nnsight.extractors import ActivationExtractor
-from clt.nnsight.models import find_layout
+from clt.nnsight.loading import find_layout
 from clt.store import ActivationStore, StoreError
 
 TEXTS = [

@@ -35,7 +35,7 @@ class LabelledExtractor:
 
 @pytest.fixture
 def tokenizer():
-    from clt.nnsight.models import tiny_tokenizer
+    from clt.nnsight.loading import tiny_tokenizer
 
     return tiny_tokenizer()
 

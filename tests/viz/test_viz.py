@@ -16,7 +16,7 @@ from clt.config.transcoder import CLTConfig
 from clt.interp import FeatureCard
 from clt.interp.features import Context
 from clt.models.transcoder import CrossLayerTranscoder
-from clt.nnsight.models import find_layout
+from clt.nnsight.loading import find_layout
 from clt.training.metrics import ReconstructionMetrics
 from clt.viz import (
     NODE_META,

@@ -7,6 +7,7 @@ byte-level BPE tokenizer trained on the default corpus, for tests and quick expe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -104,8 +105,10 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` by alias, local folder or GGUF file, or a hub id already cached."""
     model, tokenizer = _load_cached(name, trust_remote_code)
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, tokenizer
+    first = next(model.parameters())
+    if first.dtype != dtype or first.device != torch.device(device):
+        model = copy.deepcopy(model)  # `Module.to` works in place: keep the cached float32 copy exact
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 @functools.lru_cache(maxsize=4)
