@@ -1,0 +1,122 @@
+"""The end-to-end demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from clt.config.constants import DEFAULT_MODEL
+from clt.config.extraction import ExtractionConfig
+from clt.files import atomic_write_text
+from clt.pipeline.attribution import AttributionResult, run_attribution, run_features
+from clt.pipeline.train import TrainingResult, run_extraction, run_training
+from clt.store import ActivationStore
+
+logger = logging.getLogger(__name__)
+
+DEMO_TRANSCODER: dict[str, Any] = {"activation_fn": "batchtopk", "topk": 8, "cross_layer": True}
+"""The demo's transcoder: a CLT whose BatchTopK keeps 8 features per token and layer on average."""
+DEMO_TRAINING: dict[str, Any] = {"learning_rate": 5e-4, "checkpoint_every": 0}
+"""The demo's training options beyond size: a high learning rate for a short run."""
+DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
+"""The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What `clt demo` produced: paths, timings and the result of each stage."""
+
+    output_dir: Path
+    store: ActivationStore
+    training: TrainingResult | None = None
+    attribution: AttributionResult | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A human-readable report."""
+        nbytes = self.store.nbytes()
+        lines = [
+            f"demo outputs in {self.output_dir}",
+            f"store: {self.store}",
+            f"store size on disk: {nbytes / 2**20:.1f} MiB ({nbytes / self.store.n_tokens / 1024:.1f} KiB/token)",
+        ]
+        if self.training is not None:
+            lines.append(self.training.summary())
+        lines += [f"{k}: {v}" for k, v in self.extra.items()]
+        lines += [f"time {k}: {v:.1f} s" for k, v in self.timings.items()]
+        if self.attribution is not None:  # last: where the graph is, and its scores
+            lines.append(self.attribution.summary())
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (written to `demo_summary.json`)."""
+        out: dict[str, Any] = {
+            "store": str(self.store.path),
+            "n_tokens": self.store.n_tokens,
+            "bytes": self.store.nbytes(),
+            "timings": self.timings,
+            **self.extra,
+        }
+        if self.training is not None:
+            out["reconstruction"] = self.training.reconstruction.as_dict()
+            out["replacement"] = self.training.replacement.as_dict() if self.training.replacement else None
+        if self.attribution is not None:
+            out["attribution"] = self.attribution.as_dict()
+        return out
+
+
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    *,
+    model: str = DEFAULT_MODEL,
+    max_tokens: int = 20_000,
+    num_features: int = 64,
+    training_steps: int = 600,
+    batch_size: int = 128,
+    prompt: str = DEMO_PROMPT,
+    progress: bool = True,
+) -> DemoResult:
+    """The end-to-end demo: extract a store of all layers, train a CLT on it, evaluate it, and write
+    the attribution graph of `prompt` as HTML with feature cards."""
+    from clt.config.training import TrainingConfig
+    from clt.config.transcoder import CLTConfig
+
+    output_dir = Path(output_dir)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    extraction = ExtractionConfig(model=model, max_tokens=max_tokens, output_dir=str(output_dir / "store"))
+    store = run_extraction(extraction, progress=progress)
+    timings["extract"] = time.perf_counter() - start
+    start = time.perf_counter()
+    transcoder = CLTConfig(
+        num_features=num_features, num_layers=store.num_layers, d_model=store.d_model, **DEMO_TRANSCODER
+    )
+    training = TrainingConfig(
+        batch_size=batch_size, training_steps=training_steps, output_dir=str(output_dir / "train"), **DEMO_TRAINING
+    )
+    trained = run_training(extraction, transcoder, training, store=store, progress=progress)
+    timings["train+evaluate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    attribution = run_attribution(
+        trained.transcoder, prompt, model=model, output_dir=output_dir / "attribution", store=store, progress=progress
+    )
+    if attribution.cards:
+        run_features(
+            trained.transcoder,
+            store,
+            model=model,
+            features=[(c.layer, c.feature) for c in attribution.cards.values()],
+            cache=output_dir / "attribution" / "cards.json",
+            figures_dir=output_dir / "attribution",
+            n_figures=3,
+            progress=progress,
+        )
+    timings["attribute"] = time.perf_counter() - start
+    result = DemoResult(output_dir, store, trained, attribution, timings)
+    atomic_write_text(json.dumps(result.as_dict(), indent=1), output_dir / "demo_summary.json")
+    return result
