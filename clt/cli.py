@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: unknown sections {sorted(unknown)}; use extraction:, transcoder:, training:")
     section = {name: {**TRAIN_DEFAULTS[name], **(values.get(name) or {})} for name in TRAIN_DEFAULTS}
     training = config_from_args(TrainingConfig, args, section["training"])
-    options = _options(args, "model", "max_tokens", "layers", "context_length")
+    options = _options(args, "model", "max_tokens", "layers", "context_length", "model_dtype")
     store_dir = str(Path(training.output_dir) / "store")
     extraction = config_from_args(
         ExtractionConfig,
@@ -282,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="model layers to cover, e.g. 0,1,2 (default: all)",
     )
     train.add_argument("--context-length", type=int, help="tokens per context window (default: 128)")
+    train.add_argument(
+        "--model-dtype",
+        help="precision of the model's forward: auto (bfloat16 where the CPU computes it natively), float32, "
+        "bfloat16 (default: auto)",
+    )
     add_config_arguments(train, CLTConfig, skip=_DERIVED_CLT_FIELDS, defaults=TRAIN_DEFAULTS["transcoder"])
     add_config_arguments(train, TrainingConfig, defaults=TRAIN_DEFAULTS["training"])
 

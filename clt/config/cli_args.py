@@ -57,6 +57,7 @@ def add_config_arguments(
             default = field.default_factory()
         default = (defaults or {}).get(field.name, default)
         text = f"{docs.get(field.name, '')} (default: {default})"
+        flag = {"nargs": "?", "const": True} if hints[field.name] is bool else {}  # `--stream` alone: true
         group.add_argument(
             _flag(field.name),
             dest=field.name,
@@ -64,6 +65,7 @@ def add_config_arguments(
             default=None,
             metavar=field.name.upper(),
             help=text.replace("%", "%%"),
+            **flag,
         )
 
 

@@ -14,6 +14,8 @@ STORE_DTYPES = (*FLOAT_DTYPE_NAMES, "int8")
 """Precisions of an activation store: a float dtype, or int8 codes with per-token-and-layer scales."""
 COMPRESSIONS = ("none", "zstd")
 """Lossless compression of a store's shard files."""
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""Precisions of the model's forward; 'auto' is bfloat16 where the hardware computes it natively."""
 OUTPUT_SITES = ("mlp_out", "mlp_in")
 """What a transcoder reconstructs: the MLP outputs (a transcoder) or the MLP inputs (an SAE)."""
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from clt.config.base import ConfigBase, check
-from clt.config.constants import COMPRESSIONS, DEFAULT_MODEL, STORE_DTYPES, check_choice, check_output_site
+from clt.config.constants import (
+    COMPRESSIONS,
+    DEFAULT_MODEL,
+    MODEL_DTYPES,
+    STORE_DTYPES,
+    check_choice,
+    check_output_site,
+)
 
 
 @dataclasses.dataclass
@@ -14,8 +21,12 @@ class ExtractionConfig(ConfigBase):
 
     model: str = DEFAULT_MODEL
     """Model alias (smollm2-135m, tiny-llama, tiny-gpt2), local folder, .gguf file or cached hub id."""
+    model_dtype: str = "auto"
+    """Precision of the model's forward: 'auto' (bfloat16 where the CPU computes it natively, AVX512-BF16
+    or AMX, or on a GPU that does; float32 elsewhere), 'float32', 'bfloat16' or 'float16'."""
     corpus: str = "pydoc"
-    """'pydoc' (offline default), a .txt file, a folder of .txt files, or a .jsonl file."""
+    """'pydoc' (offline default), 'stdlib' (CPython's documentation and standard library, ~9M tokens;
+    'stdlib:heldout' is its held-out split), a .txt file, a folder of .txt files, or a .jsonl file."""
     text_field: str = "text"
     """Field holding the text in a .jsonl corpus."""
     layers: list[int] | None = None
@@ -51,6 +62,7 @@ class ExtractionConfig(ConfigBase):
     """Number of extraction processes writing disjoint shards of one store; the last to finish merges them."""
 
     def __post_init__(self) -> None:
+        check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         check(self.max_tokens > 0, f"max_tokens must be positive, got {self.max_tokens}")
         check(self.context_length >= 2, f"context_length must be at least 2, got {self.context_length}")
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")

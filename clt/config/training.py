@@ -70,6 +70,13 @@ class TrainingConfig(ConfigBase):
     """On CPU with glibc: keep freed blocks of up to 1 GiB in the process heap (mallopt) instead
     of unmapping them, so each step does not page-fault its large tensors again (~10% faster
     steps at L=8, F=2048, batch 512 on a 2-core CPU). Process-wide; off: glibc's default."""
+    stream: bool = False
+    """Train from the live model: its forward fills an in-memory shuffle buffer that batches are drawn
+    from (no store is written; tokens per hour are bounded by the forward). Runs are deterministic
+    given the seed and resume from checkpoints (clt.training.live)."""
+    buffer_tokens: int = 32_768
+    """Tokens the shuffle buffer of a live (stream) run holds: its memory is about
+    buffer_tokens x layers x d_model x 4 bytes in bfloat16 (2.3 GB for SmolLM2's 30 layers)."""
     seed: int = 0
     """Seed of the batch order."""
     log_every: int = 50
@@ -94,6 +101,7 @@ class TrainingConfig(ConfigBase):
             self.sparsity_kind in SPARSITY_KINDS, f"sparsity_kind '{self.sparsity_kind}' is not one of {SPARSITY_KINDS}"
         )
         check(self.grad_accumulation_steps >= 1, "grad_accumulation_steps must be >= 1")
+        check(self.buffer_tokens > 0, f"buffer_tokens must be positive, got {self.buffer_tokens}")
         check(
             self.batch_size % self.grad_accumulation_steps == 0,
             f"batch_size {self.batch_size} must be divisible by grad_accumulation_steps {self.grad_accumulation_steps}",

@@ -68,6 +68,17 @@ def stdlib_corpus(split: str = "train") -> list[str]:
     return [text for name, text in stdlib_documents() if split == "all" or split_of(name) == split]
 
 
+def stdlib_eval_texts(split: str = "heldout", chars_per_document: int = 1500) -> list[str]:
+    """A slice from the middle of every document of a split: evaluation text that spreads over all
+    its documents instead of the first few (and skips licence headers and imports)."""
+    texts = []
+    for text in stdlib_corpus(split):
+        start = max(0, len(text) // 2 - chars_per_document // 2)
+        start = text.rfind("\n", 0, start) + 1  # from the start of a line
+        texts.append(text[start : start + chars_per_document])
+    return texts
+
+
 def stdlib_fingerprint() -> str:
     """A short hash of the corpus's document names and texts (it differs between Python builds)."""
     digest = hashlib.sha1()

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+from clt.config.constants import MODEL_DTYPES
+
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _ISA_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
 

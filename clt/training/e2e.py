@@ -27,10 +27,16 @@ from clt.store import ActivationStore, StoreError
 from clt.training.metrics import bos_keep_mask, next_token_kl, next_token_valid
 
 logger = logging.getLogger(__name__)
+_LIVE_WINDOWS = 4096
+"""Windows of a live stream the KL objective draws from (~500k tokens at 128 per window)."""
 
 
 def store_windows(store: ActivationStore, tokenizer: Any, *, min_tokens: int = 2) -> list[TokenWindow]:
     """The token windows a store was extracted from (BOS prepended again where the store left it out)."""
+    if hasattr(store, "token_windows"):  # a live stream knows its windows
+        windows = [w for w in store.token_windows(_LIVE_WINDOWS) if len(w.token_ids) >= min_tokens]
+        if windows:
+            return windows
     prepend_bos = bool(store.extra.get("prepend_bos", True))
     rows: dict[int, dict[int, int]] = {}
     for i in range(len(store.shards)):

@@ -134,8 +134,12 @@ class LiveActivations:
             seed,
         )
         self._bos_dropped = int(extractor.prepend_bos and extractor.exclude_bos)
-        self.chunk_windows = chunk_windows or max(extractor.batch_size, 4096 // extractor.context_length)
-        chunk_tokens = self.chunk_windows * (extractor.context_length - self._bos_dropped)
+        window_tokens = extractor.context_length - self._bos_dropped
+        if chunk_windows is None:  # about 4096 tokens, and at least 8 chunks in the buffer where it can
+            chunk_windows = min(4096, buffer_tokens // 8) // window_tokens
+            chunk_windows = max(extractor.batch_size, chunk_windows // extractor.batch_size * extractor.batch_size)
+        self.chunk_windows = chunk_windows
+        chunk_tokens = self.chunk_windows * window_tokens
         self.buffer_chunks = max(1, round(buffer_tokens / chunk_tokens))
         self.buffer_tokens = self.buffer_chunks * chunk_tokens
         self._rows: dict[int, int] = {}
@@ -161,6 +165,21 @@ class LiveActivations:
         if not self.normalize:
             return NormStats.identity(self.num_layers, self.d_model)
         return self._stats
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The extraction settings (as a store records them)."""
+        e = self.extractor
+        return {
+            "corpus": self.corpus,
+            "context_length": e.context_length,
+            "prepend_bos": e.prepend_bos,
+            "exclude_bos": e.exclude_bos,
+        }
+
+    def token_windows(self, count: int) -> list[TokenWindow]:
+        """The first `count` context windows of the stream (for objectives that run the model on text)."""
+        return [self.tokens.window(d, s) for d, s in self.tokens.places(0, count)]
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records to resume on the same stream."""

@@ -40,9 +40,15 @@ class ReconstructionMetrics:
     n_tokens: int
     """Tokens evaluated."""
 
+    @property
+    def mean_layer_fvu(self) -> float:
+        """FVU averaged over layers (the overall FVU hides bad layers behind high-variance ones)."""
+        return sum(self.fvu_per_layer) / len(self.fvu_per_layer)
+
     def as_dict(self) -> dict[str, Any]:
         """Scalars and per-layer lists (no tensors)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, torch.Tensor)}
+        scalars = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, torch.Tensor)}
+        return {**scalars, "mean_layer_fvu": self.mean_layer_fvu}
 
 
 @torch.no_grad()

@@ -360,7 +360,7 @@ class CLTTrainer:
             collectives.barrier()
             return directory / f"step_{self.step:08d}"
         tensors = {**{f"activity.{k}": v for k, v in activity.items()}, "rng": torch.get_rng_state()}
-        state = {"history": self.history, "training_config": self.cfg.to_dict(), "store_tokens": self.store.n_tokens}
+        state = {"history": self.history, "training_config": self.cfg.to_dict(), **_source_identity(self.store)}
         path = save_checkpoint(directory, self.step, model, (opt_tensors, groups), tensors, state)
         if self.dist is not None:
             collectives.barrier()
@@ -374,10 +374,12 @@ class CLTTrainer:
                 f"checkpoint {path} holds a transcoder with config {model.cfg.to_dict()}, this run asks for "
                 f"{self.clt_config.to_dict()}; use a new output_dir or the checkpoint's config"
             )
-        if state.get("store_tokens") != self.store.n_tokens:
+        identity = _source_identity(self.store)
+        recorded = {key: state.get(key) for key in identity}
+        if recorded != identity:
             raise CheckpointMismatchError(
-                f"checkpoint {path} was trained on a store of {state.get('store_tokens')} tokens, this store has "
-                f"{self.store.n_tokens}; resume with the same store or start in a new output_dir"
+                f"checkpoint {path} was trained on {recorded}, this run reads {identity}; resume with the same "
+                "store (or live stream settings) or start in a new output_dir"
             )
         weights = model.state_dict()
         activity = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("activity.")}
@@ -444,6 +446,13 @@ def _kl_objective(
     from clt.training.e2e import KLObjective
 
     return KLObjective(*language_model, store, model, windows_per_step=cfg.kl_windows, seed=cfg.seed)
+
+
+def _source_identity(store: Any) -> dict[str, Any]:
+    """What a checkpoint records of its data: a store's token count, or a live stream's settings."""
+    if hasattr(store, "identity"):
+        return {"source": store.identity()}
+    return {"store_tokens": store.n_tokens}
 
 
 def _accumulate(sums: dict[str, Any], name: str, value: torch.Tensor) -> None:

@@ -105,3 +105,42 @@ def test_bad_settings_are_refused(tokenizer):
     live = LiveActivations(LabelledExtractor(tokenizer), TEXTS, buffer_tokens=150, chunk_windows=2, seed=2)
     with pytest.raises(ValueError, match="seed"):
         next(live.batches(seed=3))
+
+
+def test_a_killed_streaming_run_resumes_to_the_uninterrupted_weights(tmp_path, caplog):
+    """`clt train --stream` killed (SIGKILL) after its first checkpoint, then run again, ends with the
+    weights of a run that was never interrupted (the checkpoint records the stream position)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clt.cli import main
+    from clt.models import CrossLayerTranscoder
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 4))
+    args = ["train", "--stream", "--model", "tiny-llama", "--model-dtype", "float32", "--dataset", str(corpus)]
+    args += ["--context-length", "24", "--num-features", "24", "--activation-fn", "batchtopk", "--topk", "3"]
+    args += ["--batch-size", "48", "--training-steps", "40", "--checkpoint-every", "8", "--buffer-tokens", "600"]
+    args += ["--learning-rate", "2e-3", "--log-every", "4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(p) for p in sys.path if p])}
+    crashed = tmp_path / "crashed"
+    child = subprocess.Popen([sys.executable, "-m", "clt.cli", *args, "--output-dir", str(crashed)], env=env)
+    deadline = time.monotonic() + 300
+    while not (crashed / "checkpoints" / "step_00000008").is_dir() and child.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (crashed / "transcoder").exists()
+    with caplog.at_level("INFO", logger="clt.training.trainer"):
+        assert main([*args, "--output-dir", str(crashed)]) == 0
+    assert "at step 8" in caplog.text  # it resumed (a run from step 0 would also end with these weights)
+    assert main([*args, "--output-dir", str(tmp_path / "whole")]) == 0
+    resumed = CrossLayerTranscoder.from_pretrained(crashed / "transcoder").state_dict()
+    whole = CrossLayerTranscoder.from_pretrained(tmp_path / "whole" / "transcoder").state_dict()
+    assert resumed.keys() == whole.keys()
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name
