@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,59 @@ def cards_with_logits(
     unembedding, norm = unembedding_of(model)
     options = {"context": 3, "n_logits": 4, "progress": False, **options}
     return build_feature_cards(transcoder, store, tokenizer, unembedding=unembedding, final_norm_weight=norm, **options)
+
+
+FP32_STEP = torch.finfo(torch.float32).eps
+"""Spacing of float32 numbers at 1 (2 u, u the unit roundoff)."""
+
+
+def spliced_logits_on(model: nn.Module, tokenizer: Any, transcoder: CrossLayerTranscoder, texts: list[str], mode: str):
+    """Logits [B, T, V] of `model` on the windows `replacement_metrics` builds from `texts` (BOS
+    prepended and keeping the model's own MLP outputs) in splice mode 'none', 'replace' or 'zero'."""
+    from clt.data.corpus import load_texts, token_windows
+    from clt.data.windows import pad_id, pad_windows
+    from clt.nnsight.splice import language_model, spliced_logits
+    from clt.training.metrics import bos_keep_mask
+
+    windows = [w for w in token_windows(load_texts(texts), tokenizer, 64, prepend_bos=True) if len(w.token_ids) >= 2]
+    ids, mask = pad_windows(windows, pad_id(tokenizer))
+    lm, paths = language_model(model, tokenizer, transcoder)
+    with torch.no_grad():
+        return spliced_logits(lm, paths, transcoder, ids, mask, mode, bos_keep_mask(mask, True, True))
+
+
+def splice_rounding(logit_scale: float, vocab_size: int, n_tokens: int, ce: float) -> dict[str, float]:
+    """Bounds on how far float32 rounding alone moves a splice's logits and `replacement_metrics`
+    (logit_scale: the largest |logit| of the runs compared; ce: their cross-entropy).
+
+    `logits`: two float32 computations of the same logits (other kernels, as on another CPU, or
+    another splice of the same map) differ by a few ulp of the largest logit per layer: δ = 16 eps32 ·
+    max|logit| (±1-ulp weights move the logits of the tests' fixtures by ≤ 2.1 eps32 · max|logit|).
+    `next_token_kl` rounds its sums E_p[expm1(a)] and E_p[a] (a = d − c, d the logit difference)
+    by ≤ (⌈log2 V⌉ + 2) eps32 E_p|a| each (its test), and p relatively by eps32 (|logit| + 2), which
+    moves a KL of 1e-2 by ~1e-9: negligible below.
+    `kl`: logits that differ by ≤ δ give KL ≤ (2δ)²/8 (Hoeffding's lemma), |a| ≤ 2δ.
+    `kl_change`: KL(p‖q) moves by ≤ Σ|q − p| δ ≤ 2δ when q's logits move by δ; each of the two KLs
+    is rounded with |a| ≤ 4 max|logit|.
+    `ce`: each position's NLL moves by ≤ 2δ; float32 log-softmax rounds it by ≤ eps32 (max|logit| +
+    log V) per run, and each run's float32 sum over n positions by ≤ ⌈log2 n⌉ eps32/2 · CE."""
+    delta = 16 * FP32_STEP * logit_scale
+    sums = 2 * (math.ceil(math.log2(vocab_size)) + 2) * FP32_STEP
+    nll = FP32_STEP * (logit_scale + math.log(vocab_size)) + math.ceil(math.log2(n_tokens)) * FP32_STEP / 2 * ce
+    return {
+        "logits": delta,
+        "kl": delta**2 / 2 + sums * 2 * delta,
+        "kl_change": 2 * delta + 2 * sums * 4 * logit_scale,
+        "ce": 2 * delta + 2 * nll,
+    }
+
+
+STATS_RTOL = 64 * FP32_STEP / 2
+"""Relative error of a store's statistics sums (`RunningStats`) for same-sign data: rows are summed
+in float32 blocks of 32 rows, ≤ 31 u relative whatever the summation order (+u for a float32 square),
+then in float64 (u = eps32/2); 64 u allows twice that."""
+
+INT8_HALF_STEP = (1 + 256 * FP32_STEP) / 2
+"""Largest |x − decoded| of the store's int8 codes, in steps absmax/127: with s = fl(absmax/127),
+code = round(fl(x/s)) and decoded = fl(code·s), |x/s − code| ≤ 1/2 + 127u and |code·s − decoded| ≤
+127 s u, so |x − decoded| ≤ s (1/2 + 254u) ≤ (absmax/127)(1 + u)(1/2 + 254u) < (absmax/127)(1 + 512u)/2."""

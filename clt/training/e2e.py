@@ -108,11 +108,10 @@ class KLObjective:
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=mask).logits
-            logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
         keep = bos_keep_mask(mask, self.prepend_bos, self.keep_bos)
         logq = spliced_logits(self.lm, self.mlp_paths, transcoder, ids, mask, "replace", keep, grad=True)
         valid = next_token_valid(mask)
-        return next_token_kl(logp[:, :-1], logq.log_softmax(-1)[:, :-1], valid) / valid.sum().clamp_min(1)
+        return next_token_kl(logits[:, :-1], logq[:, :-1], valid) / valid.sum().clamp_min(1)
 
     def step(self, transcoder: CrossLayerTranscoder, step: int, coef: float, scaler: Any = None) -> float:
         """Add the gradient of coef · KL on step `step`'s windows to the transcoder's `.grad`; returns the KL."""

@@ -108,10 +108,29 @@ class ReplacementMetrics:
         return dataclasses.asdict(self)
 
 
-def next_token_kl(logp: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Σ over positions where `valid` [B, T] of KL(p ‖ q), from log-probabilities [B, T, V]."""
-    p, q = logp[valid], logq[valid]
-    return (p.exp() * (p - q)).sum()
+_EXPM1_MAX = 50.0
+"""Largest d − c summed through expm1 (e^50 · V stays far below the float32 maximum)."""
+
+
+def next_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Σ over positions where `valid` [B, T] of KL(p ‖ q), from the logits [B, T, V] of p and q.
+
+    Computed from the logit difference d = logits_q − logits_p and its mean c = E_p[d], as
+    KL = log1p(E_p[expm1(d − c)]) − E_p[d − c], in at least float32: its rounding error is about
+    u·max|d − c| rather than u·(log V + max|logit|) for Σ p (log p − log q), so a KL near zero (an
+    exact splice) is resolved instead of being rounding noise of either sign. Any per-position shift
+    of the logits (log-probabilities) gives the same KL. Rows where some d − c exceeds 50 (where
+    expm1 could overflow) use log-sum-exp instead."""
+    dtype = torch.promote_types(torch.promote_types(logits_p.dtype, logits_q.dtype), torch.float32)
+    lp, lq = logits_p[valid].to(dtype), logits_q[valid].to(dtype)
+    p = lp.softmax(-1)
+    d = lq - lp
+    a = d - (p * d).sum(-1, keepdim=True).detach()  # the KL does not depend on the shift c (Σ p = 1)
+    kl = torch.log1p((p * torch.expm1(a.clamp(max=_EXPM1_MAX))).sum(-1))
+    far = a.amax(-1) > _EXPM1_MAX
+    if bool(far.any()):
+        kl = kl.index_put((far,), torch.logsumexp(lp[far].log_softmax(-1) + a[far], -1))
+    return (kl - (p * a).sum(-1)).sum()
 
 
 def bos_keep_mask(mask: torch.Tensor, prepend_bos: bool, keep_bos: bool) -> torch.Tensor:
@@ -164,17 +183,18 @@ def replacement_metrics(
         ids, mask = pad_windows(windows[lo : lo + batch_size], pad)
         ids, mask = ids.to(device), mask.to(device)
         keep = bos_keep_mask(mask, prepend_bos, keep_bos)
-        logp = {
-            mode: spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode, keep).log_softmax(-1)
+        logits = {
+            mode: spliced_logits(lm, mlp_paths, transcoder, ids, mask, mode, keep)
             for mode in ("none", "replace", "zero")
         }
+        logp = {mode: value.log_softmax(-1) for mode, value in logits.items()}
         valid = next_token_valid(mask)
         targets = ids[:, 1:]
         for mode, key in (("none", "ce_original"), ("replace", "ce_replaced"), ("zero", "ce_zero_ablated")):
             nll = -logp[mode][:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             sums[key] += float(nll[valid].sum())
         p, q = logp["none"][:, :-1], logp["replace"][:, :-1]
-        sums["kl"] += float(next_token_kl(p, q, valid))
+        sums["kl"] += float(next_token_kl(logits["none"][:, :-1], logits["replace"][:, :-1], valid))
         sums["top1_agreement"] += float((p[valid].argmax(-1) == q[valid].argmax(-1)).sum())
         count += int(valid.sum())
     if count == 0:

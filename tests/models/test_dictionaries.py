@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import splice_rounding, spliced_logits_on
 from planted import (
     max_cosines,
     planted_dictionary,
@@ -282,7 +283,7 @@ def test_molt_trains_with_the_trainer_and_round_trips(tmp_path):
     training = TrainingConfig(
         learning_rate=1e-2,
         batch_size=128,
-        training_steps=30,
+        training_steps=150,
         log_every=10,
         sparsity_lambda=0.01,
         aux_k=4,
@@ -290,9 +291,9 @@ def test_molt_trains_with_the_trainer_and_round_trips(tmp_path):
         output_dir=str(tmp_path / "run"),
     )
     trainer = CLTTrainer(cfg, training, _store(x, y))
+    untrained = reconstruction_metrics(trainer.model, _store(x, y), max_tokens=500).fvu
     model = trainer.train(progress=False)
     assert isinstance(model, MixtureOfLinearTransforms)
-    assert trainer.history[-1]["fvu"] < trainer.history[0]["fvu"]
     reloaded = CrossLayerTranscoder.from_pretrained(tmp_path / "run" / "transcoder")
     assert type(reloaded) is MixtureOfLinearTransforms and reloaded.cfg == model.cfg
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
@@ -301,7 +302,9 @@ def test_molt_trains_with_the_trainer_and_round_trips(tmp_path):
     again = CrossLayerTranscoder.load(single)
     assert torch.equal(again.eval()(x[:9]).reconstruction, reloaded.eval()(x[:9]).reconstruction)
     metrics = reconstruction_metrics(reloaded, _store(x, y), max_tokens=500)
-    assert metrics.fvu < 1 and 0 < metrics.l0 <= 2 * 2 + 1e-6
+    # On the same 500 tokens, 150 steps bring the FVU to 0.63x of the untrained one (0.48-0.50x for
+    # init seeds 1-5); without training (learning_rate=1e-9) it stays at 1.000x.
+    assert metrics.fvu < 0.8 * untrained and 0 < metrics.l0 <= 2 * 2 + 1e-6
 
 
 def test_molt_refuses_folding_truncation_and_export(tmp_path):
@@ -449,7 +452,7 @@ def test_replacement_metrics_splice_a_molt(tiny_llama):
     skip = _for_model(model, skip_connection=True)
     with torch.no_grad():
         molt.W_enc.zero_()
-        molt.b_enc.copy_(torch.rand_like(molt.b_enc) + 0.1)
+        molt.b_enc.copy_(torch.rand(molt.b_enc.shape, generator=torch.Generator().manual_seed(0)) + 0.1)
         for l in range(molt.cfg.num_layers):
             skip.W_skip[l] = torch.einsum("f,foi->oi", molt.b_enc[l], molt.transforms(l))
         skip.b_enc.fill_(-1.0)
@@ -461,8 +464,26 @@ def test_replacement_metrics_splice_a_molt(tiny_llama):
     got = replacement_metrics(model, tokenizer, molt, texts, max_windows=2)
     want = replacement_metrics(model, tokenizer, skip, texts, max_windows=2)
     assert got.kl > 1e-4, "the splice changed the model"
-    for key, value in want.as_dict().items():
-        assert getattr(got, key) == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    # The two splices compute the same map with different float32 arithmetic: their logits and
+    # metrics may differ by what rounding can do (helpers.splice_rounding), on any CPU.
+    a, b = (spliced_logits_on(model, tokenizer, d, texts, "replace") for d in (molt, skip))
+    bound = splice_rounding(float(torch.cat([a, b]).abs().max()), a.shape[-1], want.n_tokens, want.ce_original)
+    assert float((a - b).abs().max()) <= bound["logits"]
+    assert abs(got.kl - want.kl) <= bound["kl_change"]
+    assert abs(got.ce_replaced - want.ce_replaced) <= bound["ce"]
+    # The original and zero-ablated runs do not use the dictionary: the same computation twice.
+    assert (got.ce_original, got.ce_zero_ablated, got.n_tokens) == (
+        want.ce_original,
+        want.ce_zero_ablated,
+        want.n_tokens,
+    )
+    # so ce_recovered moves by Δce_replaced / gap (gap = ce_zero_ablated − ce_original = 2.4e-4 nats here)
+    gap = want.ce_zero_ablated - want.ce_original
+    assert abs(got.ce_recovered - want.ce_recovered) <= bound["ce"] / gap
+    # A top-1 token can only change where its margin over the second is below 2δ (none here).
+    top2 = a[:, :-1].topk(2, -1).values
+    assert float((top2[..., 0] - top2[..., 1]).min()) > 2 * bound["logits"]
+    assert got.top1_agreement == want.top1_agreement
 
 
 def test_molt_norm_gradient_is_finite_for_an_all_zero_transform():

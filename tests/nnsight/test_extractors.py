@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from helpers import INT8_HALF_STEP
 
 from clt.data.corpus import token_windows
 from clt.nnsight.extractors import ActivationExtractor
@@ -306,7 +307,7 @@ def test_int8_zstd_extraction_is_within_half_a_step_of_float32(tiny_llama, tmp_p
     assert packed.dtype == "int8" and packed.compression == "zstd" and len(packed.shards) > 1
     for a, b in zip(exact.tensors(), packed.tensors()):
         step = a.abs().amax(-1, keepdim=True) / 127
-        assert bool(((a - b).abs() <= step / 2 * (1 + 1e-5)).all())
+        assert bool(((a - b).abs() <= step * INT8_HALF_STEP).all())
     with pytest.raises(StoreError, match="cannot resume .*its dtype is 'int8'"):
         extractor.extract(
             max_tokens=500, store_dtype="float16", compression="zstd", output_dir=tmp_path / "s", progress=False

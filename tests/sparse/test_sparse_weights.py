@@ -99,7 +99,7 @@ def test_save_pretrained_folder_is_raw_space(tmp_path: Path, activation_fn: str)
     model.save_pretrained(tmp_path)
     loaded = load_transcoders(tmp_path, layers, "cpu")
     assert list(loaded) == layers
-    x = 3 * torch.randn(2, 5, len(layers), H) + 1
+    x = 3 * torch.randn(2, 5, len(layers), H, generator=torch.Generator().manual_seed(0)) + 1
     with torch.no_grad():
         expected = model.encode(x)
         reconstruction = model.decode(expected, x)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import INT8_HALF_STEP, STATS_RTOL
 from safetensors.torch import load
 
 from clt.config.base import ConfigError
@@ -53,13 +54,14 @@ def test_int8_error_is_at_most_half_a_step_and_statistics_are_of_the_decoded_val
     for original, got in ((x, got_x), (y, got_y)):
         step = original.double().abs().amax(-1, keepdim=True) / 127  # the oracle's absmax scale
         error = (original.double() - got.double()).abs()
-        assert bool((error <= step / 2 * (1 + 1e-5) + 1e-30).all())
+        assert bool((error <= step * INT8_HALF_STEP + 1e-30).all())
         assert error.max() > 0  # really quantised
     assert torch.equal(got_x[5], torch.zeros_like(got_x[5]))
     sums = store.stats.sums  # statistics of what the trainer reads, not of the float inputs
-    assert (sums["in_sum"] - got_x.double().sum(0)).abs().max() < 0.01  # float32 block sums of values ~100
+    # float32 block sums (helpers.STATS_RTOL) of values of both signs: relative to the sum of |x|
+    assert bool(((sums["in_sum"] - got_x.double().sum(0)).abs() <= STATS_RTOL * got_x.double().abs().sum(0)).all())
     assert (sums["in_sum"] - x.double().sum(0)).abs().max() > 0.5
-    assert torch.allclose(sums["out_sq"], got_y.double().square().sum(0), rtol=1e-6)
+    assert torch.allclose(sums["out_sq"], got_y.double().square().sum(0), rtol=STATS_RTOL)
     raw = load((tmp_path / "s" / "shard_00000.safetensors").read_bytes())
     assert raw["inputs"].dtype == torch.int8 and raw["inputs_scale"].shape == (80, 3)  # flushed after 2 adds of 40 rows
     assert raw["inputs"].abs().amax(-1)[:5].eq(127).all()  # absmax maps to ±127

@@ -21,20 +21,24 @@ def rows(n=360, layers=2, d=6):
     return x, torch.randn(n, layers, d, generator=g)
 
 
-class SlowProducer(threading.Thread):
-    """Writes `x, y` in shards of 40 rows, pausing between them; fails after `fail_after` shards if set."""
+class Producer(threading.Thread):
+    """Writes `x, y` in shards of 40 rows. After `hold_after` shards it waits for `resume` (set by the
+    test; `held_out` records a wait that gave up after 30 s); fails at shard `fail_after` if set."""
 
-    def __init__(self, path, x, y, pause=0.05, fail_after=None):
+    def __init__(self, path, x, y, hold_after=None, fail_after=None):
         super().__init__(daemon=True)
-        self.path, self.x, self.y, self.pause, self.fail_after = path, x, y, pause, fail_after
+        self.path, self.x, self.y, self.hold_after, self.fail_after = path, x, y, hold_after, fail_after
+        self.resume = threading.Event()
         self.error = None
-        self.finished_at = None
+        self.held_out = False
 
     def run(self):
         try:
             writer = StoreWriter(self.path, layers=[0, 1], d_model=6, dtype="float32", shard_tokens=40)
             for k, lo in enumerate(range(0, len(self.x), 40)):
-                if self.fail_after is not None and k == self.fail_after:
+                if k == self.hold_after:
+                    self.held_out = not self.resume.wait(30)
+                if k == self.fail_after:
                     raise RuntimeError("simulated extraction failure")
                 n = len(self.x[lo : lo + 40])
                 writer.add(
@@ -45,28 +49,27 @@ class SlowProducer(threading.Thread):
                     window_ids=torch.zeros(n),
                 )
                 writer.flush({"rows": lo + n})
-                time.sleep(self.pause)
             writer.finish()
-            self.finished_at = time.monotonic()
         except Exception as err:
             self.error = err
 
 
 def test_followed_store_yields_batches_before_the_producer_ends_and_covers_each_row_once(tmp_path):
     x, y = rows()
-    producer = SlowProducer(tmp_path / "s", x, y)
+    producer = Producer(tmp_path / "s", x, y, hold_after=3)  # the rest is written once the first batch came
     producer.start()
     store = ActivationStore.open(tmp_path / "s", follow=producer, shuffle_shards=3)
-    assert store.following and store.n_tokens < 360
-    first_batch_at, seen = None, []
+    assert store.following and store.n_tokens <= 120
+    seen = []
     batches = store.batches(30, seed=4)
     for _ in range(12):  # one epoch of 360 rows
         batch = next(batches)
-        first_batch_at = first_batch_at or time.monotonic()
+        producer.resume.set()
         seen += batch.inputs[:, 0, 0].long().tolist()
         assert torch.equal(batch.outputs, y[batch.inputs[:, 0, 0].long()])
-    producer.join(10)
-    assert producer.error is None and first_batch_at < producer.finished_at
+    producer.join(30)
+    assert not producer.is_alive() and producer.error is None
+    assert not producer.held_out, "the first batch waited for the whole store"
     assert sorted(seen) == list(range(360)) and seen != list(range(360))  # every row once, shuffled
     assert not store.following and store.n_tokens == 360
     nxt = next(batches)  # epoch 1 goes on over the whole store
@@ -80,9 +83,10 @@ def test_followed_store_yields_batches_before_the_producer_ends_and_covers_each_
 
 def test_producer_failure_and_silence_give_clear_errors(tmp_path):
     x, y = rows()
-    producer = SlowProducer(tmp_path / "s", x, y, pause=0.01, fail_after=2)
+    producer = Producer(tmp_path / "s", x, y, hold_after=2, fail_after=2)  # fails once it is followed
     producer.start()
     store = ActivationStore.open(tmp_path / "s", follow=producer, shuffle_shards=1)
+    producer.resume.set()
     with pytest.raises(StoreError, match="stopped before finishing it .*simulated extraction failure.*resume"):
         batches = store.batches(40)
         for _ in range(20):
@@ -92,7 +96,7 @@ def test_producer_failure_and_silence_give_clear_errors(tmp_path):
     started = time.monotonic()
     with pytest.raises(StoreError, match="got no new shard within 0.3 s"):
         stalled.tensors()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 5  # a hang guard: 16x the timeout
     with pytest.raises(StoreError, match="no shard of .* was written within 0.2 s"):
         ActivationStore.open(tmp_path / "empty", follow=True, timeout=0.2)
     with pytest.raises(StoreError, match="follow must be True or the producer"):
@@ -154,16 +158,19 @@ def test_failed_streaming_training_stops_the_extraction_and_the_store_resumes(tm
     from clt.training.trainer import CLTTrainer
 
     extraction, clt, training = streaming_configs(tmp_path, max_tokens=4096, training_steps=64)
-    original = ActivationExtractor.activations
+    original, failed, traced = ActivationExtractor.activations, threading.Event(), []
 
-    def slow(self, *args, **kwargs):
-        time.sleep(0.02)
+    def held(self, *args, **kwargs):  # after 4 batches (2 shards), the model waits for the failure
+        traced.append(1)
+        if len(traced) > 4:
+            failed.wait(60)
         return original(self, *args, **kwargs)
 
     def fail(self, batches):
+        failed.set()
         raise FloatingPointError("simulated divergence")
 
-    monkeypatch.setattr(ActivationExtractor, "activations", slow)
+    monkeypatch.setattr(ActivationExtractor, "activations", held)
     monkeypatch.setattr(CLTTrainer, "train_step", fail)
     monkeypatch.setattr(CLTTrainer, "_step", fail)
     before = {t.name for t in threading.enumerate()}

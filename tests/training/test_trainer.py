@@ -13,6 +13,7 @@ from clt.config.transcoder import CLTConfig
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.store import ActivationStore
 from clt.training.checkpoint import CheckpointMismatchError, list_checkpoints
+from clt.training.metrics import reconstruction_metrics
 from clt.training.trainer import CLTTrainer
 
 
@@ -120,11 +121,15 @@ def test_bf16_autocast_trains_on_cpu(activation):
     assert cfg.activation_fn == "jumprelu" or CrossLayerTranscoder(cfg).uses_sparse_decode()
     trainer = CLTTrainer(
         cfg,
-        TrainingConfig(training_steps=30, batch_size=64, mixed_precision="bf16", log_every=10, learning_rate=3e-3),
+        TrainingConfig(training_steps=100, batch_size=64, mixed_precision="bf16", log_every=10, learning_rate=3e-3),
         store,
     )
+    # FVU on the whole store (fixed tokens): the logged FVU of single 64-token batches varies by 4-5 %
+    # for a fixed model. 100 steps bring it to 0.80x (jumprelu) / 0.87x (topk) of the untrained FVU
+    # (0.77-0.88x over init seeds 0-5); without training (learning_rate=1e-9) it stays at 1.000x.
+    before = reconstruction_metrics(trainer.model, store).fvu
     trainer.train(progress=False)
-    assert trainer.history[-1]["fvu"] < trainer.history[0]["fvu"]
+    assert reconstruction_metrics(trainer.model, store).fvu < 0.95 * before
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
