@@ -368,5 +368,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _exit_rank(code: int) -> None:
+    """End a torchrun rank without Python's shutdown: gloo's worker threads may still release the
+    last collective's tensors then and abort the process (pytorch/pytorch#179291). Everything is
+    written (atomically) by now; only the interpreter's teardown is skipped."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+
+
+def console() -> None:
+    """The `clt` console script (and `python -m clt.cli`): `main`, then the process's exit."""
+    status = main()
+    _exit_rank(status)
+    raise SystemExit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

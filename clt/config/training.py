@@ -40,6 +40,9 @@ class TrainingConfig(ConfigBase):
     covered MLP) on token windows rebuilt from the store (0: off; needs the language model)."""
     kl_every: int = 1
     """Add the KL term every this many optimiser steps."""
+    kl_start: float = 0.0
+    """Fraction of training after which the KL term is added (0: from the start; e.g. 0.7: a final
+    end-to-end stage over the last 30% of the steps, on a dictionary that already reconstructs)."""
     kl_windows: int = 4
     """Store token windows per KL evaluation."""
     dead_after_tokens: int = 100_000
@@ -116,5 +119,6 @@ class TrainingConfig(ConfigBase):
         check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         check(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
         check(self.kl_every >= 1, f"kl_every must be >= 1, got {self.kl_every}")
+        check(0.0 <= self.kl_start < 1.0, f"kl_start must be in [0, 1), got {self.kl_start}")
         check(self.kl_windows >= 1, f"kl_windows must be >= 1, got {self.kl_windows}")
         check(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm must be positive or None")

@@ -18,6 +18,7 @@ The normalisation statistics are those of the first buffer fill (chunks 0 … K�
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -48,7 +49,8 @@ class StreamPosition:
 
 
 class _CorpusTokens:
-    """Token ids of every document (tokenised once) and the seeded window order of each epoch."""
+    """The corpus tokenised lazily, document by document as the stream reaches it, and the seeded
+    window order of each epoch (so a run starts without tokenising millions of tokens first)."""
 
     def __init__(self, texts: list[str], tokenizer: Any, context_length: int, prepend_bos: bool, seed: int) -> None:
         from clt.data.corpus import bos_id
@@ -57,40 +59,70 @@ class _CorpusTokens:
         if self.body < 1:
             raise ValueError(f"context_length={context_length} leaves no room for tokens")
         self.prefix = (bos_id(tokenizer),) if prepend_bos else ()
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.docs = [torch.tensor(ids, dtype=torch.int32) for ids in encoded if ids]
-        if not self.docs:
-            raise ValueError("the corpus holds no tokens")
-        self.seed = seed
-        self.n_tokens = sum(len(d) for d in self.docs)
-        self._epochs: dict[int, list[tuple[int, int]]] = {}
+        self.texts, self.tokenizer, self.seed = texts, tokenizer, seed
+        self._docs: list[torch.Tensor | None] = [None] * len(texts)
+        self._epoch: tuple[int, list[int], list[tuple[int, int]]] | None = None  # epoch, order, windows so far
+        self._epoch_windows: int | None = None
+        digest = hashlib.sha1()
+        for text in texts:
+            digest.update(hashlib.sha1(text.encode()).digest())
+        self.fingerprint = digest.hexdigest()[:12]
 
-        self.windows_per_epoch = sum(-(-len(d) // self.body) for d in self.docs)
+    def doc(self, index: int) -> torch.Tensor:
+        """Token ids of document `index` (tokenised on first use)."""
+        ids = self._docs[index]
+        if ids is None:
+            ids = torch.tensor(
+                self.tokenizer(self.texts[index], add_special_tokens=False)["input_ids"], dtype=torch.int32
+            )
+            self._docs[index] = ids
+        return ids
 
-    def windows_of_epoch(self, epoch: int) -> list[tuple[int, int]]:
-        """(document, start) of each window of an epoch, documents in the epoch's seeded order."""
-        if epoch not in self._epochs:
+    @property
+    def windows_per_epoch(self) -> int:
+        """Context windows of one epoch (tokenises the whole corpus the first time)."""
+        if self._epoch_windows is None:
+            self._epoch_windows = sum(-(-len(self.doc(d)) // self.body) for d in range(len(self.texts)))
+            if self._epoch_windows == 0:
+                raise ValueError("the corpus holds no tokens")
+        return self._epoch_windows
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the corpus (tokenises the whole corpus the first time)."""
+        return sum(len(self.doc(d)) for d in range(len(self.texts)))
+
+    def _windows(self, epoch: int, needed: int) -> list[tuple[int, int]]:
+        """(document, start) of the first `needed` windows of an epoch (fewer at its end)."""
+        if self._epoch is None or self._epoch[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
-            order = torch.randperm(len(self.docs), generator=g).tolist()
-            self._epochs = {epoch: [(d, s) for d in order for s in range(0, len(self.docs[d]), self.body)]}
-        return self._epochs[epoch]
+            self._epoch = (epoch, torch.randperm(len(self.texts), generator=g).tolist(), [])
+        _, order, windows = self._epoch
+        while len(windows) < needed and order:
+            d = order.pop(0)
+            windows += [(d, s) for s in range(0, len(self.doc(d)), self.body)]
+        return windows
 
     def places(self, first: int, count: int) -> list[tuple[int, int]]:
         """(document, start) of windows first … first+count−1 of the endless stream of epochs."""
-        epoch, index = divmod(first, self.windows_per_epoch)
+        epoch, index = 0, first
+        while len(windows := self._windows(epoch, index + 1)) <= index:  # `first` lies in a later epoch
+            if not windows:
+                raise ValueError("the corpus holds no tokens")
+            epoch, index = epoch + 1, index - len(windows)
         places: list[tuple[int, int]] = []
         while len(places) < count:
-            places += self.windows_of_epoch(epoch)[index : index + count - len(places)]
+            places += self._windows(epoch, index + count - len(places))[index : index + count - len(places)]
             epoch, index = epoch + 1, 0
         return places
 
     def length(self, document: int, start: int) -> int:
         """Tokens of a window (BOS included when prepended)."""
-        return len(self.prefix) + min(self.body, len(self.docs[document]) - start)
+        return len(self.prefix) + min(self.body, len(self.doc(document)) - start)
 
     def window(self, document: int, start: int) -> TokenWindow:
         """The context window of `document` starting at token `start` (BOS prepended when set)."""
-        ids = self.docs[document][start : start + self.body].tolist()
+        ids = self.doc(document)[start : start + self.body].tolist()
         return TokenWindow(self.prefix + tuple(ids), document, start)
 
 
@@ -187,7 +219,7 @@ class LiveActivations:
             "source": "live",
             "model": self.model_name,
             "corpus": self.corpus,
-            "corpus_tokens": self.tokens.n_tokens,
+            "corpus_fingerprint": self.tokens.fingerprint,
             "seed": self.seed,
             "chunk_windows": self.chunk_windows,
             "buffer_chunks": self.buffer_chunks,
@@ -197,7 +229,7 @@ class LiveActivations:
 
     def __repr__(self) -> str:
         return (
-            f"LiveActivations({self.model_name}, corpus={self.corpus!r}, {self.tokens.n_tokens:,} tokens per epoch, "
+            f"LiveActivations({self.model_name}, corpus={self.corpus!r} ({len(self.tokens.texts):,} documents), "
             f"buffer {self.buffer_tokens:,} tokens in {self.buffer_chunks} chunks, {self.dtype})"
         )
 
@@ -247,7 +279,8 @@ class LiveActivations:
             rows -= size
             cycle += 1
         windows_read = (cycle + 1) * self.chunk_windows
-        return StreamPosition(batch, cycle, rows, (windows_read - 1) // self.tokens.windows_per_epoch, windows_read)
+        epoch = 0 if self.tokens._epoch_windows is None else (windows_read - 1) // self.tokens.windows_per_epoch
+        return StreamPosition(batch, cycle, rows, epoch, windows_read)
 
     def cycle_size(self, cycle: int) -> int:
         """Rows of cycle `cycle`: from each chunk j in c−K+1..c, the rows its permutation gives to c."""

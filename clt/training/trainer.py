@@ -210,7 +210,7 @@ class CLTTrainer:
                 _accumulate(sums, name, value.detach().double() / accumulation)
             _accumulate(sums, "fvu", self._fvu(out.reconstruction.float(), y) / accumulation)
             _accumulate(sums, "l0", fired.double() / tokens / accumulation)
-        if self.kl is not None and self.step % c.kl_every == 0:
+        if self.kl is not None and self.step >= c.kl_start * c.training_steps and self.step % c.kl_every == 0:
             sums["kl"] = self.kl.step(model, self.step, c.kl_coef, self.scaler)
         if self.dist is not None:
             model.sync_gradients()
