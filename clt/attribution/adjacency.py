@@ -9,6 +9,8 @@ bool tensor holding only the kept edges).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,14 @@ def csr_from_counts(counts: Tensor, cols: Tensor, values: Tensor) -> Tensor:
     index = torch.int32 if len(values) < 2**31 - 1 and n < 2**31 - 1 else torch.int64
     crow = torch.zeros(n + 1, dtype=index)
     crow[1:] = counts.cumsum(0)
-    return torch.sparse_csr_tensor(crow, cols.to(index), values, (n, n))
+    return sparse_csr(crow, cols.to(index), values, (n, n))
+
+
+def sparse_csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """torch's CSR tensor (without its 'beta' warning; the caller guarantees sorted valid indices)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 def entries(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,7 +70,9 @@ def same_layout(matrix: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> T
         out[rows, cols] = values
         return out
     if values.dtype == torch.bool:
-        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, matrix.shape).coalesce()
+        return torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), values, matrix.shape, check_invariants=False
+        ).coalesce()
     return csr_matrix(rows, cols, values, n)
 
 
@@ -116,7 +127,8 @@ def values_at(matrix: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     if not is_sparse(matrix):
         return matrix[rows, cols]
     if matrix.layout == torch.sparse_coo:
-        matrix = matrix.coalesce().to_sparse_csr()
+        rows, cols_all, values_all = entries(matrix)
+        matrix = csr_matrix(rows, cols_all, values_all, matrix.shape[0])
     crow, col, values = matrix.crow_indices().long(), matrix.col_indices().long(), matrix.values()
     out = torch.zeros(len(rows), dtype=values.dtype)
     for row in rows.unique().tolist():
@@ -144,6 +156,7 @@ __all__ = [
     "normalize_rows",
     "same_layout",
     "scale_rows",
+    "sparse_csr",
     "to_dense",
     "values_at",
     "vector_matrix",

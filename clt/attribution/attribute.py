@@ -18,7 +18,7 @@ Algorithm (as circuit-tracer, with the frozen model applied as linear maps):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from clt.attribution.adjacency import csr_from_counts
 from clt.attribution.graph import Graph
-from clt.attribution.linear import UnsupportedModelError
+from clt.attribution.linear import Stopwatch, UnsupportedModelError
 from clt.attribution.memory import CHUNK_BYTES, MemoryPlan, plan_memory
 from clt.attribution.replacement import PromptState, ReplacementModel
 from clt.attribution.rows import AutogradRows, Edges, LinearRows, RowEngine, encoder_rows
@@ -101,34 +101,41 @@ def _attribute(
     n_cols = logit_col + n_logits
     n_nodes = n_visit + M * n + n + n_logits
     reach = torch.tensor([w.shape[1] for w in rm.transcoder.W_dec])
-    plan = plan_memory(
-        rm,
-        state,
-        n_active=K,
-        decoder_writes=int(reach[active[:, 0]].sum()) if K else 0,
-        n_rows=n_logits + n_visit,
-        n_cols=n_cols,
-        n_nodes=n_nodes,
-        direct=direct,
-        linear=cfg.backward != "autograd",
-        batch_size=max(1, min(cfg.batch_size, max(n_logits, n_visit))),
-        max_memory_gb=cfg.max_memory_gb,
-    )
-    logger.info(
-        "attributing %d tokens: %d active features (%d visited), %d logits; %s",
-        n,
-        K,
-        n_visit,
-        n_logits,
-        plan.describe(),
-    )
+
+    def make_plan(linear: bool) -> MemoryPlan:
+        plan = plan_memory(
+            rm,
+            state,
+            n_active=K,
+            decoder_writes=int(reach[active[:, 0]].sum()) if K else 0,
+            n_rows=n_logits + n_visit,
+            n_cols=n_cols,
+            n_nodes=n_nodes,
+            direct=direct,
+            linear=linear,
+            batch_size=max(1, min(cfg.batch_size, max(n_logits, n_visit))),
+            max_memory_gb=cfg.max_memory_gb,
+        )
+        logger.info(
+            "attributing %d tokens: %d active features (%d visited), %d logits; %s",
+            n,
+            K,
+            n_visit,
+            n_logits,
+            plan.describe(),
+        )
+        return plan
+
+    watch = Stopwatch()
+    engine, plan = _engine(rm, state, active, values, make_plan, cfg.backward, watch)
+    watch.lap("recording and setup")
     batch = plan.batch_size
-    engine = _engine(rm, state, active, values, plan, cfg.backward)
     model_layer = torch.tensor(rm.layers, dtype=torch.long)[active[:, 0]] if K else active[:, 0]
     graph = _GraphRows(n_nodes, n_cols, plan.sparse)
     bar = tqdm(total=n_logits + n_visit, desc="attribution", unit="row", disable=not progress)
 
     def compute(layers: Tensor, positions: Tensor, vecs: Tensor, out: Tensor) -> Tensor:
+        watch.lap("rows")
         engine.rows(layers, positions, vecs, out)
         bar.update(len(vecs))
         return out
@@ -147,12 +154,16 @@ def _attribute(
             chunk = order[lo:hi]
             out = torch.zeros(len(chunk), n_cols)
             graph.add(chunk, compute(model_layer[chunk], active[chunk, 1], encoder_rows(rm, active, chunk), out))
+            watch.lap("graph")
         bar.close()
         selected = torch.arange(K)
     else:
-        selected = _visit(rm, cfg, engine, active, model_layer, logit_rows, logit_p, n_visit, batch, compute, graph)
+        selected = _visit(rm, cfg, active, model_layer, logit_rows, logit_p, n_visit, batch, compute, graph, watch)
         bar.close()
 
+    adjacency = graph.build()
+    watch.lap("graph")
+    logger.info("attribution time by part: %s", watch.describe())
     features = active[selected].clone()
     features[:, 0] = model_layer[selected] if K else features[:, 0]
     ids = state.input_ids.tolist()
@@ -162,7 +173,7 @@ def _attribute(
         tokens=rm.token_strings(ids),
         features=features.cpu(),
         activations=values[selected].float().cpu(),
-        adjacency=graph.build(),
+        adjacency=adjacency,
         logit_token_ids=logit_ids.tolist(),
         logit_tokens=rm.token_strings(logit_ids.tolist()),
         logit_probabilities=logit_p.float().cpu(),
@@ -176,7 +187,6 @@ def _attribute(
 def _visit(
     rm: ReplacementModel,
     cfg: AttributionConfig,
-    engine: RowEngine,
     active: Tensor,
     model_layer: Tensor,
     logit_rows: list[Tensor],
@@ -185,6 +195,7 @@ def _visit(
     batch: int,
     compute: Any,
     graph: _GraphRows,
+    watch: Stopwatch,
 ) -> Tensor:
     """Visit `n_visit` features in order of estimated influence; add the graph's rows; the visited
     features (sorted)."""
@@ -201,7 +212,9 @@ def _visit(
     sums[:n_logits] = rows[:n_logits].abs().sum(1)
     visited = torch.zeros(K, dtype=torch.bool)
     while done < n_rows:
+        watch.lap("rows")
         influence = _influence(rows[:done], sums[:done], row_node[:done], logit_p)
+        watch.lap("ranking")
         order = influence[:K].argsort(descending=True)
         queue = order[~visited[order]][: min(cfg.update_interval * batch, n_rows - done)]
         queue = _by_position(queue, active, model_layer)
@@ -213,6 +226,7 @@ def _visit(
             row_node[done : done + len(chunk)] = chunk
             visited[chunk] = True
             done += len(chunk)
+    watch.lap("rows")
     selected = visited.nonzero().squeeze(1)
     keep_cols = torch.cat([selected, torch.arange(K, n_cols)])
     slot = torch.zeros(K, dtype=torch.long)
@@ -248,17 +262,28 @@ def _influence(rows: Tensor, sums: Tensor, row_node: Tensor, logit_p: Tensor, ch
 
 
 def _engine(
-    rm: ReplacementModel, state: PromptState, active: Tensor, values: Tensor, plan: MemoryPlan, backward: str
-) -> RowEngine:
+    rm: ReplacementModel,
+    state: PromptState,
+    active: Tensor,
+    values: Tensor,
+    make_plan: Callable[[bool], MemoryPlan],
+    backward: str,
+    watch: Stopwatch,
+) -> tuple[RowEngine, MemoryPlan]:
+    """The row engine `backward` asks for ('auto': linear unless the model's layers do not allow it)
+    and its memory plan."""
     edges = Edges(rm, state, active, values, CHUNK_BYTES)
     if backward != "autograd":
+        plan = make_plan(True)
         try:
-            return LinearRows(rm, state, edges, block_size=plan.block_size, keep=plan.keep_patterns)
+            rows = LinearRows(rm, state, edges, block_size=plan.block_size, keep=plan.keep_patterns, watch=watch)
+            return rows, plan
         except UnsupportedModelError as err:
             if backward == "linear":
                 raise
             logger.warning("%s; using the autograd path (the prompt copied batch_size times)", err)
-    return AutogradRows(rm, state, edges, batch=plan.batch_size)
+    plan = make_plan(False)
+    return AutogradRows(rm, state, edges, batch=plan.batch_size, watch=watch), plan
 
 
 def _by_position(indices: Tensor, active: Tensor, model_layer: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clt.attribution.adjacency import entries, is_sparse, mask_entries
+from clt.attribution.adjacency import csr_matrix, entries, is_sparse, mask_entries, sparse_csr
 from clt.config.attribution import AttributionConfig
 from clt.files import atomic_write_text
 
@@ -111,7 +111,7 @@ class Graph:
 
     def __post_init__(self) -> None:
         if self.adjacency.layout == torch.sparse_coo:
-            self.adjacency = self.adjacency.coalesce().to_sparse_csr()
+            self.adjacency = csr_matrix(*entries(self.adjacency), int(self.adjacency.shape[0]))
         expected = self.n_features + self.n_errors + self.n_tokens + self.n_logits
         if tuple(self.adjacency.shape) != (expected, expected):
             raise ValueError(
@@ -410,12 +410,12 @@ def _encode(t: Tensor) -> dict[str, Any]:
     """`_encode_dense`, or for a sparse CSR matrix its shape and index/value arrays."""
     if not is_sparse(t):
         return _encode_dense(t)
+    index = torch.int32 if t.values().numel() < 2**31 - 1 and max(t.shape) < 2**31 - 1 else torch.int64
+    parts = (t.crow_indices().to(index), t.col_indices().to(index), t.values())
     return {
         "layout": "sparse_csr",
         "shape": list(t.shape),
-        **{
-            name: _encode_dense(part) for name, part in zip(_CSR_PARTS, (t.crow_indices(), t.col_indices(), t.values()))
-        },
+        **{name: _encode_dense(part) for name, part in zip(_CSR_PARTS, parts)},
     }
 
 
@@ -434,7 +434,7 @@ def _decode(spec: dict[str, Any]) -> Tensor:
         or (len(col) and (int(col.min()) < 0 or int(col.max()) >= n_cols))
     ):
         raise ValueError(f"the sparse {[n_rows, n_cols]} adjacency's index arrays do not fit together")
-    return torch.sparse_csr_tensor(crow, col, values, (n_rows, n_cols))
+    return sparse_csr(crow, col, values, (n_rows, n_cols))
 
 
 _CSR_PARTS = ("crow_indices", "col_indices", "values")

@@ -23,6 +23,8 @@ the autograd path of `ReplacementModel.attribution_trace`).
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,26 @@ from clt.nnsight.splice import eval_mode
 RECORDING_ATTENTION = "clt_linear_record"
 
 
+class Stopwatch:
+    """Seconds spent in each named part of a computation, measured between laps."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """Count the time since the previous lap as `part`."""
+        now = time.perf_counter()
+        self.seconds[part] += now - self._last
+        self._last = now
+
+    def describe(self) -> str:
+        """The parts by share of the total time, largest first."""
+        total = sum(self.seconds.values()) or 1.0
+        parts = sorted(self.seconds.items(), key=lambda item: -item[1])
+        return ", ".join(f"{name} {100 * seconds / total:.0f}% ({seconds:.1f} s)" for name, seconds in parts)
+
+
 class UnsupportedModelError(NotImplementedError):
     """The model's layers are not of the pre-norm shape the linear path computes (module docstring)."""
 
@@ -61,9 +83,8 @@ class _Norm:
 
     def adjoint(self, g: Tensor) -> Tensor:
         """Nᵀ g for g [..., n', d] at the first n' positions."""
-        out = g / self.scale[: g.shape[-2], None]
-        if self.weight is not None:
-            out = out * self.weight
+        factor = 1 / self.scale[: g.shape[-2], None]
+        out = g * (factor if self.weight is None else factor * self.weight)
         return out - out.mean(-1, keepdim=True) if self.centred else out
 
     def adjoint_at(self, vecs: Tensor, positions: Tensor) -> Tensor:
@@ -78,12 +99,20 @@ class _Attention:
     """One layer's frozen attention: patterns by blocks of query rows, value and output weights."""
 
     def __init__(
-        self, query: Tensor, key: Tensor, mask: Tensor | None, options: dict[str, Any], block: int, keep: bool
+        self,
+        query: Tensor,
+        key: Tensor,
+        mask: Tensor | None,
+        options: dict[str, Any],
+        block: int,
+        keep: bool,
+        watch: Stopwatch,
     ) -> None:
         self.query, self.key, self.mask, self.options = query, key, mask, options
         self.n_heads, self.n_kv, self.head_dim = query.shape[0], key.shape[0], query.shape[-1]
         self.block, self.keep = block, keep
         self.blocks: dict[int, Tensor] = {}
+        self.watch = watch
         self.w_v: Tensor = torch.empty(0)
         """Value projection [n_kv · head_dim, d] (float32)."""
         self.w_o: Tensor = torch.empty(0)
@@ -120,8 +149,11 @@ class _Attention:
         for q0 in range(0, n1, self.block):
             q1 = min(q0 + self.block, n1)
             rows = groups * (q1 - q0)
+            self.watch.lap("attention")
             p = self.pattern(q0, q1).reshape(self.n_kv, rows, q1)
+            self.watch.lap("patterns")
             g_v[:, :q1].baddbmm_(p.transpose(1, 2), g_out[:, q0:q1].reshape(self.n_kv, rows, width))
+        self.watch.lap("attention")
         return g_v
 
 
@@ -135,8 +167,17 @@ class _Layer:
 class LinearReplacement:
     """The frozen replacement model of one prompt as linear maps (module docstring)."""
 
-    def __init__(self, rm: ReplacementModel, state: PromptState, *, block_size: int = 256, keep_patterns: bool = True):
+    def __init__(
+        self,
+        rm: ReplacementModel,
+        state: PromptState,
+        *,
+        block_size: int = 256,
+        keep_patterns: bool = True,
+        watch: Stopwatch | None = None,
+    ):
         self.rm, self.n, self.block, self.keep = rm, len(state.input_ids), block_size, keep_patterns
+        self.watch = watch if watch is not None else Stopwatch()
         self.layers: list[_Layer] = []
         self.final: _Norm | None = None
         self._record(state.input_ids)
@@ -170,26 +211,33 @@ class LinearReplacement:
             g.index_put_((rows[at], positions[at]), v, accumulate=True)
         for m in range(min(top, M - 1), -1, -1):
             if m < top:
+                self.watch.lap("norms and targets")
                 on_layer(m, g)
+                self.watch.lap("edges")
             layer, here = self.layers[m], layers == m
             if m in self.skips:
                 w, in_std, out_std = self.skips[m]
                 g_x = ((g * out_std) @ w) / in_std
                 g_x.index_put_((rows[here], positions[here]), vecs[here], accumulate=True)
-                g = g + layer.mlp_norm.adjoint(g_x)
+                g += layer.mlp_norm.adjoint(g_x)
             elif here.any():
                 v = layer.mlp_norm.adjoint_at(vecs[here], positions[here])
                 g.index_put_((rows[here], positions[here]), v, accumulate=True)
-            g = g + layer.attn_norm.adjoint(self._attention_adjoint(layer.attention, g))
+            g_a = self._attention_adjoint(layer.attention, g)
+            g += layer.attn_norm.adjoint(g_a)
+        self.watch.lap("norms and targets")
         return g
 
-    @staticmethod
-    def _attention_adjoint(att: _Attention, g: Tensor) -> Tensor:
+    def _attention_adjoint(self, att: _Attention, g: Tensor) -> Tensor:
         B, n1, _ = g.shape
         H, kv, dh = att.n_heads, att.n_kv, att.head_dim
+        self.watch.lap("norms and targets")
         g_out = (g @ att.w_o).view(B, n1, H, dh).permute(2, 1, 0, 3).reshape(H, n1, B * dh)
+        self.watch.lap("projections")
         g_v = att.adjoint(g_out).view(kv, n1, B, dh).permute(2, 1, 0, 3).reshape(B, n1, kv * dh)
-        return g_v @ att.w_v
+        g_a = g_v @ att.w_v
+        self.watch.lap("projections")
+        return g_a
 
     # ----------------------------------------------------------------- the recording pass
 
@@ -217,6 +265,7 @@ class LinearReplacement:
                 options,
                 self.block,
                 self.keep,
+                self.watch,
             )
             out = att.forward(value[0])
             seen["attention"] = (module, att, value[0], out)
@@ -357,4 +406,4 @@ def _projections(module: nn.Module, att: _Attention, d: int) -> tuple[Tensor, Te
     return w_v.contiguous(), w_o.contiguous()
 
 
-__all__ = ["LinearReplacement", "UnsupportedModelError"]
+__all__ = ["LinearReplacement", "Stopwatch", "UnsupportedModelError"]

@@ -9,8 +9,9 @@ copied batch-size times with its patterns); and the finished graph (dense N², o
 rows × kept columns entries of 8 bytes).
 
 With ``max_memory_gb`` the plan keeps the patterns if everything fits at ``batch_size``, else
-rebuilds them per batch, and then lowers the batch size until the estimate fits; without it the
-batch size is ``batch_size`` and the patterns are kept when they take at most `KEEP_PATTERNS_BYTES`.
+rebuilds them per batch if that fits, else lowers the batch size (with the smaller of the two
+pattern storages) until the estimate fits; without it the batch size is ``batch_size`` and the
+patterns are kept when they take at most `KEEP_PATTERNS_BYTES`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class MemoryPlan:
     """Query rows per pattern block."""
     sparse: bool
     """The graph's adjacency is sparse CSR (else dense)."""
+    linear: bool
+    """Rows from the linear maps (else the autograd path, the prompt copied batch-size times)."""
     parts: dict[str, int]
     """Estimated bytes of each part (module docstring)."""
 
@@ -54,11 +57,16 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line: the estimate by part, the batch size and the pattern storage."""
         parts = ", ".join(f"{name} {size / GiB:.2f}" for name, size in self.parts.items())
-        patterns = "kept" if self.keep_patterns else f"rebuilt in blocks of {self.block_size} query rows"
+        if not self.linear:
+            how = "autograd path (the prompt copied batch-size times)"
+        elif self.keep_patterns:
+            how = "linear path, attention patterns kept"
+        else:
+            how = f"linear path, attention patterns rebuilt in blocks of {self.block_size} query rows"
         layout = "sparse" if self.sparse else "dense"
         return (
-            f"estimated peak memory {self.total / GiB:.2f} GiB ({parts}); batch {self.batch_size}, "
-            f"attention patterns {patterns}, {layout} adjacency"
+            f"estimated peak memory {self.total / GiB:.2f} GiB ({parts}); batch {self.batch_size}, {how}, "
+            f"{layout} adjacency"
         )
 
 
@@ -90,20 +98,21 @@ def plan_memory(
         "rows": (0 if direct else n_rows * n_cols * 4) + min(n_rows, 256) * n_cols * 4,
         "graph": n_nodes * n_nodes * 4 if not sparse else n_rows * n_nodes * 8,
     }
-    kept = M * heads * n * (n + BLOCK_SIZE) // 2 * 4
-    rebuilt = M * (heads + kv_heads) * n * head_dim * 4 + 3 * heads * BLOCK_SIZE * n * 4
+    block = min(BLOCK_SIZE, n)
+    kept = M * heads * sum(min(block, n - q0) * min(q0 + block, n) for q0 in range(0, n, block)) * 4
+    rebuilt = M * (heads + kv_heads) * n * head_dim * 4 + 3 * heads * block * n * 4
 
     def patterns(keep: bool) -> int:
         return (kept if keep else rebuilt) if linear else 0
 
     def working(batch: int) -> int:
         if linear:
-            return 7 * batch * n * d * 4 + (batch * n_cols * 4 if direct else 0) + CHUNK_BYTES * (1 + batch // d)
+            return 7 * batch * n * d * 4 + (batch * n_cols * 4 if direct else 0) + CHUNK_BYTES * (d + batch) // d
         return batch * M * (heads * n * n * 4 * 2 + 12 * n * d * 4) + batch * n_cols * 4
 
     def plan(batch: int, keep: bool) -> MemoryPlan:
         parts = {**fixed, "patterns": patterns(keep), "batch": working(batch)}
-        return MemoryPlan(batch, keep, BLOCK_SIZE, sparse, parts)
+        return MemoryPlan(batch, keep, block, sparse, linear, parts)
 
     if max_memory_gb is None:
         return plan(batch_size, kept <= KEEP_PATTERNS_BYTES)
@@ -111,16 +120,18 @@ def plan_memory(
     for keep in (True, False):
         if plan(batch_size, keep).total <= budget:
             return plan(batch_size, keep)
-    smallest = plan(1, False)
-    if smallest.total > budget:
+    keep = kept <= rebuilt  # a smaller batch, with whichever pattern storage is smaller
+    if plan(1, keep).total > budget:
         raise MemoryError(
-            f"attribution needs about {smallest.total / GiB:.2f} GiB even at batch size 1 but max_memory_gb is "
-            f"{max_memory_gb:g} ({smallest.describe()}); raise max_memory_gb, lower max_feature_nodes or "
+            f"attribution needs about {plan(1, keep).total / GiB:.2f} GiB even at batch size 1 but max_memory_gb "
+            f"is {max_memory_gb:g} ({plan(1, keep).describe()}); raise max_memory_gb, lower max_feature_nodes or "
             "shorten the prompt"
         )
-    spare = budget - smallest.total
-    per_row = max(1, working(2) - working(1))
-    return plan(min(batch_size, 1 + int(spare // per_row)), False)
+    low, high = 1, batch_size  # the largest batch that fits: working memory grows with the batch
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if plan(middle, keep).total <= budget else (low, middle - 1)
+    return plan(low, keep)
 
 
 def _heads(model: nn.Module, d: int) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from clt.attribution.linear import LinearReplacement
+from clt.attribution.linear import LinearReplacement, Stopwatch
 from clt.attribution.replacement import PromptState, ReplacementModel
 
 
@@ -102,22 +102,25 @@ class Edges:
 class LinearRows:
     """Rows from the frozen model's linear maps (`LinearReplacement`)."""
 
-    def __init__(self, rm: ReplacementModel, state: PromptState, edges: Edges, *, block_size: int, keep: bool):
+    def __init__(
+        self, rm: ReplacementModel, state: PromptState, edges: Edges, *, block_size: int, keep: bool, watch: Stopwatch
+    ):
         self.edges = edges
-        self.linear = LinearReplacement(rm, state, block_size=block_size, keep_patterns=keep)
+        self.linear = LinearReplacement(rm, state, block_size=block_size, keep_patterns=keep, watch=watch)
 
     def rows(self, layers: Tensor, positions: Tensor, vecs: Tensor, out: Tensor) -> None:
         """Rows of a batch of targets (`RowEngine`)."""
         with torch.no_grad():
             g_emb = self.linear.backward(layers, positions, vecs, lambda m, g: self.edges.layer(m, g, out))
             self.edges.tokens(g_emb, out)
+            self.linear.watch.lap("edges")
 
 
 class AutogradRows:
     """Rows from one frozen forward pass of the prompt copied `batch` times, one backward per batch."""
 
-    def __init__(self, rm: ReplacementModel, state: PromptState, edges: Edges, *, batch: int):
-        self.edges, self.M = edges, rm.n_layers
+    def __init__(self, rm: ReplacementModel, state: PromptState, edges: Edges, *, batch: int, watch: Stopwatch):
+        self.edges, self.M, self.watch = edges, rm.n_layers, watch
         self.trace = rm.attribution_trace(state, batch)
 
     def rows(self, layers: Tensor, positions: Tensor, vecs: Tensor, out: Tensor) -> None:
@@ -135,11 +138,13 @@ class AutogradRows:
         grads = torch.autograd.grad(
             outputs, [trace.embeddings, *trace.mlp_outputs[:top]], grad_outputs, retain_graph=True, allow_unused=True
         )
+        self.watch.lap("autograd backward")
         with torch.no_grad():
             g_emb = grads[0][:b].float()
             for m, g in enumerate(grads[1:]):
                 self.edges.layer(m, torch.zeros_like(g_emb) if g is None else g[:b].float(), out)
             self.edges.tokens(g_emb, out)
+        self.watch.lap("edges")
 
 
 def encoder_rows(rm: ReplacementModel, active: Tensor, chunk: Tensor) -> Tensor:
