@@ -17,6 +17,7 @@ Algorithm (as circuit-tracer, with the frozen model applied as linear maps):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,13 +52,16 @@ def attribute(
 
     `model` is a Hugging Face causal LM, a model alias/path (loaded with its tokenizer), or a
     `ReplacementModel` (then `transcoder` may be omitted). Options: max_n_logits,
-    desired_logit_prob, batch_size, max_feature_nodes, update_interval, zero_bos, prepend_bos.
+    desired_logit_prob, batch_size, max_feature_nodes, update_interval, zero_bos, prepend_bos,
+    max_memory_gb, backward.
     """
     cfg = config if config is not None else AttributionConfig()
     if options:
         cfg = cfg.replace(**options)
     replacement = _replacement_model(model, transcoder, tokenizer)
     state = replacement.prepare(prompt, zero_bos=cfg.zero_bos, prepend_bos=cfg.prepend_bos)
+    unused = torch.empty(0)  # rows need the errors, embeddings and activations (and outputs: autograd)
+    state = dataclasses.replace(state, mlp_inputs=unused, reconstruction=unused, preactivations=unused)
     return _attribute(replacement, state, cfg, prompt if isinstance(prompt, str) else None, progress)
 
 
@@ -233,12 +237,12 @@ def _visit(
     slot[row_node[n_logits:]] = torch.arange(n_logits, n_rows)
     node_slots = torch.cat([slot[selected], torch.arange(n_logits)])  # graph rows in node order
     node_rows = torch.cat([torch.arange(len(selected)), torch.arange(graph.n - n_logits, graph.n)])
-    for lo, hi in _batches(len(node_slots), 256):
+    for lo, hi in _batches(len(node_slots), _row_chunk(n_cols)):
         graph.add(node_rows[lo:hi], rows[node_slots[lo:hi]][:, keep_cols])
     return selected
 
 
-def _influence(rows: Tensor, sums: Tensor, row_node: Tensor, logit_p: Tensor, chunk: int = 256) -> Tensor:
+def _influence(rows: Tensor, sums: Tensor, row_node: Tensor, logit_p: Tensor) -> Tensor:
     """Influence of every column on the logits through the rows computed so far: y·Â with Â the
     row-normalised |rows| and y the logit weights plus the influence on each row's own node (found
     on the small matrix among row nodes), as `prune.influence` on the graph of these rows."""
@@ -256,7 +260,7 @@ def _influence(rows: Tensor, sums: Tensor, row_node: Tensor, logit_p: Tensor, ch
         raise RuntimeError("influence did not converge: the graph has a cycle")
     weight = y / scale
     out = torch.zeros(rows.shape[1])
-    for lo, hi in _batches(len(rows), chunk):
+    for lo, hi in _batches(len(rows), _row_chunk(rows.shape[1])):
         out += weight[lo:hi] @ rows[lo:hi].abs()
     return out
 
@@ -290,6 +294,11 @@ def _by_position(indices: Tensor, active: Tensor, model_layer: Tensor) -> Tensor
     """Feature indices ordered by (position, layer), so that a batch spans few positions."""
     key = active[indices, 1] * (int(model_layer.max()) + 1 if len(model_layer) else 1) + model_layer[indices]
     return indices[key.argsort(stable=True)]
+
+
+def _row_chunk(n_cols: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk when rows of `n_cols` floats are copied a chunk at a time."""
+    return max(1, chunk_bytes // (4 * n_cols))
 
 
 def _batches(total: int, size: int) -> list[tuple[int, int]]:

@@ -94,8 +94,8 @@ def plan_memory(
         "weights": _bytes(rm.model) + _bytes(rm.transcoder),
         "prompt": sum(t.numel() * t.element_size() for t in vars(state).values() if hasattr(t, "numel")),
         "decoders": sum(w.numel() for w in rm.transcoder.W_dec) * 4,
-        "edge index": decoder_writes * 20 + n_active * 16,
-        "rows": (0 if direct else n_rows * n_cols * 4) + min(n_rows, 256) * n_cols * 4,
+        "edge index": decoder_writes * 12 + n_active * 40,
+        "rows": (0 if direct else n_rows * n_cols * 4) + 2 * CHUNK_BYTES,
         "graph": n_nodes * n_nodes * 4 if not sparse else n_rows * n_nodes * 8,
     }
     block = min(BLOCK_SIZE, n)

@@ -38,8 +38,8 @@ class _Writes:
 
     def __init__(self, features: Tensor, positions: Tensor, rows: Tensor, activations: Tensor, table: Tensor, n: int):
         order = positions.argsort(stable=True)
-        self.cols, self.positions = features[order], positions[order]
-        self.rows, self.activations, self.table = rows[order], activations[order], table
+        self.cols, self.positions = features[order].int(), positions[order].int()
+        self.rows, self.activations, self.table = rows[order].int(), activations[order], table
         self.ptr = torch.zeros(n + 1, dtype=torch.long)
         self.ptr[1:] = torch.bincount(self.positions, minlength=n).cumsum(0)
         self.widest = int(self.ptr.diff().max())
@@ -89,7 +89,7 @@ class Edges:
             pos = writes.positions[e0:e1]
             slot = torch.arange(e0, e1) - writes.ptr[pos]
             padded = torch.zeros(p1 - p0, int(slot.max()) + 1, dtype=torch.long)
-            padded[pos - p0, slot] = writes.rows[e0:e1]
+            padded[pos - p0, slot] = writes.rows[e0:e1].long()
             y = torch.bmm(g_pos[p0:p1], writes.table[padded].transpose(1, 2))  # [p, b, widest]
             out.index_add_(1, writes.cols[e0:e1], y[pos - p0, :, slot].T * writes.activations[e0:e1])
 
