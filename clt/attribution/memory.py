@@ -1,6 +1,7 @@
 """The memory plan of `attribute`: an estimate by part, and the batch size and pattern storage that fit.
 
-Parts (bytes): the loaded model and transcoder; the clean run of the prompt (`PromptState`); the
+Parts (bytes): the process's resident memory when the plan is made (the loaded model and
+transcoder, the clean run of the prompt, the runtime; without /proc: the weights and the clean run); the
 transcoder's decoder rows and the index arrays of the feature edges; the attention patterns (kept:
 at most L·heads·n(n + block)/2 floats; else the queries and keys, and one block rebuilt at a time);
 the rows computed so far (visited targets × columns, or one batch when every feature is visited);
@@ -17,8 +18,10 @@ patterns are kept when they take at most `KEEP_PATTERNS_BYTES`.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 from clt.attribution.adjacency import DENSE_LIMIT_BYTES
 from clt.attribution.replacement import PromptState, ReplacementModel
@@ -91,8 +94,7 @@ def plan_memory(
     heads, kv_heads, head_dim = _heads(rm.model, d)
     sparse = n_nodes * n_nodes * 4 > DENSE_LIMIT_BYTES
     fixed = {
-        "weights": _bytes(rm.model) + _bytes(rm.transcoder),
-        "prompt": sum(t.numel() * t.element_size() for t in vars(state).values() if hasattr(t, "numel")),
+        "resident": _resident_bytes(rm, state),
         "decoders": sum(w.numel() for w in rm.transcoder.W_dec) * 4,
         "edge index": decoder_writes * 12 + n_active * 40,
         "rows": (0 if direct else n_rows * n_cols * 4) + 2 * CHUNK_BYTES,
@@ -141,6 +143,16 @@ def _heads(model: nn.Module, d: int) -> tuple[int, int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     return int(heads), int(kv_heads), int(head_dim)
+
+
+def _resident_bytes(rm: ReplacementModel, state: PromptState) -> int:
+    """The process's resident memory now (Linux), else the bytes of the weights and the clean run."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        tensors = [t for t in vars(state).values() if isinstance(t, Tensor)]
+        return _bytes(rm.model) + _bytes(rm.transcoder) + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _bytes(module: nn.Module) -> int:

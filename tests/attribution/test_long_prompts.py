@@ -138,6 +138,7 @@ def test_the_memory_budget_chooses_batch_size_and_pattern_storage(tiny_llama, mo
     model, tokenizer = tiny_llama
     rm = ReplacementModel(model, random_transcoder(model), tokenizer)
     monkeypatch.setattr("clt.attribution.memory.BLOCK_SIZE", 8)  # rebuilt blocks smaller than kept patterns
+    monkeypatch.setattr("clt.attribution.memory._resident_bytes", lambda rm, state: 10 * 2**20)  # fixed
     state = rm.prepare(torch.arange(5, 205))
     sizes = dict(n_active=400, decoder_writes=800, n_rows=60, n_cols=500, n_nodes=200, direct=False, linear=True)
 
