@@ -65,16 +65,8 @@ def test_a_parallel_residual_model_uses_the_autograd_path(caplog, one_thread):
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        use_parallel_residual=True,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), use_parallel_residual=True, max_position_embeddings=64, **sizes)
     model = GPTNeoXForCausalLM(config).eval()
     rm = ReplacementModel(model, random_transcoder(model), tokenizer)
     with pytest.raises(UnsupportedModelError, match="norm, attention, norm, MLP"):
