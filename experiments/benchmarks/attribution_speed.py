@@ -107,7 +107,7 @@ def prepare(args: argparse.Namespace) -> list[dict]:
                     "settings": settings,
                 }
             )
-    return specs
+    return sorted(specs, key=lambda spec: len(spec["token_ids"]))  # short prompts first
 
 
 # ===================================================================== runs and comparison
