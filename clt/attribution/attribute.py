@@ -1,34 +1,37 @@
 """attribute: the attribution graph of a prompt through the local replacement model.
 
-Algorithm (as circuit-tracer, with the decoder contraction vectorised):
+Algorithm (as circuit-tracer, with the frozen model applied as linear maps):
 
 1. One clean forward pass records MLP inputs/outputs; the transcoder gives features and errors.
-2. One frozen forward pass of the prompt copied `batch_size` times, with each MLP output a
-   gradient leaf (so gradients stop at MLP outputs and never pass through features).
-3. Per batch of targets, one backward pass: row b injects its target's input direction (encoder
-   row of a feature at its layer and position, or the demeaned unembedding column of a logit at
-   the last position) and reads the gradients g_m[b] at every MLP output and g_emb[b] at the
-   embeddings.
-4. Edge weights: a feature source (l, p, f) gets a · Σ_j W_dec[l→l+j][f] · g_{l+j}[p] (one matmul
-   per source layer and position over all active features there and all target layers), an
-   error source e_m[p] · g_m[p], an embedding emb[p] · g_emb[p].
-
-Targets are visited logits first, then features (in order, or by estimated influence when
-`max_feature_nodes` caps them).
+2. Targets are visited in batches: logits first, then features (all of them, or with
+   `max_feature_nodes` in order of their estimated influence on the logits through the rows so far,
+   re-ranked every `update_interval` batches). Within a round, targets are batched by position, so
+   that a batch only works on the positions up to its last target's.
+3. A batch's rows come from the gradients of its targets at every MLP output and the embeddings
+   (`clt.attribution.rows`): by default the frozen model's linear maps, kept once
+   (`clt.attribution.linear`), else one frozen forward of the prompt copied batch-size times.
+4. Rows stream into the graph's adjacency: dense for short prompts, sparse CSR when the dense matrix
+   would be large. A memory plan (`clt.attribution.memory`) chooses the batch size and whether
+   attention patterns are kept, and is logged before the work starts; a progress bar shows the ETA.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from clt.attribution.adjacency import csr_from_counts
 from clt.attribution.graph import Graph
+from clt.attribution.linear import Stopwatch, UnsupportedModelError
+from clt.attribution.memory import CHUNK_BYTES, MemoryPlan, plan_memory
 from clt.attribution.replacement import PromptState, ReplacementModel
+from clt.attribution.rows import AutogradRows, Edges, LinearRows, RowEngine, encoder_rows
 from clt.config.attribution import AttributionConfig
 from clt.models.transcoder import CrossLayerTranscoder
 
@@ -49,13 +52,16 @@ def attribute(
 
     `model` is a Hugging Face causal LM, a model alias/path (loaded with its tokenizer), or a
     `ReplacementModel` (then `transcoder` may be omitted). Options: max_n_logits,
-    desired_logit_prob, batch_size, max_feature_nodes, update_interval, zero_bos, prepend_bos.
+    desired_logit_prob, batch_size, max_feature_nodes, update_interval, zero_bos, prepend_bos,
+    max_memory_gb, backward.
     """
     cfg = config if config is not None else AttributionConfig()
     if options:
         cfg = cfg.replace(**options)
     replacement = _replacement_model(model, transcoder, tokenizer)
     state = replacement.prepare(prompt, zero_bos=cfg.zero_bos, prepend_bos=cfg.prepend_bos)
+    unused = torch.empty(0)  # rows need the errors, embeddings and activations (and outputs: autograd)
+    state = dataclasses.replace(state, mlp_inputs=unused, reconstruction=unused, preactivations=unused)
     return _attribute(replacement, state, cfg, prompt if isinstance(prompt, str) else None, progress)
 
 
@@ -94,62 +100,74 @@ def _attribute(
     n_logits = len(logit_ids)
 
     n_visit = K if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, K)
+    direct = n_visit == K  # every feature visited: rows go straight to the graph
     logit_col = K + M * n + n
     n_cols = logit_col + n_logits
-    batch = max(1, min(cfg.batch_size, max(n_logits, n_visit)))
-    logger.info(
-        "attributing %d tokens: %d active features (%d visited), %d logits, batch %d", n, K, n_visit, n_logits, batch
-    )
+    n_nodes = n_visit + M * n + n + n_logits
+    reach = torch.tensor([w.shape[1] for w in rm.transcoder.W_dec])
 
-    engine = _RowEngine(rm, state, active, values, batch, n_cols)
-    # Every feature visited: rows go straight to their adjacency rows (no second copy). With a
-    # feature budget, rows are kept in visiting order and the visited ones gathered at the end.
-    direct = n_visit == K
-    rows = torch.zeros(n_cols, n_cols) if direct else torch.zeros(n_logits + n_visit, n_cols)
-    first_logit_row = logit_col if direct else 0
-    row_node = torch.zeros(n_logits + n_visit, dtype=torch.long)
-    bar = tqdm(total=n_logits + n_visit, desc="attribution", disable=not progress)
+    def make_plan(linear: bool) -> MemoryPlan:
+        plan = plan_memory(
+            rm,
+            state,
+            n_active=K,
+            decoder_writes=int(reach[active[:, 0]].sum()) if K else 0,
+            n_rows=n_logits + n_visit,
+            n_cols=n_cols,
+            n_nodes=n_nodes,
+            direct=direct,
+            linear=linear,
+            batch_size=max(1, min(cfg.batch_size, max(n_logits, n_visit))),
+            max_memory_gb=cfg.max_memory_gb,
+        )
+        logger.info(
+            "attributing %d tokens: %d active features (%d visited), %d logits; %s",
+            n,
+            K,
+            n_visit,
+            n_logits,
+            plan.describe(),
+        )
+        return plan
 
-    for lo in range(0, n_logits, batch):
-        hi = min(lo + batch, n_logits)
-        layers = torch.full((hi - lo,), M)
-        positions = torch.full((hi - lo,), n - 1)
-        rows[first_logit_row + lo : first_logit_row + hi] = engine.rows(layers, positions, logit_vecs[lo:hi])
-        row_node[lo:hi] = torch.arange(logit_col + lo, logit_col + hi)
-        bar.update(hi - lo)
-
-    visited = torch.zeros(K, dtype=torch.bool)
-    done = n_logits
+    watch = Stopwatch()
+    engine, plan = _engine(rm, state, active, values, make_plan, cfg.backward, watch)
+    watch.lap("recording and setup")
+    batch = plan.batch_size
     model_layer = torch.tensor(rm.layers, dtype=torch.long)[active[:, 0]] if K else active[:, 0]
-    while done < n_logits + n_visit:
-        if direct:
-            queue = torch.arange(K)
-        else:
-            influence = _partial_influence(rows[:done], row_node[:done], logit_col, logit_p)
-            order = influence[:K].argsort(descending=True)
-            queue = order[~visited[order]][: min(cfg.update_interval * batch, n_logits + n_visit - done)]
-        for lo in range(0, len(queue), batch):
-            chunk = queue[lo : lo + batch]
-            vecs = engine.encoder_rows(chunk)
-            target = chunk if direct else slice(done, done + len(chunk))
-            rows[target] = engine.rows(model_layer[chunk], active[chunk, 1], vecs)
-            row_node[done : done + len(chunk)] = chunk
-            visited[chunk] = True
-            done += len(chunk)
-            bar.update(len(chunk))
-    bar.close()
+    graph = _GraphRows(n_nodes, n_cols, plan.sparse)
+    bar = tqdm(total=n_logits + n_visit, desc="attribution", unit="row", disable=not progress)
 
-    selected = visited.nonzero().squeeze(1)
+    def compute(layers: Tensor, positions: Tensor, vecs: Tensor, out: Tensor) -> Tensor:
+        watch.lap("rows")
+        engine.rows(layers, positions, vecs, out)
+        bar.update(len(vecs))
+        return out
+
+    logit_rows = [
+        compute(
+            torch.full((hi - lo,), M), torch.full((hi - lo,), n - 1), logit_vecs[lo:hi], torch.zeros(hi - lo, n_cols)
+        )
+        for lo, hi in _batches(n_logits, batch)
+    ]
     if direct:
-        adjacency = rows
+        for lo, hi in _batches(n_logits, batch):
+            graph.add(torch.arange(logit_col + lo, logit_col + hi), logit_rows.pop(0))
+        order = _by_position(torch.arange(K), active, model_layer)
+        for lo, hi in _batches(K, batch):
+            chunk = order[lo:hi]
+            out = torch.zeros(len(chunk), n_cols)
+            graph.add(chunk, compute(model_layer[chunk], active[chunk, 1], encoder_rows(rm, active, chunk), out))
+            watch.lap("graph")
+        bar.close()
+        selected = torch.arange(K)
     else:
-        keep_cols = torch.cat([selected, torch.arange(K, n_cols)])
-        N = len(keep_cols)
-        adjacency = torch.zeros(N, N)
-        adjacency[: len(selected)] = rows[n_logits:][row_node[n_logits:].argsort()][:, keep_cols]
-        adjacency[N - n_logits :] = rows[:n_logits][:, keep_cols]
-        del rows
+        selected = _visit(rm, cfg, active, model_layer, logit_rows, logit_p, n_visit, batch, compute, graph, watch)
+        bar.close()
 
+    adjacency = graph.build()
+    watch.lap("graph")
+    logger.info("attribution time by part: %s", watch.describe())
     features = active[selected].clone()
     features[:, 0] = model_layer[selected] if K else features[:, 0]
     ids = state.input_ids.tolist()
@@ -170,99 +188,154 @@ def _attribute(
     )
 
 
-class _RowEngine:
-    """Computes attribution rows (direct effects on a batch of targets) from one frozen trace."""
-
-    def __init__(
-        self, rm: ReplacementModel, state: PromptState, active: Tensor, values: Tensor, batch: int, n_cols: int
-    ) -> None:
-        self.rm, self.state, self.active, self.n_cols = rm, state, active, n_cols
-        self.n, self.M, self.K = len(state.input_ids), rm.n_layers, len(active)
-        self.trace = rm.attribution_trace(state, batch)
-        self.errors = state.errors.permute(1, 0, 2).contiguous()  # [M, n, d]
-        self.embeddings = state.embeddings
-        # one block per (source layer, position): scaled decoder rows [k, J, d] and their columns
-        self.groups_by_pos: dict[int, list[tuple[int, int, int, Tensor]]] = {}
-        if self.K:
-            keys = active[:, 0] * self.n + active[:, 1]
-            starts = torch.cat([torch.tensor([0]), (keys[1:] != keys[:-1]).nonzero().squeeze(1) + 1])
-            ends = torch.cat([starts[1:], torch.tensor([self.K])])
-            with torch.no_grad():
-                for c0, c1 in zip(starts.tolist(), ends.tolist()):
-                    layer, pos = int(active[c0, 0]), int(active[c0, 1])
-                    dec = rm.raw_decoder(layer, active[c0:c1, 2]) * values[c0:c1, None, None].float()
-                    self.groups_by_pos.setdefault(pos, []).append((layer, c0, c1, dec.contiguous()))
-
-    def encoder_rows(self, chunk: Tensor) -> Tensor:
-        """Raw encoder rows [k, d] of the active features `chunk` (indices into `active`)."""
-        layers, features = self.active[chunk, 0], self.active[chunk, 2]
-        out = torch.empty(len(chunk), self.rm.layout.d_model)
-        with torch.no_grad():
-            for layer in layers.unique().tolist():
-                mask = layers == layer
-                out[mask] = self.rm.raw_encoder(layer, features[mask]).cpu()
-        return out
-
-    def rows(self, layers: Tensor, positions: Tensor, vecs: Tensor) -> Tensor:
-        """Rows [b, n_cols] for targets whose input reads `vecs` [b, d] at (model layer, position);
-        layer M means the final hidden state (logits)."""
-        b, trace, M = len(vecs), self.trace, self.M
-        batch, n, d = trace.embeddings.shape
-        outputs, grad_outputs = [], []
-        for layer in layers.unique().tolist():
-            sel = (layers == layer).nonzero().squeeze(1)
-            grad = torch.zeros(batch, n, d, dtype=trace.embeddings.dtype, device=trace.embeddings.device)
-            grad[sel, positions[sel]] = vecs[sel].to(grad)
-            outputs.append(trace.final if layer == M else trace.mlp_inputs[layer])
-            grad_outputs.append(grad)
-        top = int(layers.max())
-        grads = torch.autograd.grad(
-            outputs, [trace.embeddings, *trace.mlp_outputs[:top]], grad_outputs, retain_graph=True, allow_unused=True
-        )
-        out = torch.zeros(b, self.n_cols)
-        with torch.no_grad():
-            g_emb = grads[0][:b].float()
-            tok = self.K + M * n
-            out[:, tok : tok + n] = torch.einsum("bnd,nd->bn", g_emb, self.embeddings).cpu()
-            zero = None
-            g_mlp = []
-            for g in grads[1:]:
-                if g is None:
-                    zero = torch.zeros_like(g_emb) if zero is None else zero
-                g_mlp.append(zero if g is None else g[:b].float())
-            for m in range(top):  # error nodes, one layer at a time (no stacked copy of the grads)
-                out[:, self.K + m * n : self.K + (m + 1) * n] = torch.einsum(
-                    "bnd,nd->bn", g_mlp[m], self.errors[m]
-                ).cpu()
-            covered = [m for m in self.rm.layers if m < top]
-            for pos, groups in self.groups_by_pos.items():  # features: per position, all layers
-                g_pos = None
-                for layer, c0, c1, dec in groups:
-                    j = min(dec.shape[1], len(covered) - layer)
-                    if j <= 0:
-                        continue
-                    if g_pos is None:
-                        g_pos = torch.stack([g_mlp[m][:, pos] for m in covered], dim=1)  # [b, L', d]
-                    g = g_pos[:, layer : layer + j].reshape(b, j * d)
-                    out[:, c0:c1] = (g @ dec[:, :j].reshape(c1 - c0, j * d).T).cpu()
-        return out
-
-
-def _partial_influence(
-    rows: Tensor, row_node: Tensor, logit_col: int, logit_p: Tensor, max_iter: int = 10_000
+def _visit(
+    rm: ReplacementModel,
+    cfg: AttributionConfig,
+    active: Tensor,
+    model_layer: Tensor,
+    logit_rows: list[Tensor],
+    logit_p: Tensor,
+    n_visit: int,
+    batch: int,
+    compute: Any,
+    graph: _GraphRows,
+    watch: Stopwatch,
 ) -> Tensor:
-    """Influence of every column node on the logits through the rows computed so far."""
-    A = rows.abs()
-    A = A / A.sum(1, keepdim=True).clamp_min(1e-10)
-    weight = torch.zeros(rows.shape[1])
-    weight[logit_col : logit_col + len(logit_p)] = logit_p.float()
-    influence = torch.zeros(rows.shape[1])
-    for _ in range(max_iter):
-        weight = weight[row_node] @ A
-        if not weight.any():
-            return influence
-        influence += weight
-    raise RuntimeError("influence did not converge: the graph has a cycle")
+    """Visit `n_visit` features in order of estimated influence; add the graph's rows; the visited
+    features (sorted)."""
+    K, n_logits, n_cols = len(active), len(logit_p), graph.n_cols
+    n_rows = n_logits + n_visit
+    rows = torch.zeros(n_rows, n_cols)
+    row_node = torch.zeros(n_rows, dtype=torch.long)
+    done = 0
+    for out in logit_rows:
+        rows[done : done + len(out)] = out
+        done += len(out)
+    row_node[:n_logits] = torch.arange(n_cols - n_logits, n_cols)
+    sums = torch.zeros(n_rows)
+    sums[:n_logits] = rows[:n_logits].abs().sum(1)
+    visited = torch.zeros(K, dtype=torch.bool)
+    while done < n_rows:
+        watch.lap("rows")
+        influence = _influence(rows[:done], sums[:done], row_node[:done], logit_p)
+        watch.lap("ranking")
+        order = influence[:K].argsort(descending=True)
+        queue = order[~visited[order]][: min(cfg.update_interval * batch, n_rows - done)]
+        queue = _by_position(queue, active, model_layer)
+        for lo, hi in _batches(len(queue), batch):
+            chunk = queue[lo:hi]
+            out = rows[done : done + len(chunk)]
+            compute(model_layer[chunk], active[chunk, 1], encoder_rows(rm, active, chunk), out)
+            sums[done : done + len(chunk)] = out.abs().sum(1)
+            row_node[done : done + len(chunk)] = chunk
+            visited[chunk] = True
+            done += len(chunk)
+    watch.lap("rows")
+    selected = visited.nonzero().squeeze(1)
+    keep_cols = torch.cat([selected, torch.arange(K, n_cols)])
+    slot = torch.zeros(K, dtype=torch.long)
+    slot[row_node[n_logits:]] = torch.arange(n_logits, n_rows)
+    node_slots = torch.cat([slot[selected], torch.arange(n_logits)])  # graph rows in node order
+    node_rows = torch.cat([torch.arange(len(selected)), torch.arange(graph.n - n_logits, graph.n)])
+    for lo, hi in _batches(len(node_slots), _row_chunk(n_cols)):
+        graph.add(node_rows[lo:hi], rows[node_slots[lo:hi]][:, keep_cols])
+    return selected
 
 
-__all__ = ["attribute"]
+def _influence(rows: Tensor, sums: Tensor, row_node: Tensor, logit_p: Tensor) -> Tensor:
+    """Influence of every column on the logits through the rows computed so far: y·Â with Â the
+    row-normalised |rows| and y the logit weights plus the influence on each row's own node (found
+    on the small matrix among row nodes), as `prune.influence` on the graph of these rows."""
+    scale = sums.clamp_min(1e-10)
+    among = rows[:, row_node].abs() / scale[:, None]  # [rows, rows]: edges between row nodes
+    x = torch.zeros(len(rows))
+    x[: len(logit_p)] = logit_p.float()
+    y = x.clone()
+    for _ in range(len(rows) + 1):
+        x = x @ among
+        if not x.any():
+            break
+        y += x
+    else:
+        raise RuntimeError("influence did not converge: the graph has a cycle")
+    weight = y / scale
+    out = torch.zeros(rows.shape[1])
+    for lo, hi in _batches(len(rows), _row_chunk(rows.shape[1])):
+        out += weight[lo:hi] @ rows[lo:hi].abs()
+    return out
+
+
+def _engine(
+    rm: ReplacementModel,
+    state: PromptState,
+    active: Tensor,
+    values: Tensor,
+    make_plan: Callable[[bool], MemoryPlan],
+    backward: str,
+    watch: Stopwatch,
+) -> tuple[RowEngine, MemoryPlan]:
+    """The row engine `backward` asks for ('auto': linear unless the model's layers do not allow it)
+    and its memory plan."""
+    edges = Edges(rm, state, active, values, CHUNK_BYTES)
+    if backward != "autograd":
+        plan = make_plan(True)
+        try:
+            rows = LinearRows(rm, state, edges, block_size=plan.block_size, keep=plan.keep_patterns, watch=watch)
+            return rows, plan
+        except UnsupportedModelError as err:
+            if backward == "linear":
+                raise
+            logger.warning("%s; using the autograd path (the prompt copied batch_size times)", err)
+    plan = make_plan(False)
+    return AutogradRows(rm, state, edges, batch=plan.batch_size, watch=watch), plan
+
+
+def _by_position(indices: Tensor, active: Tensor, model_layer: Tensor) -> Tensor:
+    """Feature indices ordered by (position, layer), so that a batch spans few positions."""
+    key = active[indices, 1] * (int(model_layer.max()) + 1 if len(model_layer) else 1) + model_layer[indices]
+    return indices[key.argsort(stable=True)]
+
+
+def _row_chunk(n_cols: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk when rows of `n_cols` floats are copied a chunk at a time."""
+    return max(1, chunk_bytes // (4 * n_cols))
+
+
+def _batches(total: int, size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + size, total)) for lo in range(0, total, size)]
+
+
+class _GraphRows:
+    """Rows streamed into a graph's adjacency: a dense matrix, or sparse CSR of the nonzero entries."""
+
+    def __init__(self, n: int, n_cols: int, sparse: bool) -> None:
+        self.n, self.n_cols, self.sparse = n, n_cols, sparse
+        self.dense = None if sparse else torch.zeros(n, n)
+        self.parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+
+    def add(self, node_rows: Tensor, values: Tensor) -> None:
+        """Set the rows `node_rows` [b] to `values` [b, n]."""
+        if self.dense is not None:
+            self.dense[node_rows] = values
+            return
+        rows, cols = values.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=len(node_rows))
+        self.parts.append((node_rows.clone(), counts, cols.int(), values[rows, cols]))
+
+    def build(self) -> Tensor:
+        """The adjacency [n, n]."""
+        if self.dense is not None:
+            return self.dense
+        counts = torch.zeros(self.n, dtype=torch.long)
+        for node_rows, part_counts, _, _ in self.parts:
+            counts[node_rows] = part_counts
+        crow = torch.zeros(self.n + 1, dtype=torch.long)
+        crow[1:] = counts.cumsum(0)
+        total = int(crow[-1])
+        cols, vals = torch.empty(total, dtype=torch.int32), torch.empty(total)
+        while self.parts:
+            node_rows, part_counts, part_cols, part_vals = self.parts.pop()
+            starts = part_counts.cumsum(0) - part_counts  # first entry of each row within the part
+            dest = torch.repeat_interleave(crow[node_rows] - starts, part_counts) + torch.arange(len(part_cols))
+            cols[dest], vals[dest] = part_cols, part_vals
+        return csr_from_counts(counts, cols, vals)

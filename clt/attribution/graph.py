@@ -1,10 +1,12 @@
-"""Graph: an attribution graph (nodes, dense adjacency, prompt, logits) and its JSON files.
+"""Graph: an attribution graph (nodes, adjacency, prompt, logits) and its JSON files.
 
 Node order (as circuit-tracer): features sorted by (layer, pos, feature); error nodes
 (layer, pos) in layer-major order, one per model layer and position; token embeddings (pos);
 logit nodes (likeliest token first). ``adjacency[target, source]`` is the direct effect of the
 source node on the target node's input (rows are targets, columns sources); rows of errors and
-embeddings are zero, and logits are never sources.
+embeddings are zero, and logits are never sources. The adjacency is a dense tensor, or for long
+prompts a sparse CSR tensor of the nonzero edges (`clt.attribution.adjacency`; pruning, scores and
+exports accept both, and `to_dense` gives the dense matrix).
 
 Node ids (unambiguous, the project's own): ``feature:{layer}:{pos}:{feature}``,
 ``error:{layer}:{pos}``, ``token:{pos}``, ``logit:{token_id}``. Layers are model layers.
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clt.attribution.adjacency import csr_matrix, entries, is_sparse, mask_entries, sparse_csr
 from clt.config.attribution import AttributionConfig
 from clt.files import atomic_write_text
 
@@ -34,8 +37,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT = "clt.attribution.Graph"
-VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # version 1 wrote every tensor dense
+VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)  # 1 wrote every tensor dense; 3 added sparse (CSR) adjacencies
 
 
 class GraphFileError(ValueError):
@@ -90,7 +93,7 @@ class Graph:
     activations: Tensor
     """Activation of each feature node [n_features]."""
     adjacency: Tensor
-    """Direct effects [n_nodes, n_nodes], rows targets, columns sources."""
+    """Direct effects [n_nodes, n_nodes], rows targets, columns sources (dense, or sparse CSR)."""
     logit_token_ids: list[int]
     """Token id of each logit node, likeliest first."""
     logit_tokens: list[str]
@@ -107,6 +110,8 @@ class Graph:
     """Active features before `max_feature_nodes` selection."""
 
     def __post_init__(self) -> None:
+        if self.adjacency.layout == torch.sparse_coo:
+            self.adjacency = csr_matrix(*entries(self.adjacency), int(self.adjacency.shape[0]))
         expected = self.n_features + self.n_errors + self.n_tokens + self.n_logits
         if tuple(self.adjacency.shape) != (expected, expected):
             raise ValueError(
@@ -116,6 +121,11 @@ class Graph:
             )
 
     # ----------------------------------------------------------------- layout
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the adjacency is a sparse (CSR) tensor."""
+        return is_sparse(self.adjacency)
 
     @property
     def n_tokens(self) -> int:
@@ -355,16 +365,19 @@ class Graph:
         self, threshold: float, node_mask: Tensor | None, edge_mask: Tensor | None
     ) -> tuple[list[int], list[int], list[float]]:
         """(targets, sources, weights) of edges with |weight| > threshold inside the masks."""
-        keep = self.adjacency.abs() > threshold
+        targets, sources, values = entries(self.adjacency)
+        keep = values.abs() > threshold
         if edge_mask is not None:
             self._check_mask(edge_mask, (self.n_nodes, self.n_nodes), "edge_mask")
-            keep &= edge_mask
+            if is_sparse(edge_mask):
+                kept_t, kept_s = mask_entries(edge_mask)
+                keep &= torch.isin(targets * self.n_nodes + sources, kept_t * self.n_nodes + kept_s)
+            else:
+                keep &= edge_mask[targets, sources]
         if node_mask is not None:
             self._check_mask(node_mask, (self.n_nodes,), "node_mask")
-            keep &= node_mask[:, None] & node_mask[None, :]
-        targets, sources = keep.nonzero(as_tuple=True)
-        weights = self.adjacency[targets, sources].double()
-        return targets.tolist(), sources.tolist(), weights.tolist()
+            keep &= node_mask[targets] & node_mask[sources]
+        return targets[keep].tolist(), sources[keep].tolist(), values[keep].double().tolist()
 
     def _check_mask(self, mask: Tensor, shape: tuple[int, ...], name: str) -> None:
         if tuple(mask.shape) != shape or mask.dtype != torch.bool:
@@ -394,6 +407,40 @@ def _plain(value: Any) -> Any:
 
 
 def _encode(t: Tensor) -> dict[str, Any]:
+    """`_encode_dense`, or for a sparse CSR matrix its shape and index/value arrays."""
+    if not is_sparse(t):
+        return _encode_dense(t)
+    index = torch.int32 if t.values().numel() < 2**31 - 1 and max(t.shape) < 2**31 - 1 else torch.int64
+    parts = (t.crow_indices().to(index), t.col_indices().to(index), t.values())
+    return {
+        "layout": "sparse_csr",
+        "shape": list(t.shape),
+        **{name: _encode_dense(part) for name, part in zip(_CSR_PARTS, parts)},
+    }
+
+
+def _decode(spec: dict[str, Any]) -> Tensor:
+    """Inverse of `_encode`."""
+    if spec.get("layout") != "sparse_csr":
+        return _decode_dense(spec)
+    crow, col, values = (_decode_dense(spec[name]) for name in _CSR_PARTS)
+    n_rows, n_cols = spec["shape"]
+    if (
+        len(crow) != n_rows + 1
+        or int(crow[0]) != 0
+        or bool((crow.diff() < 0).any())
+        or int(crow[-1]) != len(col)
+        or len(col) != len(values)
+        or (len(col) and (int(col.min()) < 0 or int(col.max()) >= n_cols))
+    ):
+        raise ValueError(f"the sparse {[n_rows, n_cols]} adjacency's index arrays do not fit together")
+    return sparse_csr(crow, col, values, (n_rows, n_cols))
+
+
+_CSR_PARTS = ("crow_indices", "col_indices", "values")
+
+
+def _encode_dense(t: Tensor) -> dict[str, Any]:
     """dtype, shape and base64 little-endian bytes; a mostly-zero tensor as a bit mask of its
     nonzero entries plus their values in row-major order (an attribution graph's adjacency is
     ~75 % zeros, so this makes the file ~3.5x smaller)."""
@@ -412,7 +459,7 @@ def _encode(t: Tensor) -> dict[str, Any]:
     return spec
 
 
-def _decode(spec: dict[str, Any]) -> Tensor:
+def _decode_dense(spec: dict[str, Any]) -> Tensor:
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
     values = np.frombuffer(base64.b64decode(spec["data"], validate=True), dtype=dtype)
     shape = tuple(spec["shape"])

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from clt.attribution.adjacency import to_dense
 from clt.attribution.graph import Graph, GraphFileError
 from clt.config.attribution import AttributionConfig
 
@@ -176,7 +177,7 @@ def to_circuit_tracer_dict(
     n = graph.n_features
     return {
         "input_string": graph.prompt,
-        "adjacency_matrix": graph.adjacency.detach().cpu().float().contiguous(),
+        "adjacency_matrix": to_dense(graph.adjacency).detach().cpu().float().contiguous(),
         "cfg": cfg,
         "active_features": graph.features.detach().cpu().long().contiguous(),
         "logit_targets": torch.tensor(graph.logit_token_ids, dtype=torch.long),

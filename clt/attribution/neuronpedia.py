@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from clt.attribution.adjacency import mask_entries, values_at
 from clt.attribution.graph import Graph, Node
 from clt.files import atomic_write_text
 
@@ -54,10 +55,11 @@ def to_neuronpedia_json(
             len(renamed),
             renamed[0],
         )
-    targets, sources = result.edge_mask.nonzero(as_tuple=True)
+    targets, sources = mask_entries(result.edge_mask)
+    weights = values_at(graph.adjacency, targets, sources).tolist()
     links = [
-        {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(graph.adjacency[t, s])}
-        for t, s in zip(targets.tolist(), sources.tolist())
+        {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(w)}
+        for t, s, w in zip(targets.tolist(), sources.tolist(), weights)
         if s in nodes and t in nodes
     ]
     connected = {link["source"] for link in links} | {link["target"] for link in links}

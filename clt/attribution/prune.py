@@ -10,6 +10,9 @@ nodes), a node's influence is w·(Â + Â² + …) = w·((I − Â)⁻¹ − I),
    and keep the edges holding the top `edge_threshold` of the score mass (never zero-score ones);
 3. repeatedly drop features and errors left without outgoing edges and features left without
    incoming edges.
+
+Every function takes a dense or a sparse adjacency (`clt.attribution.adjacency`); the edge mask of
+a sparse graph is a sparse bool tensor of the kept edges.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from clt.attribution.adjacency import (
+    drop_nodes,
+    entries,
+    is_sparse,
+    normalize_rows,
+    same_layout,
+    scale_rows,
+    vector_matrix,
+)
 from clt.attribution.graph import Graph
 
 
@@ -28,25 +40,20 @@ class PruneResult(NamedTuple):
     node_mask: Tensor
     """Kept nodes [n_nodes], bool."""
     edge_mask: Tensor
-    """Kept edges [n_nodes, n_nodes] (rows targets, columns sources), bool."""
+    """Kept edges [n_nodes, n_nodes] (rows targets, columns sources), bool: dense, or sparse for a
+    sparse adjacency."""
     cumulative_scores: Tensor
     """Each node's position in the cumulative influence ranking, in (0, 1] [n_nodes]."""
 
 
-def normalize_rows(adjacency: Tensor) -> Tensor:
-    """|A| with each row scaled to sum to 1 (all-zero rows stay zero)."""
-    absolute = adjacency.abs()
-    return absolute / absolute.sum(dim=1, keepdim=True).clamp(min=1e-10)
-
-
 def influence(normalized: Tensor, weights: Tensor, max_iter: int = 10_000) -> Tensor:
     """weights·(Â + Â² + …) for a row-normalised acyclic Â [n, n] and weights [n]."""
-    current = weights @ normalized
+    current = vector_matrix(weights, normalized)
     total = current.clone()
     for _ in range(max_iter):
         if not current.any():
             return total
-        current = current @ normalized
+        current = vector_matrix(current, normalized)
         total += current
     raise RuntimeError(f"influence did not converge after {max_iter} steps: the graph has a cycle")
 
@@ -60,11 +67,13 @@ def edge_influence(adjacency: Tensor, logit_weights: Tensor) -> Tensor:
     """Score of every edge: Â[t, s] · (influence(t) + logit weight(t)) [n_nodes, n_nodes]."""
     normalized = normalize_rows(adjacency)
     target_weight = influence(normalized, logit_weights) + logit_weights
-    return normalized * target_weight[:, None]
+    return scale_rows(normalized, target_weight)
 
 
 def _threshold(scores: Tensor, fraction: float) -> Tensor:
     """The smallest score among the top scores that hold `fraction` of the total."""
+    if not len(scores):
+        return scores.new_tensor(float("inf"))
     ordered = scores.sort(descending=True).values
     cumulative = ordered.cumsum(0) / ordered.sum()
     index = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1)
@@ -85,22 +94,22 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     scores = node_influence(A, weights)
     node_mask = scores >= _threshold(scores, node_threshold)
     node_mask[n_sources:] = True
-    pruned = A.clone()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
 
-    edge_scores = edge_influence(pruned, weights)
-    edge_mask = (edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)) & (edge_scores > 0)
+    edge_scores = edge_influence(drop_nodes(A, node_mask), weights)
+    threshold = _threshold(edge_scores.values() if is_sparse(A) else edge_scores.flatten(), edge_threshold)
+    rows, cols, values = entries(edge_scores)  # only positive scores
+    keep = values >= threshold
 
     previous = torch.zeros_like(node_mask)
     while not torch.equal(previous, node_mask):
         previous = node_mask.clone()
-        edge_mask[~node_mask] = False
-        edge_mask[:, ~node_mask] = False
-        node_mask[:n_sources] &= edge_mask[:, :n_sources].any(0)  # has outgoing edges
-        node_mask[:n_features] &= edge_mask[:n_features].any(1)  # has incoming edges
-    edge_mask[~node_mask] = False
-    edge_mask[:, ~node_mask] = False
+        keep &= node_mask[rows] & node_mask[cols]
+        has_out = torch.zeros_like(node_mask).index_fill_(0, cols[keep], True)
+        has_in = torch.zeros_like(node_mask).index_fill_(0, rows[keep], True)
+        node_mask[:n_sources] &= has_out[:n_sources]  # has outgoing edges
+        node_mask[:n_features] &= has_in[:n_features]  # has incoming edges
+    keep &= node_mask[rows] & node_mask[cols]
+    edge_mask = same_layout(A, rows[keep], cols[keep], torch.ones(int(keep.sum()), dtype=torch.bool))
 
     ordered, order = scores.sort(descending=True)
     cumulative = torch.zeros_like(scores)
@@ -121,8 +130,17 @@ def completeness_score(graph: Graph) -> float:
     normalized = normalize_rows(graph.adjacency)
     weights = graph.logit_weights()
     output_influence = influence(normalized, weights) + weights
-    non_error = 1 - normalized[:, graph.error_slice].sum(dim=-1)
+    non_error = 1 - _error_fraction(normalized, graph)
     return float((non_error * output_influence).sum() / output_influence.sum())
+
+
+def _error_fraction(normalized: Tensor, graph: Graph) -> Tensor:
+    """Each row's share of normalised input from error nodes [n_nodes]."""
+    if not is_sparse(normalized):
+        return normalized[:, graph.error_slice].sum(dim=-1)
+    rows, cols, values = entries(normalized)
+    errors = (cols >= graph.error_slice.start) & (cols < graph.error_slice.stop)
+    return torch.zeros(graph.n_nodes, dtype=values.dtype).index_add_(0, rows[errors], values[errors])
 
 
 def graph_scores(graph: Graph) -> tuple[float, float]:

@@ -169,15 +169,15 @@ class ReplacementModel:
         record: dict[str, Any] = {"x": [None] * self.n_layers, "y": [None] * self.n_layers}
 
         def on_mlp(m: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            record["x"][m] = _first_arg(args, kwargs)[0][0]
-            record["y"][m] = _first_tensor(output)[0][0]
+            record["x"][m] = first_arg(args, kwargs)[0][0]
+            record["y"][m] = first_tensor(output)[0][0]
 
         with (
-            _hooks(self._first_block, pre=lambda mod, a, k: record.__setitem__("emb", _first_arg(a, k)[0])),
+            module_hooks(self._first_block, pre=lambda mod, a, k: record.__setitem__("emb", first_arg(a, k)[0])),
             contextlib.ExitStack() as stack,
         ):
             for m, mlp in enumerate(self._mlps):
-                stack.enter_context(_hooks(mlp, post=functools.partial(on_mlp, m)))
+                stack.enter_context(module_hooks(mlp, post=functools.partial(on_mlp, m)))
             with splice.eval_mode(self.model):
                 logits = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
         x = torch.stack(record["x"], 1).float()
@@ -210,7 +210,7 @@ class ReplacementModel:
                 saved.append((mlp, mlp.__dict__.get("forward")))
 
                 def forward(*args: Any, _m: int = m, **kwargs: Any) -> Tensor:
-                    return fn(_m, _first_arg(args, kwargs)[0])
+                    return fn(_m, first_arg(args, kwargs)[0])
 
                 mlp.forward = forward
             yield
@@ -258,10 +258,10 @@ class ReplacementModel:
         captured: dict[str, Tensor] = {}
 
         def embed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            h, where = _first_arg(args, kwargs)
+            h, where = first_arg(args, kwargs)
             leaf = h.detach().clone().requires_grad_(True)
             captured["emb"] = leaf
-            return _replace_arg(args, kwargs, where, leaf)
+            return replace_arg(args, kwargs, where, leaf)
 
         def mlp(m: int, x: Tensor) -> Tensor:
             inputs[m] = x
@@ -275,8 +275,8 @@ class ReplacementModel:
             leaves[m] = (y - skip).detach().requires_grad_(True)
             return skip + leaves[m]
 
-        with torch.enable_grad(), self.frozen(), self.replaced_mlps(mlp), _hooks(self._first_block, pre=embed):
-            out = _base_model(self.model)(input_ids=ids, use_cache=False)
+        with torch.enable_grad(), self.frozen(), self.replaced_mlps(mlp), module_hooks(self._first_block, pre=embed):
+            out = base_model(self.model)(input_ids=ids, use_cache=False)
         final = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return AttributionTrace(captured["emb"], leaves, inputs, final)
 
@@ -298,7 +298,8 @@ class AttributionTrace:
 # --------------------------------------------------------------------- helpers
 
 
-def _first_arg(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
+def first_arg(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
+    """A module call's hidden-state argument and where it was (0 or its keyword)."""
     if args:
         return args[0], 0
     for key in ("hidden_states", "x", "input", "hidden_state"):
@@ -308,19 +309,22 @@ def _first_arg(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
     return kwargs[key], key
 
 
-def _replace_arg(args: tuple, kwargs: dict, where: Any, value: Tensor) -> tuple[tuple, dict]:
+def replace_arg(args: tuple, kwargs: dict, where: Any, value: Tensor) -> tuple[tuple, dict]:
+    """The call's arguments with the one at `where` (from `first_arg`) replaced by `value`."""
     if where == 0:
         return (value, *args[1:]), kwargs
     return args, {**kwargs, where: value}
 
 
-def _first_tensor(output: Any) -> tuple[Tensor, bool]:
+def first_tensor(output: Any) -> tuple[Tensor, bool]:
+    """A module output's first tensor, and whether the output was a tuple."""
     if isinstance(output, Tensor):
         return output, False
     return output[0], True
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without its LM head (its last hidden state is the unembedding's input)."""
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:
         return base
@@ -328,7 +332,8 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _hooks(module: nn.Module, *, pre: Callable | None = None, post: Callable | None = None) -> Iterator[None]:
+def module_hooks(module: nn.Module, *, pre: Callable | None = None, post: Callable | None = None) -> Iterator[None]:
+    """Forward pre-/post-hooks (with keyword arguments) on a module until exit."""
     handles = []
     try:
         if pre is not None:

@@ -1,4 +1,4 @@
-"""AttributionConfig: which logits and features an attribution graph covers, and batch sizes."""
+"""AttributionConfig: which logits and features an attribution graph covers, batching and memory."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from clt.config.base import ConfigBase, check
 
 @dataclasses.dataclass
 class AttributionConfig(ConfigBase):
-    """Settings of `attribute`: logit targets, feature budget, BOS handling, batching."""
+    """Settings of `attribute`: logit targets, feature budget, BOS handling, batching, memory."""
 
     max_n_logits: int = 10
     """Most logit nodes: the likeliest next tokens at the last position."""
     desired_logit_prob: float = 0.95
     """Keep logit nodes until their cumulative probability reaches this (capped by max_n_logits)."""
     batch_size: int = 64
-    """Target nodes per backward pass (the prompt is copied this many times; memory grows with it)."""
+    """Target nodes per batched backward pass (at most: `max_memory_gb` may lower it)."""
     max_feature_nodes: int | None = None
     """Most feature nodes; when set, features are visited in order of estimated influence."""
     update_interval: int = 4
@@ -25,6 +25,14 @@ class AttributionConfig(ConfigBase):
     """Zero the features and error terms at position 0 when it holds a special (BOS) token."""
     prepend_bos: bool = True
     """Prepend the BOS token to a text prompt (the convention of extraction and training)."""
+    max_memory_gb: float | None = None
+    """Memory budget in GiB (the loaded model and transcoder included): the batch size and whether
+    attention patterns are kept or rebuilt per batch are chosen to fit, and a prompt that cannot fit
+    raises MemoryError. None: batch_size as given, patterns kept up to 1 GiB. The estimate is logged."""
+    backward: str = "auto"
+    """How rows are computed: 'linear' (frozen patterns and norm scales applied as linear maps, kept
+    once, no batch copies; pre-norm decoders such as Llama and GPT-2), 'autograd' (the prompt copied
+    batch_size times through the frozen model; any architecture) or 'auto' (linear where it applies)."""
 
     def __post_init__(self) -> None:
         check(
@@ -43,4 +51,12 @@ class AttributionConfig(ConfigBase):
         check(
             isinstance(self.update_interval, int) and self.update_interval >= 1,
             f"update_interval must be a positive integer, got {self.update_interval!r}",
+        )
+        check(
+            self.max_memory_gb is None or (isinstance(self.max_memory_gb, (int, float)) and self.max_memory_gb > 0),
+            f"max_memory_gb must be None (no budget) or a positive number of GiB, got {self.max_memory_gb!r}",
+        )
+        check(
+            self.backward in ("auto", "linear", "autograd"),
+            f"backward must be 'auto', 'linear' or 'autograd', got {self.backward!r}",
         )

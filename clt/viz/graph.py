@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from clt.attribution.adjacency import mask_entries, same_layout, values_at
 from clt.attribution.graph import Graph, Node
 from clt.attribution.prune import PruneResult, edge_influence, node_influence, prune
 from clt.files import atomic_write_text
@@ -200,10 +201,11 @@ def _capped(graph: Graph, result: PruneResult, max_edges: int | None) -> PruneRe
         return result
     if max_edges < 0:
         raise ValueError(f"max_edges must be None (all) or >= 0, got {max_edges}")
-    scores = edge_influence(graph.adjacency, graph.logit_weights()).masked_fill(~result.edge_mask, -1.0)
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    keep[scores.flatten().topk(max_edges).indices] = True
-    return result._replace(edge_mask=keep.view_as(result.edge_mask) & result.edge_mask)
+    rows, cols = mask_entries(result.edge_mask)
+    scores = values_at(edge_influence(graph.adjacency, graph.logit_weights()), rows, cols)
+    top = scores.topk(max_edges).indices.sort().values
+    edge_mask = same_layout(result.edge_mask, rows[top], cols[top], torch.ones(len(top), dtype=torch.bool))
+    return result._replace(edge_mask=edge_mask)
 
 
 def _layout(graph: Graph, title: str, levels: list[float], visible: list[list[bool]], active: int) -> dict[str, Any]:

@@ -1,6 +1,10 @@
 """One measured `attribute` call in a fresh process, ours or circuit-tracer's (run by attribution_speed.py).
 
-    python attribution_child.py --child ours|ours-b1|ct --spec SPEC.json --out RESULT.json [--scores]
+    python attribution_child.py --child ours|ct --spec SPEC.json --out RESULT.json [--scores]
+
+``ours`` runs `clt.attribution.attribute` of whatever `clt` is first on PYTHONPATH (this checkout, or
+the reference checkout of the code before a change), with the messages it logs (memory plan, time
+by part) kept in the result; the graph is saved when the spec asks (``save_graph``) for comparison.
 
 The spec (written by attribution_speed.py) names the model folder, the transcoder (ours and its
 circuit-tracer export), the prompt's token ids and the attribution settings; the result is the
@@ -97,36 +101,45 @@ def _measure(call, load: dict) -> tuple:
 # ===================================================================== child processes
 
 
-def child_ours(spec: dict, out: Path, batch_size: int | None) -> dict:
-    """Our attribute (batch_size None: the spec's settings) on the spec's prompt ids."""
+def child_ours(spec: dict, out: Path) -> dict:
+    """`clt.attribution.attribute` on the spec's prompt ids, with its log messages."""
+    import logging
+
     import torch
 
     from clt.attribution import attribute
     from clt.models.transcoder import CrossLayerTranscoder
     from clt.nnsight.loading import load_model
 
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("clt.attribution")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     t0 = time.perf_counter()
     model, tokenizer = load_model(spec["model_dir"])
     transcoder = CrossLayerTranscoder.load(spec["transcoder"]).eval()
     load = _loaded(model.parameters(), t0)
-    settings = dict(spec["settings"])
-    if batch_size is not None:
-        settings["batch_size"] = batch_size
+    settings = {k: v for k, v in spec["settings"].items() if v is not None or k == "max_feature_nodes"}
     ids = torch.tensor(spec["token_ids"])
     graph, record = _measure(
         lambda: attribute(ids, model, transcoder, tokenizer=tokenizer, progress=False, **settings), load
     )
-    graph.save(out.with_suffix(".graph.json"))
-    return {
+    result = {
         **record,
         "n_active_features": graph.n_active_features,
         "n_feature_nodes": graph.n_features,
         "n_logits": graph.n_logits,
         "n_nodes": graph.n_nodes,
+        "sparse": bool(getattr(graph, "is_sparse", False)),
         "threads": torch.get_num_threads(),
         "settings": settings,
-        "graph": str(out.with_suffix(".graph.json")),
+        "log": messages,
     }
+    if spec.get("save_graph"):
+        result["graph"] = str(graph.save(out.with_suffix(".graph.json")))
+    return result
 
 
 def child_ct(spec: dict, out: Path, scores: bool) -> dict:
@@ -174,16 +187,13 @@ def child_ct(spec: dict, out: Path, scores: bool) -> dict:
 def main() -> int:
     """Run one child measurement and write its result as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", required=True, choices=["ours", "ours-b1", "ct"])
+    parser.add_argument("--child", required=True, choices=["ours", "ct"])
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--scores", action="store_true", help="circuit-tracer: also compute its graph scores")
     args = parser.parse_args()
     spec = json.loads(args.spec.read_text())
-    if args.child == "ct":
-        result = child_ct(spec, args.out, args.scores)
-    else:
-        result = child_ours(spec, args.out, 1 if args.child == "ours-b1" else None)
+    result = child_ct(spec, args.out, args.scores) if args.child == "ct" else child_ours(spec, args.out)
     args.out.write_text(json.dumps(result))
     return 0
 

@@ -1,47 +1,43 @@
-"""Time and measure `clt.attribution.attribute` against circuit-tracer's `attribute`, same run.
+"""Time and measure `clt.attribution.attribute` against the code before a change and circuit-tracer, same run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/benchmarks/attribution_speed.py \
-        [--model smollm2-135m|tiny-llama] [--kinds plt,clt] [--prompt TEXT] \
-        [--num-features 256] [--active-per-token 4] [--batch-size 64] [--repeats 1] \
-        [--work-dir /tmp/clt-bench] [--ct-python /work/ct-venv/bin/python]
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/benchmarks/attribution_speed.py \
+        [--model smollm2-135m|tiny-llama] [--transcoders clt:64:8,clt:256:4] \
+        [--tokens 64,256,1024,4096 | --prompt TEXT] [--max-feature-nodes 2048] [--batch-size 64] \
+        [--max-memory-gb 16] [--reference-src DIR] [--reference-tokens 64,256] \
+        [--ct-python /work/ct-venv/bin/python] [--ct-tokens 64,256] [--memory-limit-gb 21] \
+        [--timeout 14400] [--repeats 1] [--work-dir /tmp/clt-bench]
 
-For one prompt and each transcoder kind (PLT: per-layer, CLT: cross-layer) it builds a random
-JumpReLU transcoder over every model layer, standardised with the model's own MLP statistics on
-the default corpus, with per-layer thresholds set so that about ``--active-per-token`` features
-fire per layer and token (a few hundred to a few thousand active features per prompt). Then, each
-in a fresh subprocess (so that peak memory is per run), ``--repeats`` times:
+Transcoders (``kind:features per layer:active features per layer and token``, PLT or CLT): random
+JumpReLU transcoders over every model layer, standardised with the model's own MLP statistics on the
+default corpus, per-layer thresholds set so that about that many features fire per layer and token
+(``clt:64:8`` is the demo's CLT in size and L0: 64 features per layer, ~240 active per token over 30
+layers). Prompts: ``--tokens`` gives lengths, each the BOS token and the first tokens of the default
+corpus; else ``--prompt`` (15 tokens). Both sides get the same token ids; circuit-tracer zeroes
+features and errors at position 0, which is our ``zero_bos=True`` (the default) for a BOS token.
 
-(a) ours: `clt.attribution.attribute` with default settings (AttributionConfig; ``--batch-size``
-    etc. change them for both sides);
-(b) the baseline: circuit-tracer's ``attribute`` (``ReplacementModel.from_pretrained(<model
-    folder>, <transcoder folder>, backend="nnsight")`` in the virtualenv of ``--ct-python``) with
-    the same max_n_logits, desired_logit_prob, batch_size and max_feature_nodes. The model is the
+Each measured call runs in a fresh subprocess (so that peak memory is per run), ``--repeats`` times:
+
+(a) ours: `clt.attribution.attribute` of this checkout (max_n_logits, desired_logit_prob,
+    batch_size, max_feature_nodes as given, plus ``--max-memory-gb``);
+(b) the reference: the same child with ``PYTHONPATH=--reference-src``, a checkout of the code before
+    the change (e.g. ``git worktree add /tmp/clt-ref <commit>``), same settings but the new ones;
+(c) circuit-tracer's ``attribute`` (``ReplacementModel.from_pretrained(<model folder>, <transcoder
+    folder>, backend="nnsight")`` in the virtualenv of ``--ct-python``; see
+    experiments/circuit_tracer/check_export.py for how it is made), same settings. The model is the
     same weights saved once as a transformers folder under ``<work-dir>/models`` (SmolLM2 comes
-    de-quantised from its GGUF file; the folder's config is made readable by transformers 4.57:
-    architectures, rope_theta, torch_dtype), and the transcoder is written with
-    `export_circuit_tracer`. Both sides get the same token ids (BOS first): circuit-tracer zeroes
-    features and errors at position 0, which is our ``zero_bos=True`` (the default) for a BOS
-    token. Without ``--ct-python`` (the path does not exist) the baseline is our own `attribute`
-    with batch_size=1 (one target per backward pass), and the output says so.
+    de-quantised from its GGUF file), and the transcoder is written with `export_circuit_tracer`.
 
-Reported per setting: the wall time of the ``attribute`` call (min over repeats; model and
-transcoder loading excluded and reported separately in the JSON), peak resident memory during the
-call (the process's VmHWM, reset with /proc/self/clear_refs just before the call, so it includes
-the loaded model and transcoder, whose weights are read once beforehand so that memory-mapped
-files are resident, but not the loading peaks) and its increase over the resident memory just
-before the call (+MiB: the attribution's own working set), the ratios baseline/ours, and, when
-circuit-tracer ran, graph agreement: same active feature set and logit targets, max |adjacency
-difference| / max |adjacency| over the aligned node order (features, errors, tokens, logits), and
-both graphs' replacement and completeness scores (ours: `graph_scores`; circuit-tracer:
-``compute_graph_scores``). Everything also goes to ``<work-dir>/attribution_speed.json``.
+(b) and (c) run only at the lengths of ``--reference-tokens`` and ``--ct-tokens``. A run that exceeds
+``--memory-limit-gb`` of resident memory (checked every 0.2 s) or ``--timeout`` seconds is killed
+and reported as failed, with the reason, as is one that crashes (its last output is kept).
 
-Duration on a 2-core CPU (defaults: SmolLM2-135M, all 30 layers, the 15-token prompt below, 256
-features per layer, ~2300 active features, PLT and CLT, one repeat): about 2.5 minutes with 2
-threads, 3 minutes with OMP_NUM_THREADS=1, plus ~45 s once for the preparation (GGUF
-de-quantisation, saving the model folder, building the transcoders; cached in ``--work-dir``);
-each further repeat adds about 2 minutes (circuit-tracer's CLT run is most of it). ``--model
-tiny-llama``: about 30 s. Timings on this shared machine vary by up to ~50 % between runs, hence
-``--repeats`` (minimum time taken).
+Reported per setting: the wall time of the ``attribute`` call (min over repeats; loading excluded
+and reported in the JSON), its peak resident memory (VmHWM, reset with /proc/self/clear_refs just
+before the call: the loaded model and transcoder included, loading peaks not), the ratios to ours,
+our memory plan and time by part (logged by `attribute`), and where two graphs exist, their
+agreement: same feature nodes and logits, max |adjacency difference| / max |adjacency| over the
+aligned node order, and both graphs' replacement and completeness scores. Everything also goes to
+``<work-dir>/attribution_speed.json``. Timings on a shared machine vary by up to ~50 % between runs.
 """
 
 from __future__ import annotations
@@ -56,170 +52,106 @@ from pathlib import Path
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_CT_PYTHON = "/work/ct-venv/bin/python"
-CALIBRATION_TOKENS = 512
-"""Tokens of the default corpus used for the transcoders' statistics and thresholds."""
-MiB = 1024 * 1024
+GiB = 2**30
 CHILD_SCRIPT = Path(__file__).resolve().with_name("attribution_child.py")
-"""Runs each measured call in a fresh process (ours, or circuit-tracer's in its virtualenv)."""
+"""Runs each measured call in a fresh process (ours, the reference's, or circuit-tracer's in its virtualenv)."""
+REPO = Path(__file__).resolve().parents[2]
+NEW_SETTINGS = ("max_memory_gb",)
+"""Settings the reference code does not have."""
 
 
 # ===================================================================== preparation (our venv)
 
 
-def save_model_folder(model, tokenizer, folder: Path) -> None:
-    """Save a (possibly GGUF-de-quantised) causal LM as a folder transformers 4.57 and 5 load."""
+def prepare(args: argparse.Namespace) -> list[dict]:
+    """Model folder and, per transcoder and prompt, the spec of one measured setting."""
     import torch
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
-    config = model.config.to_dict()
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        config.pop(key, None)
-    config["architectures"] = config.get("architectures") or [type(model).__name__]
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" in rope and rope.get("rope_type", "default") == "default":
-        config["rope_theta"] = rope["rope_theta"]  # transformers 4.57 reads rope_theta
-    config["torch_dtype"] = config["dtype"] = "float32"
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(folder)
-    tok_config = folder / "tokenizer_config.json"
-    if tok_config.is_file():  # transformers 5's class name is unknown to 4.57
-        data = json.loads(tok_config.read_text())
-        if data.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
-            data["tokenizer_class"] = "PreTrainedTokenizerFast"
-            tok_config.write_text(json.dumps(data, indent=2))
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def prepare_model(name: str, work_dir: Path, prompt_ids: list[int] | None = None):
-    """(model, tokenizer, folder): the model loaded from its saved folder (created once)."""
-    import torch
-
-    from clt.nnsight.loading import load_model
-
-    folder = work_dir / "models" / name
-    if not (folder / "config.json").is_file():
-        print(f"saving {name} as a transformers folder in {folder} (once)", flush=True)
-        model, tokenizer = load_model(name)
-        save_model_folder(model, tokenizer, folder)
-        reloaded, _ = load_model(str(folder))
-        ids = torch.tensor([[int(tokenizer.bos_token_id or 0), 5, 6, 7, 8]])
-        with torch.no_grad():
-            diff = float((model(ids).logits - reloaded(ids).logits).abs().max())
-        if diff > 1e-4:
-            raise RuntimeError(f"the saved folder {folder} gives other logits (max |Δ| {diff})")
-        del model, reloaded
-    model, tokenizer = load_model(str(folder))
-    return model, tokenizer, folder
-
-
-def build_transcoder(model, tokenizer, kind: str, num_features: int, active_per_token: float, seed: int):
-    """A random JumpReLU PLT/CLT over all model layers, standardised with the model's statistics
-    on the default corpus, thresholds giving ~active_per_token features per layer and token."""
-    import torch
-
-    from clt.attribution import ReplacementModel
-    from clt.config.transcoder import CLTConfig
-    from clt.data.corpus import default_corpus, encode_prompt
-    from clt.models.transcoder import CrossLayerTranscoder
-    from clt.nnsight.loading import find_layout
-
-    layout = find_layout(model)
-    L, d, F = layout.num_layers, layout.d_model, num_features
-    cfg = CLTConfig(
-        num_features=F,
-        num_layers=L,
-        d_model=d,
-        activation_fn="jumprelu",
-        cross_layer=kind == "clt",
-        skip_connection=False,
-        seed=seed,
-    )
-    tc = CrossLayerTranscoder(cfg)
-    text = "\n".join(default_corpus()[:20])
-    rm = ReplacementModel(model, tc, tokenizer)
-    window = min(CALIBRATION_TOKENS, rm.context_length or CALIBRATION_TOKENS)
-    bos, *ids = encode_prompt(tokenizer, text)
-    xs, ys = [], []
-    for start in range(0, CALIBRATION_TOKENS, window - 1):  # windows of BOS + window-1 tokens
-        clean = rm.prepare([bos, *ids[start : start + window - 1]], zero_bos=False)
-        xs.append(clean.mlp_inputs[1:])  # without the BOS position
-        ys.append(clean.mlp_outputs[1:])
-    x, y = torch.cat(xs), torch.cat(ys)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        tc.b_enc.copy_(torch.randn(L, F, generator=gen) * 0.3)
-        tc.b_dec.copy_(torch.randn(L, d, generator=gen) * 0.1)
-        tc.set_normalization(x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0), y.std(0).clamp_min(1e-6))
-        z = tc.preactivations(x).float()  # [n, L, F]
-        q = min(max(1.0 - active_per_token / F, 0.0), 1.0)
-        theta = torch.quantile(z.transpose(0, 1).reshape(L, -1), q, dim=1).clamp_min(1e-3)
-        tc.log_threshold.copy_(theta.log()[:, None].expand(L, F))
-    return tc.eval()
-
-
-def prepare(args: argparse.Namespace) -> dict:
-    """Model folder, prompt ids and, per kind, our transcoder file and its circuit-tracer export."""
-    import torch
+    from attribution_setup import build_transcoder, corpus_ids, prepare_model
 
     from clt.data.corpus import encode_prompt
     from clt.models.export import export_circuit_tracer
 
     work = args.work_dir
     model, tokenizer, folder = prepare_model(args.model, work)
-    ids = encode_prompt(tokenizer, args.prompt)
+    prompts = (
+        [corpus_ids(tokenizer, n) for n in args.tokens] if args.tokens else [encode_prompt(tokenizer, args.prompt)]
+    )
     settings = {
         "max_n_logits": args.max_n_logits,
         "desired_logit_prob": args.desired_logit_prob,
         "batch_size": args.batch_size,
         "max_feature_nodes": args.max_feature_nodes,
+        "max_memory_gb": args.max_memory_gb,
     }
-    specs = {}
-    for kind in args.kinds:
-        tag = f"{args.model}-{kind}-F{args.num_features}-a{args.active_per_token:g}-s{args.seed}"
+    specs = []
+    for kind, features, active in args.transcoders:
+        tag = f"{args.model}-{kind}-F{features}-a{active:g}-s{args.seed}"
         tc_path = work / "transcoders" / f"{tag}.safetensors"
         ct_dir = work / "transcoders" / f"{tag}-ct"
         if not tc_path.is_file() or not (ct_dir / "config.yaml").is_file():
             print(f"building the {kind.upper()} transcoder {tag} (once)", flush=True)
             torch.manual_seed(args.seed)
-            tc = build_transcoder(model, tokenizer, kind, args.num_features, args.active_per_token, args.seed)
+            tc = build_transcoder(model, tokenizer, kind, features, active, args.seed)
             export_circuit_tracer(tc, ct_dir, num_model_layers=tc.cfg.num_layers, overwrite=True)
             tc.save(tc_path)
-        specs[kind] = {
-            "model": args.model,
-            "kind": kind,
-            "model_dir": str(folder.resolve()),
-            "transcoder": str(tc_path.resolve()),
-            "ct_transcoder": str(ct_dir.resolve()),
-            "token_ids": ids,
-            "tokens": [tokenizer.decode([i]) for i in ids],
-            "settings": settings,
-        }
-    return specs
+        for ids in prompts:
+            specs.append(
+                {
+                    "model": args.model,
+                    "transcoder_name": f"{kind.upper()} {features}/layer ({active:g} active/layer/token)",
+                    "tag": f"{tag}-n{len(ids)}",
+                    "model_dir": str(folder.resolve()),
+                    "transcoder": str(tc_path.resolve()),
+                    "ct_transcoder": str(ct_dir.resolve()),
+                    "token_ids": ids,
+                    "settings": settings,
+                }
+            )
+    return sorted(specs, key=lambda spec: len(spec["token_ids"]))  # short prompts first
 
 
 # ===================================================================== runs and comparison
 
 
-def run_child(python: str, mode: str, spec: dict, out: Path, extra: list[str] = ()) -> dict:
+def run_child(python: str, mode: str, spec: dict, out: Path, args: argparse.Namespace, source: Path) -> dict:
+    """One measured call in a fresh process; {"failed": reason} if it crashed, ran out of memory or time."""
     out.parent.mkdir(parents=True, exist_ok=True)
     spec_path = out.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(
-        [python, str(CHILD_SCRIPT), "--child", mode, "--spec", str(spec_path), "--out", str(out), *extra],
-        env=env,
-        text=True,
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0 or not out.is_file():
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise RuntimeError(f"the {mode} run failed (exit {proc.returncode}):\n{tail}")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(source)}
+    command = [python, str(CHILD_SCRIPT), "--child", mode, "--spec", str(spec_path), "--out", str(out)]
+    log = out.with_suffix(".log")
+    with log.open("w") as stream:
+        proc = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        reason, peak, start = None, 0, time.perf_counter()
+        while proc.poll() is None:
+            peak = max(peak, _rss(proc.pid))
+            if peak > args.memory_limit_gb * GiB:
+                reason = f"killed: resident memory passed {args.memory_limit_gb:g} GiB"
+            elif time.perf_counter() - start > args.timeout:
+                reason = f"killed: ran over {args.timeout:g} s"
+            if reason:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.2)
+    if reason is None and (proc.returncode != 0 or not out.is_file()):
+        tail = log.read_text()[-600:].strip().splitlines()
+        reason = f"exit {proc.returncode}: {tail[-1] if tail else 'no output'}"
+    if reason is not None:
+        print(f"    {mode} failed ({reason}; log {log})", flush=True)
+        return {"failed": reason, "peak_bytes_seen": peak, "seconds_until_failure": time.perf_counter() - start}
     return json.loads(out.read_text())
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def node_keys(graph) -> list[tuple]:
@@ -232,13 +164,15 @@ def node_keys(graph) -> list[tuple]:
 
 
 def compare_graphs(ours_path: str, ct_path: str) -> dict:
-    """Agreement of our graph with circuit-tracer's (loaded with our interop reader)."""
+    """Agreement of our graph with another: the reference code's graph file or circuit-tracer's (.pt)."""
     import torch
 
     from clt.attribution import Graph, graph_scores
+    from clt.attribution.adjacency import to_dense
     from clt.attribution.interop import load_circuit_tracer_graph
 
-    ours, ct = Graph.load(ours_path), load_circuit_tracer_graph(ct_path)
+    ours = Graph.load(ours_path)
+    ct = load_circuit_tracer_graph(ct_path) if ct_path.endswith(".pt") else Graph.load(ct_path)
     ko, kc = node_keys(ours), node_keys(ct)
     fo = {k for k in ko if k[0] == "feature"}
     fc = {k for k in kc if k[0] == "feature"}
@@ -246,8 +180,8 @@ def compare_graphs(ours_path: str, ct_path: str) -> dict:
     common = [(i, where[k]) for i, k in enumerate(ko) if k in where]
     io = torch.tensor([i for i, _ in common])
     ic = torch.tensor([j for _, j in common])
-    A_o = ours.adjacency[io][:, io].double()
-    A_c = ct.adjacency[ic][:, ic].double()
+    A_o = to_dense(ours.adjacency)[io][:, io].double()
+    A_c = to_dense(ct.adjacency)[ic][:, ic].double()
     scale = float(A_c.abs().max())
     diff = (A_o - A_c).abs()
     n_feat = sum(1 for k in ko if k[0] == "feature" and k in where)
@@ -287,179 +221,191 @@ def compare_graphs(ours_path: str, ct_path: str) -> dict:
     }
 
 
+def parse_transcoders(text: str) -> list[tuple[str, int, float]]:
+    """``kind:features:active,...`` → [(kind, features per layer, active per layer and token)]."""
+    out = []
+    for item in text.split(","):
+        kind, features, active = item.strip().split(":")
+        if kind not in ("plt", "clt"):
+            raise argparse.ArgumentTypeError(f"transcoder kind must be plt or clt, got '{kind}'")
+        out.append((kind, int(features), float(active)))
+    return out
+
+
+def _lengths(text: str) -> list[int]:
+    return [int(v) for v in text.replace(",", " ").split()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m", help="model alias (smollm2-135m, tiny-llama) or path")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--kinds", default="plt,clt", help="comma-separated: plt, clt")
-    parser.add_argument("--num-features", type=int, default=256, help="features per layer")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt when --tokens is not given")
+    parser.add_argument("--tokens", type=_lengths, default=None, help="prompt lengths, e.g. 64,256,1024,4096")
     parser.add_argument(
-        "--active-per-token",
-        type=float,
-        default=4.0,
-        help="features active per layer and token on the calibration text",
+        "--transcoders", type=parse_transcoders, default="plt:256:4,clt:256:4", help="kind:features:active,..."
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-n-logits", type=int, default=10)
     parser.add_argument("--desired-logit-prob", type=float, default=0.95)
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="targets per backward pass (default: AttributionConfig's)"
-    )
+    parser.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
     parser.add_argument("--max-feature-nodes", type=int, default=None)
+    parser.add_argument("--max-memory-gb", type=float, default=None, help="ours only (AttributionConfig)")
+    parser.add_argument("--reference-src", type=Path, default=None, help="checkout of the code before the change")
+    parser.add_argument("--reference-tokens", type=_lengths, default=[64, 256])
+    parser.add_argument("--ct-python", default=DEFAULT_CT_PYTHON, help="python of the virtualenv with circuit-tracer")
+    parser.add_argument("--ct-tokens", type=_lengths, default=[64, 256])
+    parser.add_argument("--memory-limit-gb", type=float, default=21.0, help="kill a run above this resident memory")
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="kill a run after this many seconds")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/clt-bench"))
-    parser.add_argument("--ct-python", default=DEFAULT_CT_PYTHON, help="python of the virtualenv with circuit-tracer")
     args = parser.parse_args()
-
-    if args.batch_size is None:
-        from clt.config.attribution import AttributionConfig
-
-        args.batch_size = AttributionConfig().batch_size
-    args.kinds = [k.strip().lower() for k in args.kinds.split(",") if k.strip()]
+    if isinstance(args.transcoders, str):
+        args.transcoders = parse_transcoders(args.transcoders)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     have_ct = Path(args.ct_python).exists()
-    baseline = "circuit-tracer" if have_ct else "ours, batch_size=1"
     if not have_ct:
-        print(
-            f"{args.ct_python} does not exist: the baseline is our own attribute with "
-            "batch_size=1 (one target per backward pass), not circuit-tracer",
-            flush=True,
-        )
+        print(f"{args.ct_python} does not exist: circuit-tracer is not run", flush=True)
     t_start = time.perf_counter()
     specs = prepare(args)
     prep_s = time.perf_counter() - t_start
-    runs_dir = args.work_dir / "runs"
     results = []
-    for kind, spec in specs.items():
-        ours_runs, base_runs = [], []
-        for r in range(args.repeats):
-            stem = f"{args.model}-{kind}-r{r}"
-            print(f"[{time.perf_counter() - t_start:6.0f}s] {kind.upper()} repeat {r + 1}: ours", flush=True)
-            ours_runs.append(run_child(sys.executable, "ours", spec, runs_dir / f"{stem}-ours.json"))
-            print(f"[{time.perf_counter() - t_start:6.0f}s] {kind.upper()} repeat {r + 1}: {baseline}", flush=True)
-            if have_ct:
-                base_runs.append(
-                    run_child(args.ct_python, "ct", spec, runs_dir / f"{stem}-ct.json", ["--scores"] if r == 0 else [])
+    for spec in specs:
+        n = len(spec["token_ids"])
+        sides = {"ours": (sys.executable, "ours", REPO)}
+        if args.reference_src is not None and (args.tokens is None or n in args.reference_tokens):
+            sides["reference"] = (sys.executable, "ours", args.reference_src.resolve())
+        if have_ct and (args.tokens is None or n in args.ct_tokens):
+            sides["circuit-tracer"] = (args.ct_python, "ct", REPO)
+        entry = {"setting": spec["transcoder_name"], "tokens": n, "model": args.model}
+        spec["save_graph"] = len(sides) > 1
+        for side, (python, mode, source) in sides.items():
+            side_spec = spec if side == "ours" else {**spec, "settings": _without_new(spec["settings"])}
+            runs = []
+            for r in range(args.repeats):
+                print(f"[{time.perf_counter() - t_start:6.0f}s] {spec['tag']} repeat {r + 1}: {side}", flush=True)
+                runs.append(
+                    run_child(
+                        python,
+                        mode,
+                        side_spec,
+                        args.work_dir / "runs" / f"{spec['tag']}-{side}-r{r}.json",
+                        args,
+                        source,
+                    )
                 )
-            else:
-                base_runs.append(run_child(sys.executable, "ours-b1", spec, runs_dir / f"{stem}-b1.json"))
-        ours = min(ours_runs, key=lambda x: x["seconds"])
-        base = min(base_runs, key=lambda x: x["seconds"])
-        entry = {
-            "setting": kind,
-            "model": args.model,
-            "prompt": args.prompt,
-            "tokens": spec["tokens"],
-            "baseline": baseline,
-            "ours_seconds": ours["seconds"],
-            "baseline_seconds": base["seconds"],
-            "speed_ratio": base["seconds"] / ours["seconds"],
-            "ours_peak_mib": max(x["peak_bytes"] for x in ours_runs) / MiB,
-            "baseline_peak_mib": max(x["peak_bytes"] for x in base_runs) / MiB,
-            "ours_rss_before_mib": ours["rss_before_bytes"] / MiB,
-            "baseline_rss_before_mib": base["rss_before_bytes"] / MiB,
-            "ours_increase_mib": max(x["peak_bytes"] - x["rss_before_bytes"] for x in ours_runs) / MiB,
-            "baseline_increase_mib": max(x["peak_bytes"] - x["rss_before_bytes"] for x in base_runs) / MiB,
-            "n_active_features": ours["n_active_features"],
-            "n_logits": ours["n_logits"],
-            "ours_runs": ours_runs,
-            "baseline_runs": base_runs,
-        }
-        entry["memory_ratio"] = entry["baseline_peak_mib"] / entry["ours_peak_mib"]
-        if have_ct:
-            entry["agreement"] = compare_graphs(ours_runs[0]["graph"], base_runs[0]["graph"])
-            entry["agreement"]["scores_ct"] = base_runs[0].get("ct_scores")
+            done = [x for x in runs if "failed" not in x]
+            best = min(done, key=lambda x: x["seconds"]) if done else runs[-1]
+            entry[side] = {**best, "runs": runs}
+        for side in ("reference", "circuit-tracer"):
+            if "graph" in entry.get(side, {}) and "graph" in entry["ours"]:
+                entry[f"agreement_{side}"] = compare_graphs(entry["ours"]["graph"], entry[side]["graph"])
         results.append(entry)
-
-    total_s = time.perf_counter() - t_start
-    load = os.getloadavg()
-    report = {
-        "device": f"CPU, {os.cpu_count()} cores",
-        "threads": ours["threads"],
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "load_average": load,
-        "baseline": baseline,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "preparation_seconds": prep_s,
-        "total_seconds": total_s,
-        "results": results,
-    }
+        (args.work_dir / "attribution_speed.json").write_text(
+            json.dumps(_report(args, results, prep_s, t_start), indent=2)
+        )
+    report = _report(args, results, prep_s, t_start)
     out = args.work_dir / "attribution_speed.json"
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
-    print(f"\nwritten to {out} (total {total_s:.0f} s, preparation {prep_s:.0f} s)")
+    print(f"\nwritten to {out} (total {report['total_seconds']:.0f} s, preparation {prep_s:.0f} s)")
     return 0
 
 
+def _without_new(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in NEW_SETTINGS}
+
+
+def _report(args: argparse.Namespace, results: list[dict], prep_s: float, t_start: float) -> dict:
+    import torch
+
+    return {
+        "device": f"CPU, {os.cpu_count()} cores",
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "load_average": os.getloadavg(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "preparation_seconds": prep_s,
+        "total_seconds": time.perf_counter() - t_start,
+        "results": results,
+    }
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _cell(record: dict | None, ours: dict) -> tuple[str, str, str]:
+    """(seconds, peak GiB, time ratio to ours) of one side, or why it did not run."""
+    if record is None:
+        return "-", "-", "-"
+    if "failed" in record:
+        seen = record.get("peak_bytes_seen", 0) / GiB
+        return f"failed ({record['failed']}, {record['seconds_until_failure']:.0f} s)", f">{seen:.1f}", "-"
+    ratio = f"{record['seconds'] / ours['seconds']:.2f}" if "seconds" in ours else "-"
+    return f"{record['seconds']:.1f}", f"{record['peak_bytes'] / GiB:.2f}", ratio
+
+
 def print_table(report: dict) -> None:
-    results = report["results"]
+    """The table of times and peak memory, our time by part and the graphs' agreement."""
     print(
-        f"\ndevice: {report['device']}, torch threads {report['threads']}, load average "
-        f"{report['load_average'][0]:.2f}; baseline: {report['baseline']}; peak MiB = peak "
-        "resident memory during the attribute call (model and transcoder included); +MiB = peak minus "
-        "resident memory just before the call"
+        f"\n{report['cpu']} ({report['device']}), torch threads {report['threads']}, load average "
+        f"{report['load_average'][0]:.2f}; peak GiB = peak resident memory during the attribute call (loaded "
+        "model and transcoder included); ratio = time / our time"
     )
     head = (
-        "setting",
+        "transcoder",
+        "tokens",
+        "active",
         "ours s",
-        "baseline s",
-        "speed ratio",
-        "peak MiB ours",
-        "peak MiB baseline",
-        "memory ratio",
-        "+MiB ours",
-        "+MiB baseline",
+        "ours GiB",
+        "reference s",
+        "GiB",
+        "ratio",
+        "circuit-tracer s",
+        "GiB",
+        "ratio",
     )
     rows = []
-    for e in results:
-        name = (
-            f"{e['model']} {e['setting'].upper()} ({e['n_active_features']} active, "
-            f"{e['n_logits']} logits, {len(e['tokens'])} tokens)"
-        )
+    for e in report["results"]:
+        ours = e["ours"]
+        own = _cell(ours, ours)
+        active = str(ours.get("n_active_features", "-"))
         rows.append(
             (
-                name,
-                f"{e['ours_seconds']:.2f}",
-                f"{e['baseline_seconds']:.2f}",
-                f"{e['speed_ratio']:.2f}",
-                f"{e['ours_peak_mib']:.0f}",
-                f"{e['baseline_peak_mib']:.0f}",
-                f"{e['memory_ratio']:.2f}",
-                f"{e['ours_increase_mib']:.0f}",
-                f"{e['baseline_increase_mib']:.0f}",
+                e["setting"],
+                str(e["tokens"]),
+                active,
+                own[0],
+                own[1],
+                *_cell(e.get("reference"), ours),
+                *_cell(e.get("circuit-tracer"), ours),
             )
         )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    for e in results:
-        a = e.get("agreement")
-        if a is None:
-            continue
-        dp = a["max_abs_logit_prob_diff"]
-        dp = "n/a" if dp is None else f"{dp:.1e}"
-        print(
-            f"\n{e['setting'].upper()} agreement with circuit-tracer: same feature nodes "
-            f"{a['same_feature_set']} ({a['n_features_ours']} of {a['n_active_ours']} active "
-            f"ours, {a['n_features_ct']} of {a['n_active_ct']} circuit-tracer), same logit "
-            f"targets {a['same_logit_targets']} (max |Δp| {dp}), "
-            f"same node order {a['same_node_order']}"
-        )
-        print(
-            f"  max |ΔA| / max |A| = {a['max_rel_adjacency_diff']:.2e} (feature rows "
-            f"{a['max_rel_adjacency_diff_feature_rows']:.2e}, logit rows "
-            f"{a['max_rel_adjacency_diff_logit_rows']:.2e}); max relative activation "
-            f"difference {a['max_rel_activation_diff']:.2e}"
-        )
-        ct = a.get("scores_ct") or [float("nan")] * 2
-        print(
-            f"  replacement / completeness: ours {a['scores_ours'][0]:.4f} / "
-            f"{a['scores_ours'][1]:.4f}, circuit-tracer {ct[0]:.4f} / {ct[1]:.4f} "
-            f"(its graph by our graph_scores: {a['scores_ct_graph_by_ours'][0]:.4f} / "
-            f"{a['scores_ct_graph_by_ours'][1]:.4f})"
-        )
+    for e in report["results"]:
+        print(f"\n{e['setting']}, {e['tokens']} tokens:")
+        for line in e["ours"].get("log", []):
+            print(f"  ours: {line}")
+        for side in ("reference", "circuit-tracer"):
+            a = e.get(f"agreement_{side}")
+            if a is None:
+                continue
+            print(
+                f"  vs {side}: same feature nodes {a['same_feature_set']} ({a['n_features_ours']} of "
+                f"{a['n_active_ours']} active ours, {a['n_features_ct']} of {a['n_active_ct']}), same logits "
+                f"{a['same_logit_targets']}, "
+                f"max |ΔA| / max |A| = {a['max_rel_adjacency_diff']:.2e}; replacement / completeness ours "
+                f"{a['scores_ours'][0]:.4f} / {a['scores_ours'][1]:.4f}, theirs {a['scores_ct_graph_by_ours'][0]:.4f}"
+                f" / {a['scores_ct_graph_by_ours'][1]:.4f}"
+            )
 
 
 if __name__ == "__main__":
