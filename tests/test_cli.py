@@ -184,7 +184,19 @@ def _check_demo_graph(out, text, rendered_node_markers):
     assert rendered_node_markers(html) == int(prune(graph).node_mask.sum())
     summary = json.loads((out / "demo_summary.json").read_text())["attribution"]
     assert 0 < summary["replacement_score"] <= 1 and 0 < summary["completeness_score"] <= 1
-    assert list((out / "attribution").glob("feature_*.html"))
+    # the cards of the page's features are in cards.json and inside the page (not separate HTML files)
+    import re
+
+    from clt.interp import FeatureCards
+
+    cards = FeatureCards.load(out / "attribution" / "cards.json")
+    page = re.search(r'<script type="application/json" id="clt-data">(.*?)</script>', html.read_text(), re.DOTALL)
+    nodes = json.loads(page.group(1))["nodes"]
+    columns = zip(nodes["kind"], nodes["layer"], nodes["feature"])
+    on_page = {f"{layer}/{feature}" for kind, layer, feature in columns if kind == "f"}
+    assert cards and summary["n_cards"] == len(cards) and on_page <= set(cards)
+    assert all(card for kind, card in zip(nodes["kind"], nodes["card"]) if kind == "f")
+    assert summary["labels"]["n"] == min(20, len(cards)) and "labels of the" in text
 
 
 @pytest.mark.slow

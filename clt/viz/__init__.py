@@ -12,12 +12,13 @@ from clt.viz.figures import (
     training_curves_figure,
 )
 from clt.viz.graph import NODE_META, graph_figure
-from clt.viz.page import GraphPage, graph_html, graph_page, page_data, save_graph_html
+from clt.viz.page import GraphPage, PageSelection, graph_html, graph_page, page_data, save_graph_html, select_page
 from clt.viz.text import token_label
 
 __all__ = [
     "NODE_META",
     "GraphPage",
+    "PageSelection",
     "feature_card_figure",
     "graph_figure",
     "graph_html",
@@ -28,6 +29,7 @@ __all__ = [
     "read_metrics",
     "save_figure_html",
     "save_graph_html",
+    "select_page",
     "token_label",
     "training_curves_figure",
 ]

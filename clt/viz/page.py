@@ -33,7 +33,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from clt.attribution.graph import Graph
 from clt.attribution.groups import suggest_supernodes
-from clt.attribution.prune import graph_scores, merged_rows, node_influence, prune
+from clt.attribution.prune import PruneResult, graph_scores, merged_rows, node_influence, prune
 from clt.attribution.state import GraphState
 from clt.files import atomic_write_text
 from clt.viz.graph import DEFAULT_THRESHOLDS, default_title, node_annotation, threshold_levels
@@ -113,6 +113,39 @@ def save_graph_html(graph: Graph, path: str | Path, **kwargs: Any) -> Path:
     return GraphPage(graph_html(graph, **kwargs)).save(path)
 
 
+class PageSelection(NamedTuple):
+    """What a page shows: its node thresholds, their pruning, node influence and its features."""
+
+    levels: list[float]
+    active: int
+    """Index in `levels` of the threshold the page opens at."""
+    results: list[PruneResult]
+    influence: Tensor
+    features: Tensor
+    """Indices (sorted) of the feature nodes on the page."""
+
+
+def select_page(
+    graph: Graph,
+    *,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    max_features: int = DEFAULT_MAX_FEATURES,
+    max_nonzeros: int = DEFAULT_MAX_NONZEROS,
+) -> PageSelection:
+    """The features a page of `graph` holds: those kept at some threshold, the active threshold's
+    first, most influential first, within `max_features` and `max_nonzeros` matrix entries."""
+    levels = threshold_levels(node_threshold, thresholds)
+    if len(levels) > 8:
+        raise ValueError(f"a page holds at most 8 node thresholds, got {len(levels)}: {levels}")
+    active = levels.index(float(node_threshold))
+    results = [prune(graph, node_threshold=level, edge_threshold=edge_threshold) for level in levels]
+    influence = node_influence(graph.adjacency, graph.logit_weights())
+    features = _page_features(graph, results, active, influence, max_features, max_nonzeros)
+    return PageSelection(levels, active, results, influence, features)
+
+
 def page_data(
     graph: Graph,
     *,
@@ -126,22 +159,27 @@ def page_data(
     max_features: int = DEFAULT_MAX_FEATURES,
     max_nonzeros: int = DEFAULT_MAX_NONZEROS,
     state: GraphState | Mapping[str, Any] | None = None,
+    selection: PageSelection | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The page's data and its plotly layout (module docstring).
 
     `labels` maps node ids to labels; `cards` (keyed ``"{model layer}/{feature}"``) gives the
     feature panel and default labels; `title` is plain text; `state` (a `GraphState` or its dict) is
-    applied when the page's URL holds none.
+    applied when the page's URL holds none; `selection` (from `select_page` with the same
+    thresholds) saves pruning the graph again.
     """
     if edges_per_node < 0:
         raise ValueError(f"edges_per_node must be >= 0, got {edges_per_node}")
-    levels = threshold_levels(node_threshold, thresholds)
-    if len(levels) > 8:
-        raise ValueError(f"a page holds at most 8 node thresholds, got {len(levels)}: {levels}")
-    active = levels.index(float(node_threshold))
-    results = [prune(graph, node_threshold=level, edge_threshold=edge_threshold) for level in levels]
-    influence = node_influence(graph.adjacency, graph.logit_weights())
-    features = _page_features(graph, results, active, influence, max_features, max_nonzeros)
+    if selection is None:
+        selection = select_page(
+            graph,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+            thresholds=thresholds,
+            max_features=max_features,
+            max_nonzeros=max_nonzeros,
+        )
+    levels, active, results, influence, features = selection
     others = torch.arange(graph.n_features, graph.n_nodes)
     nodes = torch.cat([features, others])  # page order: features, errors, tokens, logits
     page_index = torch.full((graph.n_nodes,), -1, dtype=torch.long)
@@ -192,10 +230,9 @@ def page_data(
 
 
 def _page_features(
-    graph: Graph, results: list[Any], active: int, influence: Tensor, max_features: int, max_nonzeros: int
+    graph: Graph, results: list[PruneResult], active: int, influence: Tensor, max_features: int, max_nonzeros: int
 ) -> Tensor:
-    """Indices (sorted) of the features on the page: those kept at some threshold, the active
-    threshold's first, most influential first, within `max_features` and `max_nonzeros`."""
+    """Indices (sorted) of the features on the page (`select_page`)."""
     kept = torch.stack([r.node_mask[: graph.n_features] for r in results]).any(0).nonzero().squeeze(1)
     at_active = results[active].node_mask[kept]
     order = sorted(range(len(kept)), key=lambda k: (not bool(at_active[k]), -float(influence[kept[k]])))
@@ -223,7 +260,7 @@ def _nodes(
     graph: Graph,
     nodes: Tensor,
     page_index: Tensor,
-    results: list[Any],
+    results: list[PruneResult],
     influence: Tensor,
     positions: dict[int, tuple[float, float]],
     labels: Mapping[str, str] | None,
@@ -268,7 +305,7 @@ def _blocks(
     feature_columns: Tensor,
     error_columns: Tensor,
     page_index: Tensor,
-    results: list[Any],
+    results: list[PruneResult],
 ) -> dict[str, dict[str, Any]]:
     """The page matrix's two sparse row blocks (module docstring), base64-encoded."""
     merged = torch.ones(graph.n_features, dtype=torch.bool)
@@ -310,8 +347,10 @@ __all__ = [
     "DEFAULT_MAX_FEATURES",
     "DEFAULT_MAX_NONZEROS",
     "GraphPage",
+    "PageSelection",
     "graph_html",
     "graph_page",
     "page_data",
     "save_graph_html",
+    "select_page",
 ]
