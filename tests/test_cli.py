@@ -259,19 +259,27 @@ def test_attribute_end_to_end(trained_run, tmp_path, capsys):
     assert (out / "neuronpedia.json").is_file() and (out / "cards.json").is_file()
 
 
-def test_features_end_to_end(trained_run, tmp_path, capsys):
-    out = tmp_path / "cards"
-    run_clt(
-        "features --features 0:1,2:3 --figures 2",
-        transcoder=trained_run,
-        store=trained_run / "store",
-        output_dir=out,
-    )
-    assert "2 feature cards" in capsys.readouterr().out
+def _features(trained_run, out, options):
+    """Run `clt features` on the trained run and read the cards it wrote."""
+    run_clt(f"features {options}", transcoder=trained_run, store=trained_run / "store", output_dir=out)
     from clt.interp import FeatureCards
 
-    assert sorted(FeatureCards.load(out / "cards.json")) == ["0/1", "2/3"]
+    return FeatureCards.load(out / "cards.json")
+
+
+def test_features_end_to_end(trained_run, tmp_path, capsys):
+    out = tmp_path / "cards"
+    cards = _features(trained_run, out, "--features 0:1,2:3 --figures 2")
+    assert "2 feature cards" in capsys.readouterr().out
+    assert sorted(cards) == ["0/1", "2/3"]
     assert (out / "feature_0_1.html").is_file() and (out / "feature_2_3.html").is_file()
+
+
+def test_features_with_an_llm_labeller(trained_run, tmp_path):
+    from clt.interp import llm_labeller
+
+    card = _features(trained_run, tmp_path / "cards", "--features 0:1 --figures 0 --labeller tiny-llama").card(0, 1)
+    assert card.label == llm_labeller("tiny-llama")(card)  # greedy: the model's answer, not the rule's
 
 
 @pytest.mark.parametrize(

@@ -294,8 +294,19 @@ def _nodes(
         table["card"].append(card.key if card is not None else "")
         table["label"].append(label or "")
         if card is not None:
-            card_table[card.key] = dataclasses.asdict(card)
+            card_table[card.key] = _rounded(dataclasses.asdict(card))
     return table, card_table
+
+
+def _rounded(value: Any) -> Any:
+    """`value` with every float rounded to 4 significant digits (what the panel shows; half the bytes)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _blocks(

@@ -96,13 +96,14 @@ var CLT = window.CLT = window.CLT || {};
   /* [replacement, completeness] of the subgraph keeping the features with keep[i] = 1: every
    * other feature is merged into its error node (prune.subgraph_scores); float64. */
   Model.prototype.scores = function (keep) {
-    var n = this.n, R = this.rows.length, acc = new Float64Array(n), mark = new Uint8Array(n);
-    var errorFraction = new Float64Array(n), effective = new Array(R), touched = [];
-    var F = this.blocks[0], E = this.blocks[1];
+    var n = this.n, R = this.rows.length, acc = new Float64Array(n), mark = new Uint8Array(n), touched = [];
+    var F = this.blocks[0], E = this.blocks[1], size = F.values.length + E.values.length;
+    var cols = new Int32Array(size), vals = new Float64Array(size), start = new Int32Array(R + 1);
+    var errorFraction = new Float64Array(n), at = 0, k, j, e;
     for (var r = 0; r < R; r++) {
       var t = this.rows[r];
-      if (this.isFeature[t] && !keep[t]) { effective[r] = null; continue; }
-      var cols = [], vals = [], k, e;
+      start[r] = at;
+      if (this.isFeature[t] && !keep[t]) { continue; }  // merged: its row is zero
       for (k = E.indptr[r]; k < E.indptr[r + 1]; k++) {
         e = E.indices[k];
         if (!mark[e]) { mark[e] = 1; touched.push(e); }
@@ -115,42 +116,42 @@ var CLT = window.CLT = window.CLT || {};
           if (!mark[e]) { mark[e] = 1; touched.push(e); }
           acc[e] += F.values[k];
         } else {
-          cols.push(c); vals.push(F.values[k]);
+          cols[at] = c; vals[at++] = F.values[k];
         }
       }
-      var first = cols.length;
-      for (var j = 0; j < touched.length; j++) {
+      var first = at;
+      for (j = 0; j < touched.length; j++) {
         e = touched[j];
-        cols.push(e); vals.push(acc[e]); acc[e] = 0; mark[e] = 0;
+        cols[at] = e; vals[at++] = acc[e]; acc[e] = 0; mark[e] = 0;
       }
       touched.length = 0;
       var sum = 0;
-      for (j = 0; j < vals.length; j++) { sum += Math.abs(vals[j]); }
-      var denominator = Math.max(sum, 1e-10), fraction = 0, normal = new Float64Array(vals.length);
-      for (j = 0; j < vals.length; j++) {
-        normal[j] = Math.abs(vals[j]) / denominator;
-        if (j >= first) { fraction += normal[j]; }
+      for (j = start[r]; j < at; j++) { sum += Math.abs(vals[j]); }
+      var denominator = Math.max(sum, 1e-10), fraction = 0;
+      for (j = start[r]; j < at; j++) {
+        vals[j] = Math.abs(vals[j]) / denominator;
+        if (j >= first) { fraction += vals[j]; }
       }
       errorFraction[t] = fraction;
-      effective[r] = {cols: Int32Array.from(cols), vals: normal};
     }
+    start[R] = at;
     var rows = this.rows;
     function step(v) {
-      var next = new Float64Array(n), any = false;
+      var next = new Float64Array(n), nonzero = false;
       for (var r = 0; r < R; r++) {
-        var row = effective[r], x = v[rows[r]];
-        if (row === null || x === 0) { continue; }
-        for (var j = 0; j < row.cols.length; j++) { next[row.cols[j]] += x * row.vals[j]; }
-        any = true;
+        var x = v[rows[r]];
+        if (x === 0) { continue; }
+        for (var j = start[r]; j < start[r + 1]; j++) { next[cols[j]] += x * vals[j]; }
       }
-      return any ? next : null;
+      for (var i = 0; i < n; i++) { if (next[i] !== 0) { nonzero = true; break; } }
+      return nonzero ? next : null;
     }
+    // influence = w·(Â + Â² + …), summed until the series ends (the graph is acyclic)
     var current = step(this.w), total = new Float64Array(n), i;
     for (var iteration = 0; current !== null; iteration++) {
       if (iteration > 10000) { throw new Error('influence did not converge: the graph has a cycle'); }
-      var nonzero = false;
-      for (i = 0; i < n; i++) { total[i] += current[i]; if (current[i] !== 0) { nonzero = true; } }
-      current = nonzero ? step(current) : null;
+      for (i = 0; i < n; i++) { total[i] += current[i]; }
+      current = step(current);
     }
     var tokens = 0, errors = 0, top = 0, bottom = 0;
     for (i = 0; i < n; i++) {
