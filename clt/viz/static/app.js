@@ -174,7 +174,7 @@ var CLT = window.CLT = window.CLT || {};
     }
     var built = CLT.traces(this);
     if (!this.width) { this.measure(); }
-    var layout = Object.assign({}, this.layout, {width: this.width});
+    var layout = Object.assign({}, this.layout, {width: this.width}, built.layout);
     Plotly.react(this.gd, built.traces, layout, {displaylogo: false, responsive: false, doubleClick: 'reset'});
     this.syncControls();
     CLT.renderNode(this);

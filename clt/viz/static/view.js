@@ -103,14 +103,53 @@ var CLT = window.CLT = window.CLT || {};
     return lines.join('<br>');
   }
 
-  /* The plotly traces of the current view. */
+  /* In the pinned-subgraph view: the pinned nodes re-laid out on the positions they use only,
+   * each cell's nodes spread across its column; returns the x axis that goes with it. */
+  function compact(app, display) {
+    var N = app.D.nodes, L = app.D.n_layers, cells = new Map(), positions = new Set(), logits = [];
+    display.items.forEach(function (item) {
+      var members = item.base >= 0 ? [item.base] : app.state.supernodes[item.supernode].members.map(function (id) {
+        return app.model.index[id];
+      });
+      if (members.every(function (i) { return N.kind[i] === 'l'; })) { logits.push(item); return; }
+      var pos = 0, row = 0;
+      members.forEach(function (i) { pos += N.pos[i]; row += N.kind[i] === 't' ? 0 : N.layer[i] + 1; });
+      item.cell = [Math.round(pos / members.length), Math.round(row / members.length)];
+      positions.add(item.cell[0]);
+    });
+    var columns = Array.from(positions).sort(function (a, b) { return a - b; }), column = new Map();
+    columns.forEach(function (p, c) { column.set(p, c); });
+    display.items.forEach(function (item) {
+      if (!item.cell) { return; }
+      var key = item.cell.join(':');
+      if (!cells.has(key)) { cells.set(key, []); }
+      cells.get(key).push(item);
+    });
+    cells.forEach(function (members) {
+      members.forEach(function (item, k) {
+        item.x = column.get(item.cell[0]) + (members.length > 1 ? 0.8 * ((k + 0.5) / members.length - 0.5) : 0);
+        item.y = item.cell[1];
+        item.below = k % 2 === 1;
+      });
+    });
+    logits.forEach(function (item, k) { item.x = columns.length; item.y = L + 1 - k * Math.min(1, (L + 1) / logits.length); });
+    return {xaxis: Object.assign({}, app.layout.xaxis, {
+      tickvals: columns.map(function (_, c) { return c; }),
+      ticktext: columns.map(function (p) { return esc(app.D.tokens[p]); }),
+      range: [-0.6, columns.length + 0.6]}),
+      annotations: [Object.assign({}, app.layout.annotations[0], {x: columns.length})],
+      shapes: [Object.assign({}, app.layout.shapes[0], {x0: columns.length - 0.5, x1: columns.length - 0.5})]};
+  }
+
+  /* The plotly traces of the current view (and, for the pinned-subgraph view, its x axis). */
   CLT.traces = function (app) {
     var display = CLT.display(app), v = app.state.view, selected = -1;
+    var layout = v.subgraph_only ? compact(app, display) : {};
     if (app.selected !== null) {
       display.items.forEach(function (item, j) { if (item.id === app.selected) { selected = j; } });
     }
     var lit = selected >= 0 ? reach(display, selected, v.link_mode) : null;
-    var edges = drawnEdges(display, v.edges_per_node, selected, v.link_mode), top = 0;
+    var edges = drawnEdges(display, v.subgraph_only ? Infinity : v.edges_per_node, selected, v.link_mode), top = 0;
     edges.forEach(function (e) { top = Math.max(top, Math.abs(e.w)); });
     var buckets = new Map();
     edges.forEach(function (e) {
@@ -140,9 +179,10 @@ var CLT = window.CLT = window.CLT || {};
         customdata: items.map(function (it) { return it.id; }),
         hovertext: items.map(function (it) { return hover(app, it); }), hovertemplate: '%{hovertext}<extra></extra>',
         text: withText ? items.map(function (it) {
-          return esc(kind === 'l' ? app.D.nodes.token[it.base] : app.labelOf(it.id) || it.id);
+          return esc(kind === 'l' ? app.D.nodes.token[it.base] : CLT.nodeName(app, it.id));
         }) : undefined,
-        textposition: kind === 'l' ? 'middle right' : 'top center', textfont: {size: 11},
+        textposition: kind === 'l' ? 'middle right' : items.map(function (it) { return it.below ? 'bottom center' : 'top center'; }),
+        textfont: {size: 11},
         marker: {
           color: STYLE[kind][0], symbol: STYLE[kind][1],
           size: items.map(function (it) { return kind === 'e' ? 5 : it.size; }),
@@ -154,6 +194,6 @@ var CLT = window.CLT = window.CLT || {};
         }
       });
     });
-    return {traces: traces, display: display, lit: lit};
+    return {traces: traces, display: display, lit: lit, layout: layout};
   };
 })();
