@@ -154,9 +154,12 @@ var CLT = window.CLT = window.CLT || {};
   /* Scores of the pinned subgraph (prune.subgraph_scores of the pinned features); null without pins. */
   App.prototype.pinnedScores = function () {
     if (!this.state.pinned.length) { return null; }
+    var base = Array.from(this.pinnedBase()).sort(function (a, b) { return a - b; }), key = base.join(',');
+    if (this._pinned && this._pinned.key === key) { return this._pinned.value; }
     var keep = new Uint8Array(this.model.n);
-    this.pinnedBase().forEach(function (i) { keep[i] = 1; });
-    return this.model.scores(keep);
+    base.forEach(function (i) { keep[i] = 1; });
+    this._pinned = {key: key, value: this.model.scores(keep)};
+    return this._pinned.value;
   };
 
   /* The plot's width: the plot area's (without a scrollbar), at least 64 px per column; kept until

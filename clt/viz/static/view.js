@@ -15,10 +15,21 @@ var CLT = window.CLT = window.CLT || {};
   }
   CLT.esc = esc;
 
-  /* Nodes, edges and highlight of the current view (supernodes drawn as one node). */
+  /* Nodes and summed edges of the current view (supernodes drawn as one node); kept until the
+   * threshold, the hidden kinds, the supernodes or (in the pinned-subgraph view) the pins change. */
   CLT.display = function (app) {
+    var S = app.state, v = S.view, bit = 1 << app.level();
+    var key = [bit, !!v.hide_errors, !!v.subgraph_only, JSON.stringify(S.supernodes),
+      v.subgraph_only ? JSON.stringify(S.pinned) : ''].join('|');
+    if (app._display && app._display.key === key) { return app._display.value; }
+    var value = build(app, bit);
+    app._display = {key: key, value: value};
+    return value;
+  };
+
+  function build(app, bit) {
     var m = app.model, N = app.D.nodes, S = app.state, v = S.view, n = m.n;
-    var bit = 1 << app.level(), superOf = app.superOf(), pinned = app.pinnedBase();
+    var superOf = app.superOf(), pinned = app.pinnedBase();
     var items = [], dispOf = new Int32Array(n).fill(-1), i;
     function visible(i) {
       if (v.subgraph_only) { return pinned.has(i); }
@@ -51,7 +62,7 @@ var CLT = window.CLT = window.CLT || {};
     });
     var edges = Array.from(sums.values()).filter(function (e) { return e.kept && e.w !== 0; });
     return {items: items, dispOf: dispOf, edges: edges};
-  };
+  }
 
   /* The edges drawn: every node's strongest inputs and outputs, plus all of the selected node's. */
   function drawnEdges(display, k, selected, mode) {
