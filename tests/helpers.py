@@ -80,3 +80,28 @@ def cards_with_logits(
     unembedding, norm = unembedding_of(model)
     options = {"context": 3, "n_logits": 4, "progress": False, **options}
     return build_feature_cards(transcoder, store, tokenizer, unembedding=unembedding, final_norm_weight=norm, **options)
+
+
+def hand_graph(features: list[list[int]], n_layers: int, n_tokens: int, edges: dict[tuple[int, int], float]) -> Any:
+    """A hand-built graph with the given feature nodes (layer, pos, feature), one logit of probability 1, and
+    adjacency[target, source] = edges[(target, source)]."""
+    from clt.attribution import Graph
+    from clt.config.attribution import AttributionConfig
+
+    n = len(features) + n_layers * n_tokens + n_tokens + 1
+    adjacency = torch.zeros(n, n)
+    for (target, source), weight in edges.items():
+        adjacency[target, source] = weight
+    return Graph(
+        prompt="a b",
+        token_ids=list(range(n_tokens)),
+        tokens=[f"t{i}" for i in range(n_tokens)],
+        features=torch.tensor(features, dtype=torch.long).view(-1, 3),
+        activations=torch.ones(len(features)),
+        adjacency=adjacency,
+        logit_token_ids=[7],
+        logit_tokens=["x"],
+        logit_probabilities=torch.tensor([1.0]),
+        n_layers=n_layers,
+        config=AttributionConfig(),
+    )

@@ -1,46 +1,13 @@
-"""Scores of node sets, the graph page's saved state, and automatic supernodes."""
+"""Scores of node sets: features left out are merged into their error nodes."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from helpers import hand_graph
 
-from clt.attribution import (
-    Graph,
-    GraphState,
-    GraphStateError,
-    Supernode,
-    attribute,
-    graph_scores,
-    subgraph_scores,
-    suggest_supernodes,
-)
+from clt.attribution import Graph, attribute, graph_scores, subgraph_scores
 from clt.attribution.prune import merged_rows
-from clt.config.attribution import AttributionConfig
-
-
-def hand_graph(features: list[list[int]], n_layers: int, n_tokens: int, edges: dict[tuple[int, int], float]) -> Graph:
-    """A graph with the given feature nodes (layer, pos, feature), one logit of probability 1, and
-    adjacency[target, source] = edges[(target, source)]."""
-    n = len(features) + n_layers * n_tokens + n_tokens + 1
-    adjacency = torch.zeros(n, n)
-    for (target, source), weight in edges.items():
-        adjacency[target, source] = weight
-    return Graph(
-        prompt="a b",
-        token_ids=list(range(n_tokens)),
-        tokens=[f"t{i}" for i in range(n_tokens)],
-        features=torch.tensor(features, dtype=torch.long).view(-1, 3),
-        activations=torch.ones(len(features)),
-        adjacency=adjacency,
-        logit_token_ids=[7],
-        logit_tokens=["x"],
-        logit_probabilities=torch.tensor([1.0]),
-        n_layers=n_layers,
-        config=AttributionConfig(),
-    )
 
 
 @pytest.fixture
@@ -97,80 +64,3 @@ def dataclass_with(graph: Graph, adjacency: torch.Tensor) -> Graph:
     import dataclasses
 
     return dataclasses.replace(graph, adjacency=adjacency)
-
-
-def test_state_round_trips_through_files_and_fragments(tiny_graph, tmp_path):
-    a, b, c = (tiny_graph.node(i).id for i in range(3))
-    state = GraphState(
-        pinned=[a, "supernode:1"],
-        supernodes=[Supernode("supernode:1", "pair", [b, c])],
-        labels={a: "my <label>"},
-        view={"node_threshold": 0.8, "selected": a},
-        prompt=tiny_graph.prompt,
-    )
-    assert state.pinned_nodes() == [a, b, c]
-    path = state.save(tmp_path / "state.json")
-    assert json.loads(path.read_text())["format"] == "clt.graph-state"
-    assert tiny_graph.load_state(path) == state
-    url = f"file:///tmp/graph.html#{state.to_fragment()}"
-    assert tiny_graph.load_state(url) == state
-    assert GraphState.read("#" + state.to_fragment()) == state
-    assert GraphState.read(state.to_dict()) == state
-    other = GraphState(pinned=["feature:9:0:99"])
-    with pytest.raises(GraphStateError, match="feature:9:0:99"):
-        tiny_graph.load_state(other.to_dict())
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"supernodes": [Supernode("supernode:1", "x", ["token:0"])]}, "needs two"),
-        ({"supernodes": [Supernode("group", "x", ["token:0", "token:1"])]}, "look like"),
-        (
-            {
-                "supernodes": [
-                    Supernode("supernode:1", "x", ["token:0", "token:1"]),
-                    Supernode("supernode:2", "y", ["token:1", "token:2"]),
-                ]
-            },
-            "in both",
-        ),
-        ({"pinned": ["supernode:4"]}, "not among"),
-    ],
-)
-def test_bad_states_are_refused(kwargs, message):
-    with pytest.raises(GraphStateError, match=message):
-        GraphState(**kwargs)
-
-
-def test_bad_state_files_are_refused(tmp_path):
-    with pytest.raises(GraphStateError, match="not a graph-page state"):
-        GraphState.read({"format": "other"})
-    with pytest.raises(GraphStateError, match="version 7"):
-        GraphState.read({"format": "clt.graph-state", "version": 7})
-    with pytest.raises(GraphStateError, match="fragment"):
-        GraphState.read("#state=not-base64!")
-    bad = tmp_path / "bad.json"
-    bad.write_text("{")
-    with pytest.raises(GraphStateError, match="not valid JSON"):
-        GraphState.read(bad)
-
-
-def test_suggested_supernodes_group_alike_features_at_one_position():
-    # features: 0 a (0,1,0), 1 b (0,1,1) with proportional inputs and outputs; 2 c (1,1,0) reads
-    # both; 3 d (0,0,2) like a but at position 0; 4 e (1,1,1) labelled like c
-    # nodes: 0-4 features, 5-8 errors (layer, pos), 9 t0, 10 t1, 11 logit
-    edges = {(0, 10): 1.0, (1, 10): 2.0, (2, 0): 1.0, (2, 1): 2.0, (3, 9): 1.0, (2, 3): 0.5}
-    edges |= {(4, 9): 1.0, (11, 2): 1.0, (11, 4): 1.0, (11, 6): 0.1}
-    graph = hand_graph([[0, 1, 0], [0, 1, 1], [1, 1, 0], [0, 0, 2], [1, 1, 1]], 2, 2, edges)
-    ids = [graph.node(i).id for i in range(5)]
-    groups = suggest_supernodes(graph, range(graph.n_nodes))
-    assert [set(m) for _, m in groups] == [{ids[0], ids[1]}]
-    assert groups[0][0] == "2 features at “t1”"
-    labelled = suggest_supernodes(graph, range(graph.n_nodes), labels={ids[2]: "x", ids[4]: "x"})
-    assert {frozenset(m) for _, m in labelled} == {frozenset(ids[:2]), frozenset([ids[2], ids[4]])}
-    assert dict((frozenset(m), label) for label, m in labelled)[frozenset([ids[2], ids[4]])] == "x"
-    # restricted to some nodes, only those are grouped
-    assert suggest_supernodes(graph, [0, 2, 3, 4, 9, 10, 11]) == []
-    with pytest.raises(ValueError, match="min_similarity"):
-        suggest_supernodes(graph, range(5), min_similarity=0)
