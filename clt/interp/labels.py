@@ -41,6 +41,7 @@ too under until up very was we were what when where which while who whom why wil
 STOP_WORDS = frozenset(_STOP_TEXT.split())
 """English function words: never a term on their own, and never a whole label."""
 _WORD = re.compile(r"\w", re.UNICODE)
+_NAMED = re.compile(r" \(\d+/\d+\)$")  # the suffix label_cards adds as a last resort
 
 
 def is_stop_word(text: str) -> bool:
@@ -180,11 +181,13 @@ def _clashes(labels: Sequence[str]) -> list[int]:
 
 
 def label_report(labels: Sequence[str]) -> dict[str, Any]:
-    """How many labels there are, how many distinct, and which are a single stop word."""
+    """How many labels there are, how many distinct, which are a single stop word, and how many
+    `label_cards` could only tell apart by the feature's name."""
     return {
         "n": len(labels),
         "distinct": len(set(labels)),
         "single_stop_words": [label for label in labels if is_stop_word(label)],
+        "named": sum(bool(_NAMED.search(label)) for label in labels),
     }
 
 

@@ -48,7 +48,7 @@ class AttributionResult:
             report = self.labels
             lines.append(
                 f"labels of the {report['n']} most influential features: {report['distinct']} distinct, "
-                f"{len(report['single_stop_words'])} a single stop word"
+                f"{len(report['single_stop_words'])} a single stop word, {report['named']} told apart only by name"
             )
         lines += [f"{name}: {path}" for name, path in self.paths.items()]
         return "\n".join(lines)

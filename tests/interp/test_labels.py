@@ -80,8 +80,10 @@ def test_label_cards_makes_labels_distinct(counts):
     label_cards(twins, counts)
     labels = [c.label for c in twins]
     assert len(set(labels)) == 3, labels
+    # twins 0 and 2 are the same card: only their names tell them apart
+    assert [c.label.endswith(f"(0/{k})") for k, c in enumerate(twins)] == [True, False, True]
     report = label_report(labels + ["the", "."])
-    assert report == {"n": 5, "distinct": 5, "single_stop_words": ["the", "."]}
+    assert report == {"n": 5, "distinct": 5, "single_stop_words": ["the", "."], "named": 2}
 
 
 def test_is_stop_word():
