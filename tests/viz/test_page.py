@@ -226,6 +226,13 @@ def test_grouping_two_nodes_gives_one_supernode_with_summed_edges(browser, setup
     page.click("#clt-ungroup")
     assert page.evaluate("cltApp.state.supernodes") == [] and _markers(page) == before
     assert page.evaluate("cltApp.state.pinned") == [a, b]
+    # auto-group applies the suggestions computed offline (those with two members shown)
+    suggestions = page.evaluate("cltApp.D.suggestions")
+    page.click("#clt-auto-group")
+    made = page.evaluate("cltApp.state.supernodes")
+    assert [[s["label"], s["members"]] for s in made] == suggestions  # all members are shown here
+    assert f"{len(made)} supernodes made from {len(suggestions)} suggestions" in page.inner_text("#clt-status")
+    assert _markers(page) == before - sum(len(m) - 1 for _, m in suggestions)
     assert page.errors == []
 
 
