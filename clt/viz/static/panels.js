@@ -73,7 +73,7 @@ var CLT = window.CLT = window.CLT || {};
       part[1].forEach(function (pair) {
         var li = el('li');
         li.appendChild(el('span', 'clt-name clt-tok', shown(pair[0])));
-        li.appendChild(el('span', 'clt-w ' + part[2], pair[1].toFixed(3)));
+        li.appendChild(el('span', 'clt-w ' + part[2], pair[1].toPrecision(3)));
         list.appendChild(li);
       });
       if (!part[1].length) { list.appendChild(el('li', 'clt-muted', '—')); }
@@ -132,7 +132,7 @@ var CLT = window.CLT = window.CLT || {};
       li.appendChild(el('span', 'clt-name', CLT.nodeName(app, row[0])));
       if (row[1] !== null) {
         li.dataset.weight = String(row[1]);
-        li.appendChild(el('span', 'clt-w ' + (row[1] > 0 ? 'clt-pos' : 'clt-neg'), row[1].toFixed(4)));
+        li.appendChild(el('span', 'clt-w ' + (row[1] > 0 ? 'clt-pos' : 'clt-neg'), row[1].toPrecision(3)));
       }
       li.addEventListener('click', function () { app.select(row[0]); });
       ul.appendChild(li);
