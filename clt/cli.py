@@ -170,10 +170,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    """Attribution graph of a prompt (JSON + interactive HTML).
+    """Attribution graph of a prompt (JSON + interactive HTML page).
 
     Build the attribution graph of a prompt through the replacement model, prune it, score it and
-    write graph.json, graph.html (open it in a browser, offline) and neuronpedia.json.
+    write graph.json, graph.html (the graph page: open it in a browser, offline) and neuronpedia.json;
+    with --store, cards.json with the cards of the page's features, embedded in the page.
     """
     from clt.config.attribution import AttributionConfig
     from clt.pipeline import load_transcoder, run_attribution
@@ -189,6 +190,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
         store=_open_store(args.store, "for feature labels"),
+        labeller=args.labeller,
         device=args.device,
     )
     print(result.summary())
@@ -216,6 +218,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         cache=out / "cards.json",
         figures_dir=out,
         n_figures=args.figures,
+        labeller=args.labeller,
     )
     for card in list(cards.values())[: args.figures]:
         print(f"{card.key}: density {card.density:.4f}, max {card.max_activation:.3g}, label [{card.label}]")
@@ -227,12 +230,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the default model, offline.
 
     Extract activations of the default model, train a transcoder, build an attribution graph and
-    write it as HTML.
+    write it as the graph page (HTML) with the cards of its features.
     """
     from clt.pipeline import run_demo
 
     result = run_demo(
-        **_options(args, "output_dir", "model", "max_tokens", "num_features", "training_steps", "batch_size")
+        **_options(
+            args, "output_dir", "model", "max_tokens", "num_features", "training_steps", "batch_size", "labeller"
+        )
     )
     print(result.summary())
     return 0
@@ -251,6 +256,12 @@ def _subcommand(
     )
     parser.set_defaults(func=func)
     return parser
+
+
+_LABELLER_HELP = (
+    "label features with a local transformers causal LM (an alias, hub id or folder) instead of the offline "
+    "rule (tokens over-represented in the top contexts, and the top promoted token)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.98,
         help="keep edges holding this fraction of influence (default: 0.98)",
     )
+    attribute.add_argument("--labeller", help=_LABELLER_HELP)
     attribute.add_argument("--config", help="YAML/JSON file of attribution options")
     add_config_arguments(attribute, AttributionConfig)
 
@@ -330,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--max-tokens", type=int, help="store tokens to scan (default: all)")
     features.add_argument("--figures", type=int, default=10, help="HTML cards to write (default: 10)")
     features.add_argument("--output-dir", default="runs/features", help="folder for cards.json and HTML cards")
+    features.add_argument("--labeller", help=_LABELLER_HELP)
 
     demo = _subcommand(sub, cmd_demo)
     demo.add_argument("--output-dir", default="runs/demo", help="folder for the store, transcoder and graph")
@@ -338,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-features", type=int, default=64, help="CLT features per layer (default: 64)")
     demo.add_argument("--training-steps", type=int, default=600, help="training steps (default: 600)")
     demo.add_argument("--batch-size", type=int, default=128, help="tokens per training step (default: 128)")
+    demo.add_argument("--labeller", help=_LABELLER_HELP)
     return parser
 
 

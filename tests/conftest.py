@@ -124,6 +124,19 @@ def chromium() -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def browser(chromium):
+    """A headless Chromium driven by Playwright (real clicks and keys), launched from the system's
+    Chromium (no `playwright install`); skipped when Playwright is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the `test` extra)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
+        yield browser
+        browser.close()
+
+
 _MARKER_PROBE = """<script>
 window.addEventListener('load', function () { setTimeout(function () {
   var pre = document.createElement('pre');

@@ -137,3 +137,28 @@ INT8_HALF_STEP = (1 + 256 * FP32_STEP) / 2
 """Largest |x − decoded| of the store's int8 codes, in steps absmax/127: with s = fl(absmax/127),
 code = round(fl(x/s)) and decoded = fl(code·s), |x/s − code| ≤ 1/2 + 127u and |code·s − decoded| ≤
 127 s u, so |x − decoded| ≤ s (1/2 + 254u) ≤ (absmax/127)(1 + u)(1/2 + 254u) < (absmax/127)(1 + 512u)/2."""
+
+
+def hand_graph(features: list[list[int]], n_layers: int, n_tokens: int, edges: dict[tuple[int, int], float]) -> Any:
+    """A hand-built graph with the given feature nodes (layer, pos, feature), one logit of probability 1, and
+    adjacency[target, source] = edges[(target, source)]."""
+    from clt.attribution import Graph
+    from clt.config.attribution import AttributionConfig
+
+    n = len(features) + n_layers * n_tokens + n_tokens + 1
+    adjacency = torch.zeros(n, n)
+    for (target, source), weight in edges.items():
+        adjacency[target, source] = weight
+    return Graph(
+        prompt="a b",
+        token_ids=list(range(n_tokens)),
+        tokens=[f"t{i}" for i in range(n_tokens)],
+        features=torch.tensor(features, dtype=torch.long).view(-1, 3),
+        activations=torch.ones(len(features)),
+        adjacency=adjacency,
+        logit_token_ids=[7],
+        logit_tokens=["x"],
+        logit_probabilities=torch.tensor([1.0]),
+        n_layers=n_layers,
+        config=AttributionConfig(),
+    )

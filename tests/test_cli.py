@@ -184,7 +184,19 @@ def _check_demo_graph(out, text, rendered_node_markers):
     assert rendered_node_markers(html) == int(prune(graph).node_mask.sum())
     summary = json.loads((out / "demo_summary.json").read_text())["attribution"]
     assert 0 < summary["replacement_score"] <= 1 and 0 < summary["completeness_score"] <= 1
-    assert list((out / "attribution").glob("feature_*.html"))
+    # the cards of the page's features are in cards.json and inside the page (not separate HTML files)
+    import re
+
+    from clt.interp import FeatureCards
+
+    cards = FeatureCards.load(out / "attribution" / "cards.json")
+    page = re.search(r'<script type="application/json" id="clt-data">(.*?)</script>', html.read_text(), re.DOTALL)
+    nodes = json.loads(page.group(1))["nodes"]
+    columns = zip(nodes["kind"], nodes["layer"], nodes["feature"])
+    on_page = {f"{layer}/{feature}" for kind, layer, feature in columns if kind == "f"}
+    assert cards and summary["n_cards"] == len(cards) and on_page <= set(cards)
+    assert all(card for kind, card in zip(nodes["kind"], nodes["card"]) if kind == "f")
+    assert summary["labels"]["n"] == min(20, len(cards)) and "labels of the" in text
 
 
 @pytest.mark.slow
@@ -247,19 +259,27 @@ def test_attribute_end_to_end(trained_run, tmp_path, capsys):
     assert (out / "neuronpedia.json").is_file() and (out / "cards.json").is_file()
 
 
-def test_features_end_to_end(trained_run, tmp_path, capsys):
-    out = tmp_path / "cards"
-    run_clt(
-        "features --features 0:1,2:3 --figures 2",
-        transcoder=trained_run,
-        store=trained_run / "store",
-        output_dir=out,
-    )
-    assert "2 feature cards" in capsys.readouterr().out
+def _features(trained_run, out, options):
+    """Run `clt features` on the trained run and read the cards it wrote."""
+    run_clt(f"features {options}", transcoder=trained_run, store=trained_run / "store", output_dir=out)
     from clt.interp import FeatureCards
 
-    assert sorted(FeatureCards.load(out / "cards.json")) == ["0/1", "2/3"]
+    return FeatureCards.load(out / "cards.json")
+
+
+def test_features_end_to_end(trained_run, tmp_path, capsys):
+    out = tmp_path / "cards"
+    cards = _features(trained_run, out, "--features 0:1,2:3 --figures 2")
+    assert "2 feature cards" in capsys.readouterr().out
+    assert sorted(cards) == ["0/1", "2/3"]
     assert (out / "feature_0_1.html").is_file() and (out / "feature_2_3.html").is_file()
+
+
+def test_features_with_an_llm_labeller(trained_run, tmp_path):
+    from clt.interp import llm_labeller
+
+    card = _features(trained_run, tmp_path / "cards", "--features 0:1 --figures 0 --labeller tiny-llama").card(0, 1)
+    assert card.label == llm_labeller("tiny-llama")(card)  # greedy: the model's answer, not the rule's
 
 
 @pytest.mark.parametrize(

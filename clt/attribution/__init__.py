@@ -2,6 +2,7 @@
 
 from clt.attribution.attribute import attribute
 from clt.attribution.graph import Graph, GraphFileError, Node
+from clt.attribution.groups import suggest_supernodes
 from clt.attribution.interop import (
     from_circuit_tracer_dict,
     load_circuit_tracer_graph,
@@ -17,8 +18,10 @@ from clt.attribution.prune import (
     node_influence,
     prune,
     replacement_score,
+    subgraph_scores,
 )
 from clt.attribution.replacement import PromptState, ReplacementModel
+from clt.attribution.state import GraphState, GraphStateError, Supernode
 from clt.config.attribution import AttributionConfig
 from clt.nnsight.splice import TranscoderMismatchError
 
@@ -26,12 +29,15 @@ __all__ = [
     "AttributionConfig",
     "Graph",
     "GraphFileError",
+    "GraphState",
+    "GraphStateError",
     "Intervention",
     "InterventionResult",
     "Node",
     "PromptState",
     "PruneResult",
     "ReplacementModel",
+    "Supernode",
     "TranscoderMismatchError",
     "attribute",
     "completeness_score",
@@ -43,6 +49,8 @@ __all__ = [
     "node_influence",
     "prune",
     "replacement_score",
+    "subgraph_scores",
+    "suggest_supernodes",
     "to_circuit_tracer_dict",
     "to_neuronpedia_json",
 ]

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import networkx as nx
     import pandas as pd
 
+    from clt.attribution.state import GraphState
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "clt.attribution.Graph"
@@ -286,6 +288,13 @@ class Graph:
         except json.JSONDecodeError as err:
             raise GraphFileError(f"{path} is not valid JSON ({err}); it may be truncated") from err
         return cls.from_dict(data)
+
+    def load_state(self, source: str | Path | dict[str, Any]) -> GraphState:
+        """The graph page's saved state (a JSON file, a page URL or its ``#state=`` fragment, or a
+        dict), checked against this graph's node ids (`clt.attribution.state`)."""
+        from clt.attribution.state import GraphState
+
+        return GraphState.read(source).check(self)
 
     def to_neuronpedia_json(self, path: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
         """Pruned graph in the Neuronpedia frontend's JSON schema (`clt.attribution.neuronpedia`)."""

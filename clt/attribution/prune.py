@@ -13,10 +13,23 @@ nodes), a node's influence is w·(Â + Â² + …) = w·((I − Â)⁻¹ − I),
 
 Every function takes a dense or a sparse adjacency (`clt.attribution.adjacency`); the edge mask of
 a sparse graph is a sparse bool tensor of the kept edges.
+
+Scores (`graph_scores`): the replacement score is token influence / (token + error influence); the
+completeness score Σ (1 − error fraction of a node's row) · (influence + w) / Σ (influence + w).
+
+Scores of a node set (`subgraph_scores(graph, nodes)`): `graph_scores` of the graph in which every
+feature node not in `nodes` is merged into the error node of its layer and position: its outgoing
+edges are added to that error node's (A[:, e] += A[:, f]) and its own row and column are zeroed.
+Error, token and logit nodes stay what they are (listing them changes nothing). Merging is
+order-free, so merging some features first (as the graph page does for the features it does not
+show) and the rest later gives the same matrix. Computed in float64 on the unpruned graph; with
+every feature listed it equals `graph_scores` (up to float32 rounding there); a sparse graph is made
+dense for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -29,6 +42,7 @@ from clt.attribution.adjacency import (
     normalize_rows,
     same_layout,
     scale_rows,
+    to_dense,
     vector_matrix,
 )
 from clt.attribution.graph import Graph
@@ -117,45 +131,90 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     return PruneResult(node_mask, edge_mask, cumulative)
 
 
+def scores_of(adjacency: Tensor, logit_weights: Tensor, errors: slice, tokens: slice) -> tuple[float, float]:
+    """(replacement, completeness) score of an adjacency whose error and token nodes are the given slices."""
+    normalized = normalize_rows(adjacency)
+    node_scores = influence(normalized, logit_weights)
+    token_influence = node_scores[tokens].sum()
+    error_influence = node_scores[errors].sum()
+    output_influence = node_scores + logit_weights
+    non_error = 1 - _error_fraction(normalized, errors)
+    completeness = (non_error * output_influence).sum() / output_influence.sum()
+    return float(token_influence / (token_influence + error_influence)), float(completeness)
+
+
 def replacement_score(graph: Graph) -> float:
     """Token influence / (token influence + error influence) on the logits (1: no error paths)."""
-    node_scores = node_influence(graph.adjacency, graph.logit_weights())
-    tokens = node_scores[graph.token_slice].sum()
-    errors = node_scores[graph.error_slice].sum()
-    return float(tokens / (tokens + errors))
+    return graph_scores(graph)[0]
 
 
 def completeness_score(graph: Graph) -> float:
     """Σ (1 − error fraction of a node's inputs) · (influence + logit weight) / Σ (influence + weight)."""
-    normalized = normalize_rows(graph.adjacency)
-    weights = graph.logit_weights()
-    output_influence = influence(normalized, weights) + weights
-    non_error = 1 - _error_fraction(normalized, graph)
-    return float((non_error * output_influence).sum() / output_influence.sum())
+    return graph_scores(graph)[1]
 
 
-def _error_fraction(normalized: Tensor, graph: Graph) -> Tensor:
-    """Each row's share of normalised input from error nodes [n_nodes]."""
+def _error_fraction(normalized: Tensor, errors: slice) -> Tensor:
+    """Each row's share of normalised input from the error nodes `errors` [n_nodes] (dense or sparse)."""
     if not is_sparse(normalized):
-        return normalized[:, graph.error_slice].sum(dim=-1)
+        return normalized[:, errors].sum(dim=-1)
     rows, cols, values = entries(normalized)
-    errors = (cols >= graph.error_slice.start) & (cols < graph.error_slice.stop)
-    return torch.zeros(graph.n_nodes, dtype=values.dtype).index_add_(0, rows[errors], values[errors])
+    from_errors = (cols >= errors.start) & (cols < errors.stop)
+    return torch.zeros(normalized.shape[0], dtype=values.dtype).index_add_(0, rows[from_errors], values[from_errors])
 
 
 def graph_scores(graph: Graph) -> tuple[float, float]:
     """(replacement score, completeness score) of an unpruned graph."""
-    return replacement_score(graph), completeness_score(graph)
+    return scores_of(graph.adjacency, graph.logit_weights(), graph.error_slice, graph.token_slice)
+
+
+def feature_indices(graph: Graph, nodes: Iterable[int | str]) -> Tensor:
+    """Sorted indices of the feature nodes among `nodes` (node indices or ids; other kinds are left out)."""
+    indices = {graph.node_index(n) if isinstance(n, str) else int(n) for n in nodes}
+    for index in indices:
+        if not 0 <= index < graph.n_nodes:
+            raise IndexError(f"node index {index} is out of range [0, {graph.n_nodes})")
+    return torch.tensor(sorted(i for i in indices if i < graph.n_features), dtype=torch.long)
+
+
+def error_nodes_of(graph: Graph, features: Tensor) -> Tensor:
+    """Index of the error node at each feature's layer and position."""
+    return graph.error_slice.start + graph.features[features, 0] * graph.n_tokens + graph.features[features, 1]
+
+
+def merged_rows(graph: Graph, rows: Tensor, merged: Tensor) -> Tensor:
+    """Rows `rows` [r, n_nodes] (float64) of the adjacency with the features `merged` merged into
+    their error nodes (module docstring)."""
+    block = to_dense(graph.adjacency)[rows].double()
+    if merged.numel():
+        block.index_add_(1, error_nodes_of(graph, merged), block[:, merged])
+        block[:, merged] = 0
+        block[torch.isin(rows, merged)] = 0
+    return block
+
+
+def subgraph_scores(graph: Graph, nodes: Iterable[int | str]) -> tuple[float, float]:
+    """(replacement, completeness) score of the subgraph of `nodes` (ids or indices): every feature
+    not among them is merged into its error node (module docstring); float64."""
+    kept = torch.zeros(graph.n_features, dtype=torch.bool)
+    kept[feature_indices(graph, nodes)] = True
+    merged = (~kept).nonzero().squeeze(1)
+    adjacency = merged_rows(graph, torch.arange(graph.n_nodes), merged)
+    return scores_of(adjacency, graph.logit_weights().double(), graph.error_slice, graph.token_slice)
 
 
 __all__ = [
     "PruneResult",
     "completeness_score",
     "edge_influence",
+    "error_nodes_of",
+    "feature_indices",
     "graph_scores",
     "influence",
+    "merged_rows",
     "node_influence",
     "normalize_rows",
     "prune",
     "replacement_score",
+    "scores_of",
+    "subgraph_scores",
 ]

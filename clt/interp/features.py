@@ -4,8 +4,9 @@ One pass over an activation store (in store order) keeps, for every feature, its
 activations and where they occurred, its firing density and a histogram of its positive
 activations; a card then adds the context around each top activation (tokens from the store's
 token ids, the feature's activation on each of them), the output tokens its decoder promotes and
-suppresses through the unembedding, and a short automatic label. A `labeller` callable (e.g. an
-LLM) can replace the automatic label.
+suppresses through the unembedding, and a short automatic label (`clt.interp.labels`: terms
+over-represented in the top contexts relative to the corpus, and the top promoted token; no two
+cards built together share one). A `labeller` callable (e.g. `llm_labeller`) can replace it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clt.files import atomic_write_text
+from clt.interp.labels import LABEL_RULE, TermCounts, label_cards
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.store import ActivationStore
 
@@ -67,7 +68,7 @@ class FeatureCard:
     bottom_logits: list[tuple[str, float]]
     """Output tokens it suppresses most."""
     label: str = ""
-    """A short description: automatic (characteristic tokens) unless a labeller gave one."""
+    """A short description: automatic (`clt.interp.labels`) unless a labeller gave one."""
 
     @property
     def key(self) -> str:
@@ -228,15 +229,6 @@ def _quantiles(histogram: torch.Tensor, edges: torch.Tensor) -> dict[str, float]
     return out
 
 
-def auto_label(card: FeatureCard, n: int = 3) -> str:
-    """The tokens the feature fires on most (by summed top activation), e.g. `"def | class | lambda"`."""
-    weights: Counter[str] = Counter()
-    for context in card.contexts:
-        weights[context.tokens[context.focus].strip() or repr(context.tokens[context.focus])] += context.activation
-    tokens = [t for t, _ in weights.most_common(n)]
-    return " | ".join(tokens) if tokens else "(never fires)"
-
-
 def output_logit_effects(
     transcoder: CrossLayerTranscoder, unembedding: torch.Tensor, final_norm_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -289,7 +281,7 @@ def build_feature_cards(
             f"the store has {store.num_layers} layers × d_model {store.d_model} but the transcoder "
             f"expects {cfg.num_layers} × {cfg.d_model}: use the store it was trained on"
         )
-    source = fingerprint(transcoder, store, max_tokens, top_k, context, n_logits, unembedding is not None)
+    source = fingerprint(transcoder, store, max_tokens, top_k, context, n_logits, unembedding is not None, LABEL_RULE)
     cached = FeatureCards.load(cache) if cache is not None and Path(cache).is_file() else FeatureCards()
     if cached and cached.source != source:
         logger.warning("%s holds cards of another transcoder or store; rebuilding them", cache)
@@ -315,6 +307,7 @@ def build_feature_cards(
             output_logit_effects(transcoder, unembedding, final_norm_weight) if unembedding is not None else None
         )
         inputs_cache: dict[int, torch.Tensor] = {}
+        built: list[FeatureCard] = []
         for layer, feature in tqdm(todo, desc="feature cards", disable=not progress):
             card = _card(
                 transcoder,
@@ -330,8 +323,12 @@ def build_feature_cards(
                 n_logits,
                 inputs_cache,
             )
-            card.label = labeller(card) if labeller is not None else auto_label(card)
+            if labeller is not None:
+                card.label = labeller(card)
             cached[card.key] = card
+            built.append(card)
+        if labeller is None:
+            label_cards(built, TermCounts.from_ids(token_ids, window_ids, lambda i: tokenizer.decode([i])))
         if cache is not None:
             cached.save(cache)
     out = FeatureCards((f"{lay}/{f}", cached[f"{lay}/{f}"]) for lay, f in wanted)

@@ -12,7 +12,7 @@ from typing import Any
 from clt.config.constants import DEFAULT_MODEL
 from clt.config.extraction import ExtractionConfig
 from clt.files import atomic_write_text
-from clt.pipeline.attribution import AttributionResult, run_attribution, run_features
+from clt.pipeline.attribution import AttributionResult, run_attribution
 from clt.pipeline.train import TrainingResult, run_extraction, run_training
 from clt.store import ActivationStore
 
@@ -79,10 +79,12 @@ def run_demo(
     training_steps: int = 600,
     batch_size: int = 128,
     prompt: str = DEMO_PROMPT,
+    labeller: Any = None,
     progress: bool = True,
 ) -> DemoResult:
     """The end-to-end demo: extract a store of all layers, train a CLT on it, evaluate it, and write
-    the attribution graph of `prompt` as HTML with feature cards."""
+    the attribution graph of `prompt` as its HTML page with the cards of its features (labelled by
+    `labeller`: a callable or a local causal LM's name; default the offline rule)."""
     from clt.config.training import TrainingConfig
     from clt.config.transcoder import CLTConfig
 
@@ -103,19 +105,14 @@ def run_demo(
     timings["train+evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     attribution = run_attribution(
-        trained.transcoder, prompt, model=model, output_dir=output_dir / "attribution", store=store, progress=progress
+        trained.transcoder,
+        prompt,
+        model=model,
+        output_dir=output_dir / "attribution",
+        store=store,
+        labeller=labeller,
+        progress=progress,
     )
-    if attribution.cards:
-        run_features(
-            trained.transcoder,
-            store,
-            model=model,
-            features=[(c.layer, c.feature) for c in attribution.cards.values()],
-            cache=output_dir / "attribution" / "cards.json",
-            figures_dir=output_dir / "attribution",
-            n_figures=3,
-            progress=progress,
-        )
     timings["attribute"] = time.perf_counter() - start
     result = DemoResult(output_dir, store, trained, attribution, timings)
     atomic_write_text(json.dumps(result.as_dict(), indent=1), output_dir / "demo_summary.json")

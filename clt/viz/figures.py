@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clt.files import atomic_write_text
-from clt.viz.graph import token_label
+from clt.viz.text import token_label
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go

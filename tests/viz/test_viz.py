@@ -191,20 +191,6 @@ def test_tokens_are_escaped(graph, tmp_path):
     assert all(SCRIPT not in h for t in fig.data if t.meta == NODE_META for h in t.hovertext)
 
 
-def test_click_script_data(graph, pruned):
-    from clt.viz.click import click_script, script_json
-    from clt.viz.graph import _build
-
-    fig, data = _build(graph, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=None)
-    group = next(g for g in data["groups"] if all(fig.data[i].visible for i in g["nodes"]))
-    links = {(s, t) for s, t, _ in group["links"]}
-    assert links == set(_nonzero_edges(graph, pruned.node_mask, pruned.edge_mask))
-    assert all(fig.data[i].meta == "highlight" for i in data["highlight"])
-    assert script_json({"t": "</script>&"}) == '{"t":"\\u003c/script\\u003e\\u0026"}'
-    assert json.loads(script_json({"t": "</script>&"})) == {"t": "</script>&"}
-    assert "{plot_id}" in click_script(data)
-
-
 @pytest.fixture(scope="module")
 def cards(tiny_llama, tmp_path_factory):
     model, tokenizer = tiny_llama
@@ -309,90 +295,6 @@ def test_training_and_layer_figures(tmp_path):
         layer_metrics_figure([0.1], [1.0, 2.0])
     out = save_figure_html(fig, tmp_path / "sub" / "layers.html")
     assert out.stat().st_size > 3_000_000 and "<script src=" not in out.read_text()
-
-
-_PROBE = """<script>
-window.__alerts = 0;
-window.alert = function () { window.__alerts++; };
-window.addEventListener('load', function () { setTimeout(function () {
-  var gd = document.querySelector('.plotly-graph-div');
-  var count = function () {
-    return document.querySelectorAll('.scatterlayer .trace.scatter path.point').length;
-  };
-  var bright = function () {
-    var ids = [];
-    gd.data.forEach(function (t) {
-      if (t.meta !== 'nodes' || t.visible === false) { return; }
-      var op = t.marker.opacity;
-      t.customdata.forEach(function (c, i) {
-        if ((Array.isArray(op) ? op[i] : op) > 0.5) { ids.push(c); }
-      });
-    });
-    return ids;
-  };
-  var out = {points: count()};
-  var trace = gd.data.find(function (t) {
-    return t.meta === 'nodes' && t.visible !== false && t.customdata.indexOf(NODE) >= 0;
-  });
-  gd.emit('plotly_click', {points: [{data: trace, customdata: NODE}]});
-  out.both = bright();
-  gd.emit('plotly_buttonclicked', {button: {label: 'upstream'}});
-  out.up = bright();
-  gd.emit('plotly_doubleclick');
-  out.reset = bright().length;
-  out.alerts = window.__alerts;
-  out.tick = document.querySelectorAll('.xtick text')[2].textContent;
-  var pre = document.createElement('pre');
-  pre.id = 'probe';
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-}, 500); });
-</script>"""
-
-
-def test_page_in_headless_chromium(graph, pruned, tmp_path, chromium):
-    import re
-    import subprocess
-
-    from clt.viz import graph_html
-
-    browser = chromium
-    tokens = list(graph.tokens)
-    tokens[2] = SCRIPT
-    evil = dataclasses.replace(graph, tokens=tokens)
-    small = evil.to_networkx(pruned.node_mask, pruned.edge_mask)
-    node = next(
-        n
-        for n, kind in small.nodes(data="kind")
-        if kind == "feature" and nx.ancestors(small, n) and nx.descendants(small, n)
-    )
-    page = graph_html(evil, node_threshold=NODE_T, edge_threshold=EDGE_T, max_edges=None)
-    path = tmp_path / "page.html"
-    path.write_text(page.replace("</head>", _PROBE.replace("NODE", json.dumps(node)) + "</head>"))
-    dom = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            path.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    ).stdout
-    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
-    assert found, "the probe did not run"
-    result = json.loads(html.unescape(found.group(1)))
-    assert result["points"] == int(pruned.node_mask.sum())
-    up = nx.ancestors(small, node) | {node}
-    assert set(result["both"]) == up | nx.descendants(small, node)
-    assert set(result["up"]) == up
-    assert result["reset"] == result["points"]
-    assert result["alerts"] == 0 and result["tick"] == SCRIPT
 
 
 def test_edge_cap_keeps_the_most_influential_edges(graph):
