@@ -22,6 +22,7 @@ from clt.config.base import ConfigError
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.config.constants import DEFAULT_MODEL
 from clt.config.extraction import ExtractionConfig
+from clt.config.recipes import recipe
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 
@@ -88,7 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     Train a transcoder on an activation store (--store), or extract one first from --model over
     --dataset. Accepts the flags of the original train_clt.py; --config reads a YAML file with
-    sections extraction:, transcoder:, training: (see experiments/). Several processes:
+    sections extraction:, transcoder:, training: (see experiments/). With neither --config nor --store,
+    the default model is trained with its recipe (experiments/configs/smollm2_recipe.yaml: streamed
+    from the live model); options given override it. Several processes:
     `torchrun --nproc_per_node N -m clt.cli train --store FOLDER --parallel data|features ...`
     (see experiments/configs/).
     """
@@ -98,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     unknown = set(values) - set(TRAIN_DEFAULTS)
     if unknown:
         raise ConfigError(f"{args.config}: unknown sections {sorted(unknown)}; use extraction:, transcoder:, training:")
-    section = {name: {**TRAIN_DEFAULTS[name], **(values.get(name) or {})} for name in TRAIN_DEFAULTS}
+    defaults = _train_defaults(args)
+    section = {name: {**defaults[name], **(values.get(name) or {})} for name in TRAIN_DEFAULTS}
     training = config_from_args(TrainingConfig, args, section["training"])
     options = _options(args, "model", "max_tokens", "layers", "context_length", "model_dtype")
     store_dir = str(Path(training.output_dir) / "store")
@@ -119,6 +123,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.reconstruction is not None:  # rank 0 (or the only process) reports
         print(result.summary())
     return 0
+
+
+def _train_defaults(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The base of `clt train`'s settings: the model's recipe (`clt.config.recipes`) when neither a
+    config file nor a store is given, else the original train_clt.py's defaults."""
+    found = recipe(args.model or DEFAULT_MODEL) if args.config is None and args.store is None else None
+    if found is None:
+        return TRAIN_DEFAULTS
+    logger.info("no --config or --store: training with the recipe of %s", args.model or DEFAULT_MODEL)
+    return found
 
 
 def _open_store(path: str | None, what: str) -> Any:
@@ -229,8 +243,9 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the default model, offline.
 
-    Extract activations of the default model, train a transcoder, build an attribution graph and
-    write it as the graph page (HTML) with the cards of its features.
+    Train a transcoder with the default model's recipe, streamed from the live model (shortened to
+    300 steps), evaluate it on held-out text, extract a small store for its feature cards, build an
+    attribution graph and write it as the graph page (HTML) with the cards of its features.
     """
     from clt.pipeline import run_demo
 
@@ -346,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = _subcommand(sub, cmd_demo)
     demo.add_argument("--output-dir", default="runs/demo", help="folder for the store, transcoder and graph")
-    demo.add_argument("--max-tokens", type=int, default=20_000, help="tokens to extract (default: 20000)")
+    demo.add_argument(
+        "--max-tokens", type=int, default=8_000, help="tokens to extract for the feature cards (default: 8000)"
+    )
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias or path (default: {DEFAULT_MODEL})")
-    demo.add_argument("--num-features", type=int, default=64, help="CLT features per layer (default: 64)")
-    demo.add_argument("--training-steps", type=int, default=600, help="training steps (default: 600)")
-    demo.add_argument("--batch-size", type=int, default=128, help="tokens per training step (default: 128)")
+    demo.add_argument("--num-features", type=int, help="transcoder features per layer (default: the recipe's)")
+    demo.add_argument("--training-steps", type=int, help="training steps (default: 300)")
+    demo.add_argument("--batch-size", type=int, help="tokens per training step (default: the recipe's)")
     demo.add_argument("--labeller", help=_LABELLER_HELP)
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -323,3 +324,40 @@ def test_attribute_reads_the_yaml_config(trained_run, tmp_path):
 
     graph = Graph.load(out / "graph.json")
     assert graph.config.max_feature_nodes == 4096 and graph.config.max_n_logits == 2
+
+
+def test_train_without_config_or_store_uses_the_default_models_recipe(monkeypatch, tmp_path):
+    """`clt train` alone trains the default model with its recipe, options override it, and the
+    recipe file in experiments/configs/ is the same recipe."""
+    import yaml
+
+    from clt import cli, pipeline
+    from clt.config.recipes import recipe
+
+    seen = {}
+
+    def capture(extraction, transcoder, training, store_path=None):
+        seen.update(extraction=extraction, transcoder=transcoder, training=training)
+        return _NoReport()
+
+    monkeypatch.setattr(pipeline, "run_training", capture)
+    assert cli.main(["train", "--learning-rate", "0.005", "--output-dir", str(tmp_path)]) == 0
+    expected = recipe()
+    assert seen["training"].stream and seen["training"].learning_rate == 0.005
+    assert seen["training"].training_steps == expected["training"]["training_steps"]
+    for name, value in expected["transcoder"].items():
+        assert getattr(seen["transcoder"], name) == value, name
+    assert seen["extraction"].corpus == expected["extraction"]["corpus"]
+    file = Path(__file__).parents[1] / "experiments" / "configs" / "smollm2_recipe.yaml"
+    assert yaml.safe_load(file.read_text()) == expected
+
+    seen.clear()
+    assert cli.main(["train", "--model", "tiny-gpt2", "--output-dir", str(tmp_path)]) == 0
+    assert not seen["training"].stream
+    assert seen["transcoder"].num_features == cli.TRAIN_DEFAULTS["transcoder"]["num_features"]
+
+
+class _NoReport:
+    """A training result that reports nothing (as on a rank other than 0)."""
+
+    reconstruction = None

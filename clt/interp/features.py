@@ -336,17 +336,24 @@ def build_feature_cards(
     return out
 
 
+_CACHED_SHARDS = 8
+"""Store shards of inputs `_row_inputs` keeps in memory between calls (least recently used dropped)."""
+
+
 def _row_inputs(store: ActivationStore, rows: torch.Tensor, cache: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Inputs [len(rows), L, d] at global store rows."""
+    """Inputs [len(rows), L, d] (float32) at global store rows, reading each shard once."""
     starts = torch.tensor([0] + list(store.shard_sizes)).cumsum(0)
-    out = []
-    for row in rows.tolist():
-        shard = int(torch.searchsorted(starts, torch.tensor(row), right=True)) - 1
+    shards = torch.searchsorted(starts, rows, right=True) - 1
+    out = torch.empty(len(rows), store.num_layers, store.d_model)
+    for shard in shards.unique().tolist():
         if shard not in cache:
-            cache.clear()
+            while len(cache) >= _CACHED_SHARDS:
+                cache.pop(next(iter(cache)))
             cache[shard] = store.shard(shard)["inputs"]
-        out.append(cache[shard][row - int(starts[shard])].float())
-    return torch.stack(out)
+        cache[shard] = cache.pop(shard)  # most recently used last
+        here = shards == shard
+        out[here] = cache[shard][rows[here] - int(starts[shard])].float()
+    return out
 
 
 @torch.no_grad()
@@ -364,16 +371,21 @@ def _card(
     n_logits: int,
     inputs_cache: dict[int, torch.Tensor],
 ) -> FeatureCard:
-    contexts = []
+    spans = []  # (value, row, rows of its context window)
     for value, row in zip(scan.top_values[layer, feature].tolist(), scan.top_rows[layer, feature].tolist()):
         if row < 0 or value <= 0:
             continue
         lo, hi = max(0, row - context), min(len(token_ids), row + context + 1)
         rows = torch.arange(lo, hi)
-        rows = rows[window_ids[rows] == window_ids[row]]
-        acts = transcoder.encode(_row_inputs(store, rows, inputs_cache))[:, layer, feature]
-        tokens = [tokenizer.decode([t]) for t in token_ids[rows].tolist()]
-        contexts.append(Context(tokens, [round(float(a), 5) for a in acts], int((rows == row).nonzero()), value))
+        spans.append((value, row, rows[window_ids[rows] == window_ids[row]]))
+    contexts = []
+    if spans:  # one encode of this layer for all the contexts' rows
+        every = torch.cat([rows for _, _, rows in spans])
+        acts = transcoder.encode_layer(_row_inputs(store, every, inputs_cache), layer)[:, feature]
+        for (value, row, rows), span_acts in zip(spans, acts.split([len(r) for _, _, r in spans])):
+            tokens = [tokenizer.decode([t]) for t in token_ids[rows].tolist()]
+            activations = [round(float(a), 5) for a in span_acts]
+            contexts.append(Context(tokens, activations, int((rows == row).nonzero()), value))
     top, bottom = [], []
     if logit_effects is not None:
         effects = logit_effects[layer, feature]

@@ -213,6 +213,22 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         """Feature activations [..., L, F] of raw inputs x [..., L, d]."""
         return self.activate(self.preactivations(x))
 
+    def encode_layer(self, x: Tensor, layer: int) -> Tensor:
+        """Feature activations [..., F] of layer `layer` from raw inputs x [..., L, d] (only that
+        layer's are read): `encode(x)[..., layer, :]` at inference (BatchTopK: its threshold) at 1/L
+        of the cost, for code that needs one layer's features (feature cards)."""
+        self._check_shape(x, self.cfg.d_model, "d_model", "inputs x")
+        if not 0 <= layer < self.cfg.num_layers:
+            raise IndexError(f"layer {layer} is out of range [0, {self.cfg.num_layers})")
+        x_std = self._standardise(x[..., layer, :], self.input_mean[layer], self.input_std[layer])
+        z = nn.functional.linear(x_std, self.W_enc[layer], self.b_enc[layer])
+        act = self.cfg.activation_fn
+        if act == "topk":
+            return topk(z, self.cfg.topk)
+        if act == "batchtopk" and self.training:
+            raise ValueError("encode_layer uses BatchTopK's inference threshold: call .eval() first")
+        return torch.where(z > self.threshold[layer].to(z.dtype), z, torch.zeros((), dtype=z.dtype))
+
     def uses_sparse_decode(self, features: Tensor | None = None) -> bool:
         """Whether the TopK/BatchTopK sparse path is on (cfg.sparse_decode): the decoder gathers
         the active features' rows and the encoder's weight gradient sums only active entries.

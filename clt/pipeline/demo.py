@@ -18,10 +18,15 @@ from clt.store import ActivationStore
 
 logger = logging.getLogger(__name__)
 
-DEMO_TRANSCODER: dict[str, Any] = {"activation_fn": "batchtopk", "topk": 8, "cross_layer": True}
-"""The demo's transcoder: a CLT whose BatchTopK keeps 8 features per token and layer on average."""
-DEMO_TRAINING: dict[str, Any] = {"learning_rate": 5e-4, "checkpoint_every": 0}
-"""The demo's training options beyond size: a high learning rate for a short run."""
+DEMO_TRAINING: dict[str, Any] = {
+    "training_steps": 280,
+    "learning_rate": 2e-3,
+    "lr_warmup_steps": 25,
+    "kl_start": 0.75,
+    "checkpoint_every": 0,
+}
+"""The demo's departures from the default model's recipe (`clt.config.recipes`): a short run at a
+higher learning rate whose last quarter adds the KL term."""
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
 
@@ -74,35 +79,44 @@ def run_demo(
     output_dir: str | Path = "runs/demo",
     *,
     model: str = DEFAULT_MODEL,
-    max_tokens: int = 20_000,
-    num_features: int = 64,
-    training_steps: int = 600,
-    batch_size: int = 128,
+    max_tokens: int = 8_000,
+    num_features: int | None = None,
+    training_steps: int | None = None,
+    batch_size: int | None = None,
     prompt: str = DEMO_PROMPT,
     labeller: Any = None,
     progress: bool = True,
 ) -> DemoResult:
-    """The end-to-end demo: extract a store of all layers, train a CLT on it, evaluate it, and write
-    the attribution graph of `prompt` as its HTML page with the cards of its features (labelled by
-    `labeller`: a callable or a local causal LM's name; default the offline rule)."""
+    """The end-to-end demo: train a transcoder with the default model's recipe (streamed from the
+    live model, `DEMO_TRAINING` shortens it), evaluate it on held-out text, extract a store of
+    `max_tokens` tokens for its feature cards, and write the attribution graph of `prompt` as its
+    HTML page with the cards of its features (labelled by `labeller`: a callable or a local causal
+    LM's name; default the offline rule). None: the recipe's value."""
+    from clt.config.recipes import recipe
     from clt.config.training import TrainingConfig
     from clt.config.transcoder import CLTConfig
 
     output_dir = Path(output_dir)
+    settings = recipe(DEFAULT_MODEL)
+    sizes = {"num_features": num_features, "training_steps": training_steps, "batch_size": batch_size}
+    given = {name: value for name, value in sizes.items() if value is not None}
+    training = TrainingConfig.from_dict(
+        {**settings["training"], **DEMO_TRAINING, "output_dir": str(output_dir / "train")}
+        | {k: v for k, v in given.items() if k in TrainingConfig.field_names()}
+    )
+    transcoder = CLTConfig.from_dict(
+        {"num_layers": 1, "d_model": 1, **settings["transcoder"]}
+        | {k: v for k, v in given.items() if k in CLTConfig.field_names()}
+    )
+    stream = ExtractionConfig.from_dict({**settings["extraction"], "model": model})
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    extraction = ExtractionConfig(model=model, max_tokens=max_tokens, output_dir=str(output_dir / "store"))
-    store = run_extraction(extraction, progress=progress)
-    timings["extract"] = time.perf_counter() - start
-    start = time.perf_counter()
-    transcoder = CLTConfig(
-        num_features=num_features, num_layers=store.num_layers, d_model=store.d_model, **DEMO_TRANSCODER
-    )
-    training = TrainingConfig(
-        batch_size=batch_size, training_steps=training_steps, output_dir=str(output_dir / "train"), **DEMO_TRAINING
-    )
-    trained = run_training(extraction, transcoder, training, store=store, progress=progress)
+    trained = run_training(stream, transcoder, training, progress=progress)
     timings["train+evaluate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    extraction = stream.replace(max_tokens=max_tokens, output_dir=str(output_dir / "store"))
+    store = run_extraction(extraction, progress=progress)
+    timings["extract (for the cards)"] = time.perf_counter() - start
     start = time.perf_counter()
     attribution = run_attribution(
         trained.transcoder,

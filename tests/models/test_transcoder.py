@@ -426,3 +426,23 @@ def test_wrong_input_shapes_raise():
     with pytest.raises(ValueError, match="input_std"):
         zeros = torch.zeros(L, D)
         model.set_normalization(zeros, zeros, zeros, torch.ones(L, D))
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_encode_layer_equals_that_layer_of_encode(act):
+    """One layer's features at 1/L of the cost are the features `encode` gives that layer."""
+    torch.manual_seed(0)
+    cfg = CLTConfig(num_features=24, num_layers=3, d_model=8, activation_fn=act, topk=4)
+    clt = randomize_parameters(CrossLayerTranscoder(cfg), seed=1).eval()
+    clt.set_normalization(torch.randn(3, 8), torch.rand(3, 8) + 0.5, torch.zeros(3, 8), torch.ones(3, 8))
+    if act == "batchtopk":
+        clt.batchtopk.threshold.copy_(torch.tensor([0.1, 0.3, 0.2]))
+    x = torch.randn(5, 7, 3, 8)
+    full = clt.encode(x)
+    for layer in range(3):
+        one = clt.encode_layer(x, layer)
+        assert one.shape == (5, 7, 24)
+        torch.testing.assert_close(one, full[..., layer, :])
+    assert (full != 0).any() and (full == 0).any()  # both sides of the threshold are exercised
+    with pytest.raises(IndexError, match="out of range"):
+        clt.encode_layer(x, 3)
