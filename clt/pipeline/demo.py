@@ -20,13 +20,15 @@ logger = logging.getLogger(__name__)
 
 DEMO_TRAINING: dict[str, Any] = {
     "training_steps": 280,
-    "learning_rate": 2e-3,
+    "buffer_tokens": 16_384,
     "lr_warmup_steps": 25,
     "kl_start": 0.75,
+    "kl_windows": 1,
     "checkpoint_every": 0,
 }
-"""The demo's departures from the default model's recipe (`clt.config.recipes`): a short run at a
-higher learning rate whose last quarter adds the KL term."""
+"""The demo's departures from the default model's recipe (`clt.config.recipes`): a short run whose
+last quarter adds the KL term (on one window per step: its steps cost
+~4x the others), and a smaller buffer (a run's last buffer of tokens is forwarded, not trained on)."""
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
 
