@@ -1,0 +1,212 @@
+"""`load_dictionary`: format detection, the sparsify and SAELens readers/writers, hub ids, clear errors.
+
+The real libraries' side of the round trips is in test_formats_real.py; these run without them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import clt
+from clt.config.transcoder import CLTConfig
+from clt.files import NotAvailableOfflineError
+from clt.models import CheckpointError, CrossLayerTranscoder, UnknownFormatError
+from clt.models.dictionaries import detect_format, load_dictionary
+from clt.models.export import export_circuit_tracer
+from clt.models.perturb import randomize_parameters
+from clt.models.saelens_files import export_saelens
+from clt.models.sparsify_files import export_sparsify
+
+D, F = 8, 12
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tc(layers=(1, 3), **kw) -> CrossLayerTranscoder:
+    cfg = CLTConfig(**{"num_features": F, "num_layers": len(layers), "d_model": D, "layers": list(layers),
+                       "cross_layer": False, "topk": 3, **kw})  # fmt: skip
+    return randomize_parameters(CrossLayerTranscoder(cfg), seed=5)
+
+
+def _same(a: CrossLayerTranscoder, b: CrossLayerTranscoder) -> None:
+    x = torch.randn(6, a.cfg.num_layers, D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out_a, out_b = a(x), b(x)
+    torch.testing.assert_close(out_b.features, out_a.features, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out_b.reconstruction, out_a.reconstruction, atol=2e-6, rtol=0)
+
+
+WRITERS = {
+    "sparsify": [dict(activation_fn="topk", skip_connection=True), dict(activation_fn="topk", output_site="mlp_in")],
+    "saelens": [
+        dict(activation_fn="jumprelu", skip_connection=True),
+        dict(activation_fn="relu"),
+        dict(activation_fn="batchtopk"),
+        dict(activation_fn="topk", output_site="mlp_in"),
+        dict(activation_fn="jumprelu", output_site="mlp_in"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "fmt,kw",
+    [(fmt, kw) for fmt, kws in WRITERS.items() for kw in kws],
+    ids=lambda v: str(v) if isinstance(v, str) else "",
+)
+def test_written_dictionaries_load_back_and_compute_the_same(tmp_path, fmt, kw):
+    tc = _tc(**kw)
+    (export_sparsify if fmt == "sparsify" else export_saelens)(tc, tmp_path / "d")
+    assert detect_format(tmp_path / "d") == fmt
+    back = clt.load_dictionary(tmp_path / "d")
+    assert back.cfg.layers == [1, 3] and back.cfg.is_sae == tc.cfg.is_sae
+    assert back.cfg.skip_connection == tc.cfg.skip_connection
+    assert back.cfg.activation_fn == ("jumprelu" if kw["activation_fn"] == "batchtopk" else kw["activation_fn"])
+    _same(tc, back)
+    one = sorted(p for p in (tmp_path / "d").iterdir())[1]  # a single layer's folder loads too
+    assert load_dictionary(one).cfg.layers == [3]
+
+
+def test_every_format_is_detected(tmp_path):
+    plt = _tc(activation_fn="jumprelu")
+    plt.save_pretrained(tmp_path / "ours")
+    export_circuit_tracer(plt, tmp_path / "ct")
+    assert detect_format(tmp_path / "ours") == "clt"
+    assert detect_format(tmp_path / "ct") == "circuit-tracer"
+    _same(plt, load_dictionary(tmp_path / "ours"))
+    _same(plt, load_dictionary(tmp_path / "ct"))
+
+
+def test_unknown_folder_names_what_it_found_and_the_formats(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    (tmp_path / "cfg.json").write_text("{}")
+    with pytest.raises(UnknownFormatError) as err:
+        load_dictionary(tmp_path)
+    message = str(err.value)
+    assert "cfg.json, weights.bin" in message
+    for name in ("clt", "circuit-tracer", "sparsify", "saelens", "sae.safetensors", "sae_weights.safetensors"):
+        assert name in message
+
+
+def test_writers_refuse_what_the_format_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="TopK"):
+        export_sparsify(_tc(activation_fn="jumprelu"), tmp_path / "a")
+    with pytest.raises(ValueError, match="per-layer transcoder"):
+        export_sparsify(_tc(activation_fn="topk", cross_layer=True), tmp_path / "b")
+    with pytest.raises(ValueError, match="no TopK transcoder"):
+        export_saelens(_tc(activation_fn="topk"), tmp_path / "c")
+    export_saelens(_tc(activation_fn="relu"), tmp_path / "d")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_saelens(_tc(activation_fn="relu"), tmp_path / "d")
+
+
+def _edit_cfg(folder: Path, **changes) -> None:
+    file = folder / "cfg.json"
+    cfg = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    file.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "fmt,change,match",
+    [
+        ("sparsify", {"num_latent": 12, "num_latents": None}, "Did you mean 'num_latents'"),
+        ("sparsify", {"d_in": None}, r"lacks \['d_in'\]"),
+        ("sparsify", {"d_in": 9}, "d_in=9"),
+        ("sparsify", {"activation": "groupmax"}, "groupmax"),
+        ("saelens", {"d_sea": 12, "d_sae": None}, "Did you mean 'd_sae'"),
+        ("saelens", {"d_sae": 13}, "d_sae=13"),
+        ("saelens", {"architecture": "gated"}, "architecture 'gated' is not supported"),
+        ("saelens", {"normalize_activations": "layer_norm"}, "layer_norm"),
+        ("saelens", {"architecture": "jumprelu"}, "threshold"),
+    ],
+)
+def test_bad_cfg_json_is_named(tmp_path, fmt, change, match):
+    if fmt == "sparsify":
+        export_sparsify(_tc(activation_fn="topk", layers=(2,)), tmp_path)
+    else:
+        export_saelens(_tc(activation_fn="relu", output_site="mlp_in", layers=(2,)), tmp_path)
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    _edit_cfg(folder, **change)
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_dictionary(tmp_path)
+    assert str(folder) in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["sparsify", "saelens"])
+def test_truncated_weights_are_reported_by_name(tmp_path, fmt):
+    if fmt == "sparsify":
+        export_sparsify(_tc(activation_fn="topk", layers=(0,)), tmp_path)
+    else:
+        export_saelens(_tc(activation_fn="relu", layers=(0,)), tmp_path)
+    weights = next(tmp_path.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as err:
+        load_dictionary(tmp_path)
+    assert weights.name in str(err.value)
+
+
+def test_layers_that_differ_are_refused(tmp_path):
+    export_sparsify(_tc(activation_fn="topk", layers=(0,)), tmp_path)
+    export_sparsify(_tc(activation_fn="topk", layers=(1,), topk=2), tmp_path, overwrite=True)
+    with pytest.raises(CheckpointError, match="differ in k"):
+        load_dictionary(tmp_path)
+
+
+# ---------------------------------------------------------------- hub ids
+
+
+def _fake_cache(cache: Path, repo: str, files: Path) -> None:
+    """A Hugging Face cache entry for `repo` (models--owner--name/refs/main → snapshot) holding `files`."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in files.rglob("*"):
+        target = snapshot / path.relative_to(files)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.write_bytes(path.read_bytes())
+
+
+def test_a_cached_hub_id_resolves_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tc = _tc(activation_fn="topk", skip_connection=True, layers=(0, 1))
+    export_sparsify(tc, tmp_path / "src", hookpoint="model.layers.{}.mlp")  # EleutherAI's published layout
+    _fake_cache(tmp_path / "hub", "EleutherAI/skip-transcoder-tiny", tmp_path / "src")
+    loaded = load_dictionary("EleutherAI/skip-transcoder-tiny", cache_dir=tmp_path / "hub")
+    assert loaded.cfg.layers == [0, 1]
+    _same(tc, loaded)
+    one = load_dictionary("EleutherAI/skip-transcoder-tiny/model.layers.1.mlp", cache_dir=tmp_path / "hub")
+    assert one.cfg.layers == [1]
+
+
+@pytest.mark.parametrize("name", ["EleutherAI/not-cached", "EleutherAI/skip-transcoder-tiny/model.layers.7.mlp"])
+def test_an_absent_hub_id_says_how_to_provide_it(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export_sparsify(_tc(activation_fn="topk", layers=(0,)), tmp_path / "src", hookpoint="model.layers.{}.mlp")
+    _fake_cache(tmp_path / "hub", "EleutherAI/skip-transcoder-tiny", tmp_path / "src")
+    with pytest.raises(NotAvailableOfflineError) as err:
+        load_dictionary(name, cache_dir=tmp_path / "hub")
+    message = str(err.value)
+    assert f"dictionary '{name}' is not available offline" in message
+    assert "local folder" in message and "Hugging Face cache" in message
+
+
+def test_models_and_dictionaries_share_the_offline_message():
+    from clt.nnsight.loading import ModelNotFoundError, load_model
+
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("no-such-owner/no-such-model")
+    assert isinstance(err.value, NotAvailableOfflineError)
+    assert "model 'no-such-owner/no-such-model' is not available offline. Provide it as" in str(err.value)
