@@ -128,6 +128,12 @@ def resolve_dictionary(name_or_path: str | Path, *, cache_dir: str | Path | None
     if path.exists():
         return path
     name = HUB_ALIASES.get(str(name_or_path), str(name_or_path))
+    if path.is_absolute() or name.startswith((".", "~")) or path.suffix == ".safetensors":
+        accepted = "; ".join(f"{f.name} ({f.files})" for f in FORMATS.values())
+        raise FileNotFoundError(
+            f"no transcoder at {path}: give a folder or file of a known format ({accepted}), a `clt train` "
+            "run folder, or a hub id (owner/repo[/subfolder]) in the local Hugging Face cache"
+        )
     return cached_hub_folder(name, what="dictionary", provide=DICTIONARY_PROVIDE, cache_dir=cache_dir)
 
 

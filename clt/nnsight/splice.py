@@ -15,7 +15,9 @@ spliced run itself (the transcoder's inference rule), and its output becomes
   skip_ref = its skip term (errors held constant; uncovered MLPs keep the clean outputs).
 
 a_new are the live features, changed by `edit` where given. Positions where `keep` is true keep the
-model's own output (the clean run's under constant errors).
+model's own output (the clean run's under constant errors). A clean run with a TopK ``selection``
+[..., L, F] (`clt.attribution.topk`, 'freeze') holds TopK's choice fixed: the live features are then
+the pre-activations of the selected features and 0 elsewhere, as for the clean run itself.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class CleanRun(Protocol):
     """MLP inputs [..., M, d] of every model layer."""
     mlp_outputs: Tensor
     """MLP outputs [..., M, d] of every model layer."""
+    selection: Tensor | None
+    """TopK dictionaries: the clean run's active features [..., L, F] (bool), held fixed; or None."""
 
 
 def fitted_layout(model: nn.Module, transcoder: CrossLayerTranscoder, purpose: str, *, linear: bool) -> ModelLayout:
@@ -151,6 +155,7 @@ class _Splice:
         self.tc, self.errors, self.edit, self.keep = transcoder, errors, edit, keep
         self.live = isinstance(errors, str)
         self.clean = None if errors is None or self.live else errors
+        self.selection: Tensor | None = getattr(self.clean, "selection", None)
         self.pending: Tensor | None = None
         """Standardised decoder contributions [..., L, d] to the transcoder layers still to come."""
 
@@ -158,11 +163,12 @@ class _Splice:
         """Output of model layer m (transcoder layer i) for its live input x; `own`: its kept output."""
         tc = self.tc
         x_std = _standardised(tc, i, x)
-        a = _features(tc, i, x_std)
+        frozen = None if self.selection is None else self.selection[..., i, :]
+        a = _features(tc, i, x_std, frozen)
         a_new = a if self.edit is None else self.edit(i, a)
         ref_std = None if self.clean is None else _standardised(tc, i, self.clean.mlp_inputs[..., m, :])
         if ref_std is not None:
-            a_new = a_new - _features(tc, i, ref_std)
+            a_new = a_new - _features(tc, i, ref_std, frozen)
         elif self.live:
             a_new = a_new - a
         y_std = tc.layer_output(i, a_new, x_std) if tc.cfg.architecture == "molt" else self._decoded(i, a_new)
@@ -192,10 +198,13 @@ def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Te
     return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
 
 
-def _features(transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor) -> Tensor:
-    """Features [..., F] of transcoder layer `layer` from its standardised input [..., d]."""
+def _features(transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor, selection: Tensor | None = None) -> Tensor:
+    """Features [..., F] of transcoder layer `layer` from its standardised input [..., d]; with a frozen
+    TopK `selection` [..., F], the pre-activations of the selected features (0 elsewhere)."""
     w = transcoder
     z_l = x_std @ w.W_enc[layer].T + w.b_enc[layer]
+    if selection is not None:
+        return z_l * selection.to(z_l.dtype)
     z = z_l.new_full((*z_l.shape[:-1], w.cfg.num_layers, w.cfg.num_features), _FAR_BELOW)
     z[..., layer, :] = z_l
     return w.activate(z)[..., layer, :]
