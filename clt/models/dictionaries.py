@@ -4,7 +4,8 @@ Formats (`FORMATS`, tried in this order; `detect_format` names the one a folder 
 
 - ``clt``: this project's ``save_pretrained`` folder (``config.json`` + ``model.safetensors``), a
   `clt train` run folder (``transcoder/``) or a single ``.safetensors`` file (`clt.save`);
-- ``circuit-tracer``: transcoder sets (``layer_{i}.safetensors``) and cross-layer transcoders
+- ``circuit-tracer``: transcoder sets (``layer_{i}.safetensors``, or the files a ``config.yaml``
+  lists under ``transcoders``, ``hf://`` ones from the local cache) and cross-layer transcoders
   (``W_enc_{i}``/``W_dec_{i}.safetensors``) with ``config.yaml`` (`clt.models.export`);
 - ``sparsify``: EleutherAI sparsify's hookpoint folders (``cfg.json`` + ``sae.safetensors``, one
   folder or a folder of them; `clt.models.sparsify_files`);
@@ -20,6 +21,7 @@ for their hub repositories. Nothing is unpickled and no remote code runs.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch
 from clt.files import cached_hub_folder
 from clt.models import saelens_files, sparsify_files
 from clt.models.circuit_tracer_files import CONFIG_FILE as CT_CONFIG
-from clt.models.circuit_tracer_files import detect_kind
+from clt.models.circuit_tracer_files import PLT_KIND, detect_kind, read_config, write_config
 from clt.models.export import load_circuit_tracer
 from clt.models.saving import CheckpointError
 from clt.models.transcoder import CrossLayerTranscoder
@@ -50,7 +52,8 @@ class DictionaryFormat:
     files: str
     """What a folder of this format holds (for error messages)."""
     detect: Callable[[Path], bool]
-    load: Callable[[Path], CrossLayerTranscoder]
+    load: Callable[[Path, str | Path | None], CrossLayerTranscoder]
+    """Reads a folder (the hub cache folder as the second argument, for files it refers to)."""
 
 
 def _clt_folder(path: Path) -> Path | None:
@@ -62,7 +65,7 @@ def _clt_folder(path: Path) -> Path | None:
     return None
 
 
-def _load_clt(path: Path) -> CrossLayerTranscoder:
+def _load_clt(path: Path, cache_dir: str | Path | None = None) -> CrossLayerTranscoder:
     found = _clt_folder(path)
     assert found is not None
     return CrossLayerTranscoder.load(found) if found.is_file() else CrossLayerTranscoder.from_pretrained(found)
@@ -70,6 +73,38 @@ def _load_clt(path: Path) -> CrossLayerTranscoder:
 
 def _is_circuit_tracer(path: Path) -> bool:
     return path.is_dir() and (detect_kind(path) is not None or (path / CT_CONFIG).is_file())
+
+
+def _load_circuit_tracer(path: Path, cache_dir: str | Path | None = None) -> CrossLayerTranscoder:
+    """A circuit-tracer folder; a transcoder set whose ``config.yaml`` lists its layer files under
+    ``transcoders`` (``hf://owner/repo/file`` in the local cache, or paths) is read from those files."""
+    config = read_config(path)
+    entries = config.get("transcoders")
+    if not entries:
+        return load_circuit_tracer(path)
+    if not isinstance(entries, list) or config.get("model_kind", PLT_KIND) != PLT_KIND:
+        raise CheckpointError(f"{path / CT_CONFIG}: 'transcoders' must list one file per layer of a transcoder_set")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for m, entry in enumerate(entries):
+            file = _transcoder_file(path, str(entry), cache_dir)
+            if file.suffix != ".safetensors":
+                raise CheckpointError(
+                    f"{path / CT_CONFIG}: layer {m} is {entry}, not a .safetensors file (Gemma Scope's .npz "
+                    "transcoders are not read); save the set with circuit-tracer's to_safetensors and load that"
+                )
+            (folder / f"layer_{m}.safetensors").symlink_to(file.resolve())
+        write_config(folder, {k: v for k, v in config.items() if k != "transcoders"})
+        return load_circuit_tracer(folder)
+
+
+def _transcoder_file(folder: Path, entry: str, cache_dir: str | Path | None) -> Path:
+    if not entry.startswith("hf://"):
+        return folder / entry
+    ref, _, query = entry.removeprefix("hf://").partition("?")
+    revision = query.removeprefix("revision=") if query.startswith("revision=") else ""
+    name = ref + (f"@{revision}" if revision else "")
+    return cached_hub_folder(name, what="transcoder file", provide=DICTIONARY_PROVIDE, cache_dir=cache_dir)
 
 
 FORMATS: dict[str, DictionaryFormat] = {}
@@ -92,16 +127,19 @@ for _fmt in (
         "circuit-tracer",
         "layer_{i}.safetensors or W_enc_{i}/W_dec_{i}.safetensors, with config.yaml",
         _is_circuit_tracer,
-        load_circuit_tracer,
+        _load_circuit_tracer,
     ),
     DictionaryFormat(
         "sparsify",
         "cfg.json + sae.safetensors per hookpoint folder",
         sparsify_files.detect,
-        sparsify_files.load_sparsify,
+        lambda p, _: sparsify_files.load_sparsify(p),
     ),
     DictionaryFormat(
-        "saelens", "cfg.json + sae_weights.safetensors per SAE folder", saelens_files.detect, saelens_files.load_saelens
+        "saelens",
+        "cfg.json + sae_weights.safetensors per SAE folder",
+        saelens_files.detect,
+        lambda p, _: saelens_files.load_saelens(p),
     ),
 ):
     register_format(_fmt)
@@ -150,7 +188,7 @@ def load_dictionary(
     name = format if format is not None else detect_format(path)
     if name not in FORMATS:
         raise ValueError(f"format '{name}' is not one of {list(FORMATS)}")
-    model = FORMATS[name].load(path).eval()
+    model = FORMATS[name].load(path, cache_dir).eval()
     return model if device is None else model.to(device)
 
 

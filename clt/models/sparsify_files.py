@@ -50,7 +50,11 @@ CFG_FIELDS = (
     "transcode",
     "d_in",
 )
-"""The keys of a sparsify 1.3.3 ``cfg.json`` (SparseCoderConfig's fields and ``d_in``)."""
+"""The keys of a sparsify 1.3.3 ``cfg.json`` (SparseCoderConfig's fields and ``d_in``). Keys of
+other versions are accepted while off (false, 0, null): e.g. a later ``embed_skip: false``."""
+SPARSIFY_VERSION = "1.3.3"
+_PROVENANCE = ("lookup_max_order", "gram_table_hash")
+"""Keys of later sparsify versions that describe, not change, the computation when their switch is off."""
 DEFAULT_HOOKPOINT = "layers.{}.mlp"
 """Hookpoint of model layer m's MLP in sparsify 1.3.3 (relative to a Llama's ``base_model``;
 GPT-2: ``h.{}.mlp``)."""
@@ -88,6 +92,13 @@ def read_cfg(folder: Path) -> dict[str, Any]:
     """A coder's ``cfg.json``, checked: known keys (a typo names the closest), ``d_in`` and ``k``."""
     file = folder / CFG_FILE
     cfg = read_json_config(file, CFG_FIELDS, ("d_in", "k"), "save the coder again")
+    other = sorted(k for k, v in cfg.items() if k not in CFG_FIELDS and k not in _PROVENANCE and v)
+    if other:
+        raise CheckpointError(
+            f"{file} turns on {other}, which sparsify {SPARSIFY_VERSION} does not have (a later version's "
+            "embedding skip, n-gram lookup or cross-layer coders change what the coder computes); only "
+            f"{SPARSIFY_VERSION}'s fields are read"
+        )
     if cfg.get("activation", "topk") != "topk":
         raise CheckpointError(
             f"{file}: activation '{cfg['activation']}' has no counterpart here (only sparsify's 'topk' does)"

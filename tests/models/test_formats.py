@@ -121,6 +121,8 @@ def _edit_cfg(folder: Path, **changes) -> None:
         ("sparsify", {"d_in": None}, r"lacks \['d_in'\]"),
         ("sparsify", {"d_in": 9}, "d_in=9"),
         ("sparsify", {"activation": "groupmax"}, "groupmax"),
+        ("sparsify", {"gram_lookup": True}, r"turns on \['gram_lookup'\]"),
+        ("sparsify", {"embed_skip": False, "gram_table_hash": "x"}, None),
         ("saelens", {"d_sea": 12, "d_sae": None}, "Did you mean 'd_sae'"),
         ("saelens", {"d_sae": 13}, "d_sae=13"),
         ("saelens", {"architecture": "gated"}, "architecture 'gated' is not supported"),
@@ -135,6 +137,9 @@ def test_bad_cfg_json_is_named(tmp_path, fmt, change, match):
         export_saelens(_tc(activation_fn="relu", output_site="mlp_in", layers=(2,)), tmp_path)
     folder = next(p for p in tmp_path.iterdir() if p.is_dir())
     _edit_cfg(folder, **change)
+    if match is None:  # accepted
+        assert load_dictionary(tmp_path).cfg.layers == [2]
+        return
     with pytest.raises(CheckpointError, match=match) as err:
         load_dictionary(tmp_path)
     assert str(folder) in str(err.value)
@@ -210,3 +215,31 @@ def test_models_and_dictionaries_share_the_offline_message():
         load_model("no-such-owner/no-such-model")
     assert isinstance(err.value, NotAvailableOfflineError)
     assert "model 'no-such-owner/no-such-model' is not available offline. Provide it as" in str(err.value)
+
+
+def test_a_circuit_tracer_set_listing_hub_files_resolves_from_the_cache(tmp_path, monkeypatch):
+    """circuit-tracer's hub layout: config.yaml lists `hf://owner/repo/layer_i.safetensors` files."""
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tc = _tc(activation_fn="jumprelu", layers=(0, 1))
+    export_circuit_tracer(tc, tmp_path / "weights")
+    (tmp_path / "weights" / "config.yaml").unlink()
+    _fake_cache(tmp_path / "hub", "someone/tc-weights", tmp_path / "weights")
+    (tmp_path / "set").mkdir()
+    config = {
+        "model_kind": "transcoder_set",
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+    }
+    files = [f"hf://someone/tc-weights/layer_{m}.safetensors" for m in range(2)]
+    (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump({**config, "transcoders": files}))
+    _fake_cache(tmp_path / "hub", "someone/tc-set", tmp_path / "set")
+    loaded = load_dictionary("someone/tc-set", cache_dir=tmp_path / "hub")
+    assert loaded.cfg.layers == [0, 1] and loaded.cfg.activation_fn == "jumprelu"
+    _same(tc, loaded)
+    (tmp_path / "set" / "config.yaml").write_text(
+        yaml.safe_dump({**config, "transcoders": ["hf://someone/gone/l0.safetensors"]})
+    )
+    with pytest.raises(NotAvailableOfflineError, match="someone/gone/l0.safetensors' is not available offline"):
+        load_dictionary(tmp_path / "set", cache_dir=tmp_path / "hub")
