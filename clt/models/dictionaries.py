@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from clt.files import cached_hub_folder
+from clt.files import NotAvailableOfflineError, cached_hub_folder
 from clt.models import saelens_files, sparsify_files
 from clt.models.circuit_tracer_files import CONFIG_FILE as CT_CONFIG
 from clt.models.circuit_tracer_files import PLT_KIND, detect_kind, read_config, write_config
@@ -67,7 +67,8 @@ def _clt_folder(path: Path) -> Path | None:
 
 def _load_clt(path: Path, cache_dir: str | Path | None = None) -> CrossLayerTranscoder:
     found = _clt_folder(path)
-    assert found is not None
+    if found is None:
+        raise FileNotFoundError(f"no save_pretrained folder (config.json + model.safetensors) at {path}")
     return CrossLayerTranscoder.load(found) if found.is_file() else CrossLayerTranscoder.from_pretrained(found)
 
 
@@ -172,7 +173,10 @@ def resolve_dictionary(name_or_path: str | Path, *, cache_dir: str | Path | None
             f"no transcoder at {path}: give a folder or file of a known format ({accepted}), a `clt train` "
             "run folder, or a hub id (owner/repo[/subfolder]) in the local Hugging Face cache"
         )
-    return cached_hub_folder(name, what="dictionary", provide=DICTIONARY_PROVIDE, cache_dir=cache_dir)
+    try:
+        return cached_hub_folder(name, what="dictionary", provide=DICTIONARY_PROVIDE, cache_dir=cache_dir)
+    except NotAvailableOfflineError as err:
+        raise NotAvailableOfflineError(f"{err} (there is no local file or folder {str(path)!r} either)") from err
 
 
 def load_dictionary(

@@ -1,7 +1,7 @@
 """Per-layer dictionaries in raw activation space: the common ground of other libraries' formats.
 
-sparsify, SAELens and circuit-tracer's transcoder sets store one dictionary per model layer with
-weights that act on raw activations: ``W_enc`` [F, d] (pre-activations ``x @ W_enc.T + b_enc``),
+sparsify and SAELens (like circuit-tracer's transcoder sets) store one dictionary per model layer
+with weights that act on raw activations: ``W_enc`` [F, d] (pre-activations ``x @ W_enc.T + b_enc``),
 ``b_enc`` [F], ``W_dec`` [F, d] (output ``a @ W_dec + b_dec``), ``b_dec`` [d], and optionally
 ``W_skip`` [d, d] (adds ``x @ W_skip.T``) and a JumpReLU ``threshold`` [F]. Their readers turn
 the files into such `LayerWeights` and call `from_layers`; their writers call `to_layers`, which

@@ -134,3 +134,29 @@ def test_bad_topk_mode_and_mismatched_dictionaries_are_refused(tiny_llama):
     deep = CrossLayerTranscoder(CLTConfig(num_features=8, num_layers=1, d_model=32, cross_layer=False, layers=[5]))
     with pytest.raises(TranscoderMismatchError, match="3 layers"):
         ReplacementModel(model, deep, tokenizer)
+
+
+def test_clt_attribute_on_coders_sparsify_trained(tiny_llama, tmp_path, capsys):
+    """The acceptance run: skip transcoders trained and saved by sparsify itself (its venv) for layers 0
+    and 2 of 3; `clt attribute` on their folder gives replacement logits equal to the model's and a
+    graph that passes the row-sum oracle."""
+    from helpers import library_python, mlp_activations, run_library
+
+    python = library_python("sparsify")
+    model, tokenizer = tiny_llama
+    data = mlp_activations(model, tokenizer, tmp_path, "tiny-llama", [0, 2])
+    run_library(python, "sparsify", "train", data, tmp_path / "out", "--features", 64, "--k", 6, "--steps", 10,
+                "--variants", "skip")  # fmt: skip
+    out = tmp_path / "graph"
+    args = ["attribute", "--transcoder", str(tmp_path / "out" / "skip"), "--model", "tiny-llama", "--prompt", PROMPT]
+    args += ["--output-dir", str(out), "--zero-bos", "false", "--max-n-logits", "4", "--desired-logit-prob", "1"]
+    assert main(args) == 0
+    graph = Graph.load(out / "graph.json")
+    rm = ReplacementModel(model, load_dictionary(tmp_path / "out" / "skip"), tokenizer)
+    state = rm.prepare(PROMPT)
+    with torch.no_grad():
+        gap = float((rm(PROMPT) - state.logits).abs().max())
+    print(f"sparsify-trained skip transcoder: max |replacement - model logits| = {gap:.2e}")
+    assert gap <= 1e-4
+    assert graph.n_features > 0 and set(graph.features[:, 0].tolist()) <= {0, 2}
+    _row_sums_hold(rm, graph)

@@ -17,13 +17,12 @@ rounding of each weight: errors of a few float32 ulps of values O(1-10), ~1e-6.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import library_python, mlp_activations, run_library
+from safetensors.torch import load_file
 
 from clt.config.transcoder import CLTConfig
 from clt.models.dictionaries import load_dictionary
@@ -32,7 +31,6 @@ from clt.models.saelens_files import export_saelens
 from clt.models.sparsify_files import export_sparsify
 from clt.models.transcoder import CrossLayerTranscoder
 
-ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
 LAYERS = [0, 2]
 SAELENS_ARCHS = [
@@ -48,47 +46,20 @@ SAELENS_ARCHS = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _python(env: str, default: str) -> Path:
-    python = Path(os.environ.get(env, default))
-    if not python.is_file():
-        pytest.skip(f"{python} is missing: create the venv with experiments/*/setup_venv.sh or set {env}")
-    return python
-
-
 @pytest.fixture(scope="module")
 def sparsify_python() -> Path:
-    return _python("CLT_SPARSIFY_PYTHON", "/work/sparsify-venv/bin/python")
+    return library_python("sparsify")
 
 
 @pytest.fixture(scope="module")
 def saelens_python() -> Path:
-    return _python("CLT_SAELENS_PYTHON", "/work/saelens-venv/bin/python")
-
-
-def _run(python: Path, library: str, *args: object) -> None:
-    script = ROOT / "experiments" / library / "roundtrip.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    done = subprocess.run(
-        [str(python), str(script), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    return library_python("saelens")
 
 
 @pytest.fixture(scope="module")
 def activations(tiny_llama, tmp_path_factory) -> Path:
     """MLP inputs/outputs [T, 2, d] of the tiny Llama's layers 0 and 2 on a few windows."""
-    return _activations(*tiny_llama, tmp_path_factory.mktemp("acts"), "tiny-llama")
-
-
-def _activations(model, tokenizer, folder: Path, name: str, n_windows: int = 4) -> Path:
-    from clt.nnsight.extractors import ActivationExtractor
-
-    extractor = ActivationExtractor(model=model, tokenizer=tokenizer, model_name=name, layers=LAYERS, context_length=32)
-    windows = [w for _, w in zip(range(n_windows), extractor.windows())]
-    acts = extractor.activations(windows)
-    path = folder / "data.safetensors"
-    save_file({"inputs": acts["inputs"], "outputs": acts["outputs"], "layers": torch.tensor(LAYERS)}, str(path))
-    return path
+    return mlp_activations(*tiny_llama, tmp_path_factory.mktemp("acts"), "tiny-llama", LAYERS)
 
 
 def _compare(tc: CrossLayerTranscoder, data: Path, reference: Path, prefix: str) -> float:
@@ -115,9 +86,9 @@ def _compare(tc: CrossLayerTranscoder, data: Path, reference: Path, prefix: str)
 
 @pytest.mark.parametrize("variant", ["transcoder", "skip", "sae"])
 def test_sparsify_trained_coders_load_and_match(sparsify_python, activations, tmp_path, variant):
-    _run(sparsify_python, "sparsify", "train", activations, tmp_path / "out", "--features", 64, "--k", 6,
+    run_library(sparsify_python, "sparsify", "train", activations, tmp_path / "out", "--features", 64, "--k", 6,
          "--steps", 10, "--variants", variant)  # fmt: skip
-    _run(sparsify_python, "sparsify", "run", tmp_path / "out", activations, tmp_path / "ref.safetensors")
+    run_library(sparsify_python, "sparsify", "run", tmp_path / "out", activations, tmp_path / "ref.safetensors")
     tc = load_dictionary(tmp_path / "out" / variant)
     assert (tc.cfg.layers, tc.cfg.activation_fn, tc.cfg.topk) == (LAYERS, "topk", 6)
     assert tc.cfg.skip_connection == (variant == "skip") and tc.cfg.is_sae == (variant == "sae")
@@ -126,10 +97,10 @@ def test_sparsify_trained_coders_load_and_match(sparsify_python, activations, tm
 
 @pytest.mark.slow
 def test_sparsify_coder_trained_on_smollm2_matches(sparsify_python, smollm2, tmp_path):
-    data = _activations(*smollm2, tmp_path, "smollm2-135m", n_windows=8)
-    _run(sparsify_python, "sparsify", "train", data, tmp_path / "out", "--features", 1152, "--k", 32,
+    data = mlp_activations(*smollm2, tmp_path, "smollm2-135m", LAYERS, n_windows=8)
+    run_library(sparsify_python, "sparsify", "train", data, tmp_path / "out", "--features", 1152, "--k", 32,
          "--steps", 20, "--variants", "skip")  # fmt: skip
-    _run(sparsify_python, "sparsify", "run", tmp_path / "out", data, tmp_path / "ref.safetensors")
+    run_library(sparsify_python, "sparsify", "run", tmp_path / "out", data, tmp_path / "ref.safetensors")
     tc = load_dictionary(tmp_path / "out" / "skip")
     assert (tc.cfg.d_model, tc.cfg.num_features, tc.cfg.layers) == (576, 1152, LAYERS)
     assert _compare(tc, data, tmp_path / "ref.safetensors", "skip/") <= TOLERANCE
@@ -144,7 +115,7 @@ def test_exported_topk_dictionary_loads_in_sparsify(sparsify_python, activations
     )  # fmt: skip
     tc = randomize_parameters(CrossLayerTranscoder(cfg), seed=3)
     export_sparsify(tc, tmp_path / "out", hookpoint="layers.{}.post_attention_layernorm" if sae else "layers.{}.mlp")
-    _run(sparsify_python, "sparsify", "run", tmp_path / "out", activations, tmp_path / "ref.safetensors")
+    run_library(sparsify_python, "sparsify", "run", tmp_path / "out", activations, tmp_path / "ref.safetensors")
     assert _compare(tc, activations, tmp_path / "ref.safetensors", "layers.") <= TOLERANCE
 
 
@@ -155,9 +126,9 @@ def test_exported_topk_dictionary_loads_in_sparsify(sparsify_python, activations
 def saelens_saes(saelens_python, activations, tmp_path_factory) -> tuple[Path, Path]:
     """(folder of SAEs of every architecture built and saved by SAELens, their outputs)."""
     out = tmp_path_factory.mktemp("saelens")
-    _run(saelens_python, "saelens", "create", out / "saes", "--arch", ",".join(SAELENS_ARCHS), "--d-in", 32,
+    run_library(saelens_python, "saelens", "create", out / "saes", "--arch", ",".join(SAELENS_ARCHS), "--d-in", 32,
          "--d-sae", 48, "--layers", ",".join(map(str, LAYERS)), "--k", 5, "--rescale")  # fmt: skip
-    _run(saelens_python, "saelens", "run", out / "saes", activations, out / "ref.safetensors")
+    run_library(saelens_python, "saelens", "run", out / "saes", activations, out / "ref.safetensors")
     return out / "saes", out / "ref.safetensors"
 
 
@@ -186,5 +157,5 @@ def test_exported_dictionary_loads_in_saelens(saelens_python, activations, tmp_p
     cfg = CLTConfig(num_features=24, num_layers=2, d_model=32, layers=LAYERS, cross_layer=False, **kw)
     tc = randomize_parameters(CrossLayerTranscoder(cfg), seed=4)
     export_saelens(tc, tmp_path / "out")
-    _run(saelens_python, "saelens", "run", tmp_path / "out", activations, tmp_path / "ref.safetensors")
+    run_library(saelens_python, "saelens", "run", tmp_path / "out", activations, tmp_path / "ref.safetensors")
     assert _compare(tc, activations, tmp_path / "ref.safetensors", "blocks.") <= TOLERANCE
