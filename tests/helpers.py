@@ -182,7 +182,7 @@ def library_python(library: str) -> Path:
     env, default = LIBRARY_PYTHONS[library]
     python = Path(os.environ.get(env, default))
     if not python.is_file():
-        pytest.skip(f"{python} is missing: run `bash experiments/{library}/setup_venv.sh` or set {env}")
+        pytest.skip(f"{python} is missing: run `make interop-venvs` (experiments/{library}/setup_venv.sh) or set {env}")
     return python
 
 

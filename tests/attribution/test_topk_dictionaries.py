@@ -136,6 +136,7 @@ def test_bad_topk_mode_and_mismatched_dictionaries_are_refused(tiny_llama):
         ReplacementModel(model, deep, tokenizer)
 
 
+@pytest.mark.interop
 def test_clt_attribute_on_coders_sparsify_trained(tiny_llama, tmp_path, capsys):
     """The acceptance run: skip transcoders trained and saved by sparsify itself (its venv) for layers 0
     and 2 of 3; `clt attribute` on their folder gives replacement logits equal to the model's and a

@@ -43,7 +43,7 @@ SAELENS_ARCHS = [
     "jumprelu_skip_transcoder",
 ]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.interop]
 
 
 @pytest.fixture(scope="module")
