@@ -2,7 +2,8 @@
 
 sparsify → clt: coders trained for a few steps and saved by sparsify itself load with
 `load_dictionary`, and their encodings and reconstructions equal sparsify's own on the same inputs.
-SAELens → clt: the same for SAEs and transcoders built and saved by SAELens. clt → sparsify and
+SAELens → clt: the same for SAEs trained by SAELens's own training step (and, for every
+inference architecture, transcoders included, SAEs built with random parameters) and saved by it. clt → sparsify and
 SAELens: what `export_sparsify` / `export_saelens` write loads there and computes what ours does.
 
 The venvs come from ``experiments/sparsify/setup_venv.sh`` and ``experiments/saelens/setup_venv.sh``
@@ -139,6 +140,41 @@ def test_saelens_saes_load_and_match(saelens_saes, activations, arch):
     assert tc.cfg.layers == LAYERS and tc.cfg.model_name == "tiny-llama"
     assert tc.cfg.is_sae == ("transcoder" not in arch) and tc.cfg.skip_connection == ("skip" in arch)
     assert _compare(tc, activations, reference, arch + "/") <= TOLERANCE
+
+
+SAELENS_TRAINED = ["standard", "topk", "jumprelu", "batchtopk"]
+
+
+@pytest.fixture(scope="module")
+def saelens_trained(saelens_python, activations, tmp_path_factory) -> tuple[Path, Path]:
+    """(SAEs trained for a few steps and saved by SAELens itself, their outputs)."""
+    out = tmp_path_factory.mktemp("saelens-trained")
+    run_library(saelens_python, "saelens", "train", activations, out / "saes", "--arch", ",".join(SAELENS_TRAINED),
+                "--d-sae", 48, "--k", 5, "--steps", 10)  # fmt: skip
+    run_library(saelens_python, "saelens", "run", out / "saes", activations, out / "ref.safetensors")
+    return out / "saes", out / "ref.safetensors"
+
+
+@pytest.mark.parametrize("arch", SAELENS_TRAINED)
+def test_saelens_trained_saes_load_and_match(saelens_trained, activations, arch):
+    """Trained by SAELens's own training step and saved with `save_inference_model` (BatchTopK as the
+    JumpReLU SAE it becomes there, TopK with its decoder-norm rescaling)."""
+    folder, reference = saelens_trained
+    tc = load_dictionary(folder / arch)
+    assert tc.cfg.is_sae and tc.cfg.activation_fn == {"standard": "relu", "batchtopk": "jumprelu"}.get(arch, arch)
+    assert _compare(tc, activations, reference, arch + "/") <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_saelens_sae_trained_on_smollm2_matches(saelens_python, smollm2, tmp_path):
+    data = mlp_activations(*smollm2, tmp_path, "smollm2-135m", LAYERS, n_windows=8)
+    run_library(saelens_python, "saelens", "train", data, tmp_path / "out", "--arch", "topk,jumprelu",
+                "--d-sae", 1152, "--k", 32, "--steps", 20)  # fmt: skip
+    run_library(saelens_python, "saelens", "run", tmp_path / "out", data, tmp_path / "ref.safetensors")
+    for arch in ("topk", "jumprelu"):
+        tc = load_dictionary(tmp_path / "out" / arch)
+        assert (tc.cfg.d_model, tc.cfg.num_features, tc.cfg.layers) == (576, 1152, LAYERS)
+        assert _compare(tc, data, tmp_path / "ref.safetensors", arch + "/") <= TOLERANCE
 
 
 @pytest.mark.parametrize(
