@@ -27,7 +27,9 @@ from clt.models.transcoder import CrossLayerTranscoder
 logger = logging.getLogger(__name__)
 
 LayerWeights = dict[str, Tensor]
-"""One layer's raw-space tensors: W_enc, b_enc, W_dec, b_dec and optional W_skip, threshold."""
+"""One layer's tensors: W_enc, b_enc, W_dec, b_dec and optional W_skip, threshold; raw-space, or with
+``input_std``/``output_std`` [d] the weights act on x / input_std and their output is scaled by
+output_std (a library's per-layer scaling: this project's standardisation with zero means)."""
 REQUIRED = ("W_enc", "b_enc", "W_dec", "b_dec")
 TINY_THRESHOLD = 1e-30
 """JumpReLU thresholds <= 0 (a ReLU there) load as this: identical except for z in (0, 1e-30]."""
@@ -65,7 +67,16 @@ def check_layer(source: Path | str, layer: int, t: LayerWeights, F: int, d: int)
     missing = [k for k in REQUIRED if k not in t]
     if missing:
         raise CheckpointError(f"{source}: layer {layer} lacks {missing}; the file is incomplete, write it again")
-    expected = {"W_enc": (F, d), "b_enc": (F,), "W_dec": (F, d), "b_dec": (d,), "W_skip": (d, d), "threshold": (F,)}
+    expected = {
+        "W_enc": (F, d),
+        "b_enc": (F,),
+        "W_dec": (F, d),
+        "b_dec": (d,),
+        "W_skip": (d, d),
+        "threshold": (F,),
+        "input_std": (d,),
+        "output_std": (d,),
+    }
     for key, shape in expected.items():
         if key in t and tuple(t[key].shape) != shape:
             raise CheckpointError(
@@ -78,9 +89,9 @@ def check_layer(source: Path | str, layer: int, t: LayerWeights, F: int, d: int)
 def from_layers(
     layers: list[int], weights: list[LayerWeights], source: Path | str, **config: Any
 ) -> CrossLayerTranscoder:
-    """A per-layer transcoder (or SAE, ``output_site='mlp_in'``) covering model `layers` from raw-space
-    `weights` (one `LayerWeights` per layer); `config` holds further CLTConfig fields (activation_fn,
-    topk, output_site, model_name). Identity standardisation; JumpReLU thresholds must be positive."""
+    """A per-layer transcoder (or SAE, ``output_site='mlp_in'``) covering model `layers` from `weights`
+    (one `LayerWeights` per layer); `config` holds further CLTConfig fields (activation_fn,
+    topk, output_site, model_name). Standardisation from input_std/output_std where given, else identity."""
     if not weights:
         raise CheckpointError(f"{source} holds no dictionary layer")
     F, d = weights[0]["W_enc"].shape if "W_enc" in weights[0] else (0, 0)
@@ -101,6 +112,10 @@ def from_layers(
         **config,
     )
     model = CrossLayerTranscoder(cfg)
+    if any("input_std" in t or "output_std" in t for t in weights):
+        ones, zeros = torch.ones(len(weights), int(d)), torch.zeros(len(weights), int(d))
+        stds = [torch.stack([t.get(k, ones[0]).float() for t in weights]) for k in ("input_std", "output_std")]
+        model.set_normalization(zeros, stds[0], zeros, stds[1])
     for i, t in enumerate(weights):
         model.W_enc[i] = t["W_enc"]
         model.b_enc[i] = t["b_enc"]

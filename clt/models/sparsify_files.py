@@ -20,6 +20,14 @@ input to its output: a per-layer transcoder here; an autoencoder loads as an SAE
 (``output_site='mlp_in'``), valid where its hookpoint holds the MLP input. ``groupmax`` has no
 counterpart and is refused. The layer index of a hookpoint is the first number in its name.
 
+EleutherAI's cross-layer branch of sparsify (not released on PyPI) writes single-layer coders with
+more keys: ``normalize_io`` scales the input by √d / ``in_norm`` and the output by ``out_norm`` / √d
+(scalar buffers in ``sae.safetensors``; the skip term and an autoencoder's ``b_dec`` act on the
+scaled input): read exactly as this project's standardisation (σ = norm / √d, μ = 0). Its
+``post_enc`` (added to active latents) and ``post_enc_scale`` are read only while zeros and ones,
+storage and sharding keys (``dtype``, ``tp_output``, ...) are ignored, and cross-layer coders
+(``n_targets`` > 0, ``coalesce_topk``) and any other switched-on key of another version are refused.
+
 A run folder (``save_dir/run_name``) also holds ``config.json`` (the TrainConfig) and optimizer
 state in pickle files, which are never read here.
 """
@@ -53,8 +61,21 @@ CFG_FIELDS = (
 """The keys of a sparsify 1.3.3 ``cfg.json`` (SparseCoderConfig's fields and ``d_in``). Keys of
 other versions are accepted while off (false, 0, null): e.g. a later ``embed_skip: false``."""
 SPARSIFY_VERSION = "1.3.3"
-_PROVENANCE = ("lookup_max_order", "gram_table_hash")
-"""Keys of later sparsify versions that describe, not change, the computation when their switch is off."""
+_READ_LATER = ("normalize_io", "d_out")
+"""Keys of EleutherAI's cross-layer branch of sparsify that this reader applies (see the module docstring)."""
+_INERT = (
+    "lookup_max_order",
+    "gram_table_hash",
+    "dtype",
+    "tp_output",
+    "train_post_encoder",
+    "use_fp8",
+    "encoder_tile_size",
+    "post_encoder_scale",
+)
+"""Keys of other sparsify versions that do not change what a single-layer coder computes (storage,
+sharding, training switches, provenance; ``post_enc``/``post_enc_scale`` are checked in the weights)."""
+_OFF = (False, 0, None, "none", "")
 DEFAULT_HOOKPOINT = "layers.{}.mlp"
 """Hookpoint of model layer m's MLP in sparsify 1.3.3 (relative to a Llama's ``base_model``;
 GPT-2: ``h.{}.mlp``)."""
@@ -92,12 +113,18 @@ def read_cfg(folder: Path) -> dict[str, Any]:
     """A coder's ``cfg.json``, checked: known keys (a typo names the closest), ``d_in`` and ``k``."""
     file = folder / CFG_FILE
     cfg = read_json_config(file, CFG_FIELDS, ("d_in", "k"), "save the coder again")
-    other = sorted(k for k, v in cfg.items() if k not in CFG_FIELDS and k not in _PROVENANCE and v)
+    if cfg.get("n_targets") not in _OFF or cfg.get("coalesce_topk") not in _OFF:
+        raise CheckpointError(
+            f"{file} is a cross-layer coder of sparsify's CLT branch (n_targets={cfg.get('n_targets')}, "
+            f"coalesce_topk={cfg.get('coalesce_topk')!r}); only single-layer coders are read"
+        )
+    known = (*CFG_FIELDS, *_READ_LATER, *_INERT)
+    other = sorted(k for k, v in cfg.items() if k not in known and not any(v is off or v == off for off in _OFF))
     if other:
         raise CheckpointError(
-            f"{file} turns on {other}, which sparsify {SPARSIFY_VERSION} does not have (a later version's "
-            "embedding skip, n-gram lookup or cross-layer coders change what the coder computes); only "
-            f"{SPARSIFY_VERSION}'s fields are read"
+            f"{file} turns on {other}, which this reader does not apply (a later version's embedding skip, "
+            f"n-gram lookup or cross-layer options change what the coder computes); it reads sparsify "
+            f"{SPARSIFY_VERSION}'s fields and the CLT branch's normalize_io"
         )
     if cfg.get("activation", "topk") != "topk":
         raise CheckpointError(
@@ -126,9 +153,28 @@ def read_coder(folder: Path) -> tuple[dict[str, Any], LayerWeights]:
             f"{file}: encoder.weight is {[F, d]} but {CFG_FILE} says d_in={cfg['d_in']}, "
             f"num_latents={cfg.get('num_latents')}; the files come from different coders"
         )
-    if not cfg.get("transcode", False):  # encode(x) runs on x - b_dec
+    if cfg.get("d_out", d) not in (None, d):
+        raise CheckpointError(f"{file}: d_out={cfg['d_out']} differs from d_in={d}; an MLP transcoder maps d to d")
+    _check_post_encoder(file, stored)
+    if cfg.get("normalize_io"):  # x · √d / in_norm in, y · out_norm / √d out: a per-layer scale
+        norms = [stored.get(name) for name in ("in_norm", "out_norm")]
+        if any(n is None or n.numel() != 1 for n in norms):
+            raise CheckpointError(f"{file} lacks the scalars in_norm/out_norm that normalize_io: true needs")
+        t["input_std"], t["output_std"] = (n.double().reshape(()).expand(d) / d**0.5 for n in norms)
+    if not cfg.get("transcode", False):  # encode(x) runs on x - b_dec (standardised x)
         t["b_enc"] = t["b_enc"] - t["W_enc"] @ t["b_dec"]
     return cfg, t
+
+
+def _check_post_encoder(file: Path, stored: dict[str, torch.Tensor]) -> None:
+    """The CLT branch adds ``post_enc`` to active latents and scales them by ``post_enc_scale``: read
+    only where they change nothing (zeros, ones), as when they were never trained."""
+    post, scale = stored.get("post_enc"), stored.get("post_enc_scale")
+    if (post is not None and bool(post.any())) or (scale is not None and not bool((scale == 1).all())):
+        raise CheckpointError(
+            f"{file} has a trained post_enc/post_enc_scale (active latents shifted or scaled after TopK's "
+            "choice), which this project's TopK cannot hold; only coders without them are read"
+        )
 
 
 def load_sparsify(folder: str | Path, device: str | torch.device | None = None) -> CrossLayerTranscoder:

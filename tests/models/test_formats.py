@@ -243,3 +243,73 @@ def test_a_circuit_tracer_set_listing_hub_files_resolves_from_the_cache(tmp_path
     )
     with pytest.raises(NotAvailableOfflineError, match="someone/gone/l0.safetensors' is not available offline"):
         load_dictionary(tmp_path / "set", cache_dir=tmp_path / "hub")
+
+
+def _clt_branch_coder(folder: Path, gen: torch.Generator, *, transcode: bool, **extra) -> dict[str, torch.Tensor]:
+    """A single-layer coder in the layout of sparsify's cross-layer branch, with normalize_io."""
+    from safetensors.torch import save_file
+
+    d, f = D, F
+    tensors = {
+        "encoder.weight": torch.randn(f, d, generator=gen) / d**0.5,
+        "encoder.bias": torch.randn(f, generator=gen) * 0.3,
+        "W_dec": torch.randn(f, d, generator=gen) / f**0.5,
+        "b_dec": torch.randn(d, generator=gen) * 0.3,
+        "in_norm": torch.tensor([3.7]),
+        "out_norm": torch.tensor([0.6]),
+        "post_enc": torch.zeros(f),
+        **({"W_skip": torch.randn(d, d, generator=gen) * 0.1} if transcode else {}),
+    }
+    tensors |= extra.pop("tensors", {})
+    cfg = {"dtype": "none", "activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
+           "num_latents": f, "k": 3, "skip_connection": transcode, "transcode": transcode, "tp_output": True,
+           "n_targets": 0, "n_sources": 0, "normalize_io": True, "divide_cross_layer": False,
+           "train_post_encoder": True, "post_encoder_scale": False, "per_source_tied": False,
+           "secondary_target_tied": False, "coalesce_topk": "none", "topk_coalesced": False, "use_fp8": False,
+           "d_in": d, "d_out": d, **extra}  # fmt: skip
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=4))
+    return tensors
+
+
+def _clt_branch_forward(t: dict[str, torch.Tensor], x: torch.Tensor, transcode: bool, k: int = 3):
+    """Their SparseCoder.encode / MidDecoder.__call__: x·√d/in_norm, (− b_dec), relu, top-k, decode,
+    + skip of the scaled input, then ·out_norm/√d."""
+    d = x.shape[-1]
+    xn = x * (d**0.5 / t["in_norm"])
+    pre = torch.relu((xn if transcode else xn - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"])
+    values, indices = pre.topk(k, dim=-1)
+    acts = torch.zeros_like(pre).scatter_(-1, indices, values)
+    y = acts @ t["W_dec"] + t["b_dec"] + (xn @ t["W_skip"].T if transcode else 0)
+    return acts, y * (t["out_norm"] / d**0.5)
+
+
+@pytest.mark.parametrize("transcode", [True, False], ids=["skip-transcoder", "sae"])
+def test_sparsify_clt_branch_normalize_io_is_read_exactly(tmp_path, transcode):
+    gen = torch.Generator().manual_seed(7)
+    t = _clt_branch_coder(tmp_path / "model.layers.4.mlp", gen, transcode=transcode)
+    tc = load_dictionary(tmp_path)
+    assert tc.cfg.layers == [4] and tc.cfg.skip_connection == transcode
+    x = torch.randn(20, D, generator=gen) * 5
+    acts, y = _clt_branch_forward(t, x, transcode)
+    with torch.no_grad():
+        out = tc(x[:, None])
+    torch.testing.assert_close(out.features[:, 0], acts, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out.reconstruction[:, 0], y, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (dict(tensors={"post_enc": torch.full((F,), 0.1)}), "post_enc"),
+        (dict(n_targets=2), "cross-layer coder"),
+        (dict(coalesce_topk="concat"), "cross-layer coder"),
+        (dict(per_source_tied=True), r"turns on \['per_source_tied'\]"),
+        (dict(tensors={"in_norm": torch.ones(2)}), "in_norm/out_norm"),
+    ],
+)
+def test_sparsify_clt_branch_features_this_reader_cannot_hold_are_refused(tmp_path, extra, match):
+    _clt_branch_coder(tmp_path / "layers.0.mlp", torch.Generator().manual_seed(0), transcode=True, **extra)
+    with pytest.raises(CheckpointError, match=match):
+        load_dictionary(tmp_path)
