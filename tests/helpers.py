@@ -213,3 +213,19 @@ def mlp_activations(
     path = folder / "data.safetensors"
     save_file({"inputs": acts["inputs"], "outputs": acts["outputs"], "layers": torch.tensor(layers)}, str(path))
     return path
+
+
+def fake_hub_cache(cache: Path, repo: str, files: Path) -> None:
+    """A Hugging Face cache entry for `repo` (models--owner--name/refs/main → snapshot) holding `files`."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in files.rglob("*"):
+        target = snapshot / path.relative_to(files)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.write_bytes(path.read_bytes())

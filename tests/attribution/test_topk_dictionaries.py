@@ -161,3 +161,23 @@ def test_clt_attribute_on_coders_sparsify_trained(tiny_llama, tmp_path, capsys):
     assert gap <= 1e-4
     assert graph.n_features > 0 and set(graph.features[:, 0].tolist()) <= {0, 2}
     _row_sums_hold(rm, graph)
+
+
+def test_clt_attribute_takes_a_cached_hub_id_and_explains_an_absent_one(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`--transcoder owner/repo`: resolved in the local Hugging Face cache without a download; an id that
+    is not cached exits 1 with the models' how-to-provide message."""
+    import huggingface_hub.constants
+    from helpers import fake_hub_cache
+
+    model, _ = tiny_llama
+    export_sparsify(_topk_plt(model), tmp_path / "src", hookpoint="model.layers.{}.mlp")
+    fake_hub_cache(tmp_path / "hub", "EleutherAI/skip-transcoder-tiny", tmp_path / "src")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["attribute", "--model", "tiny-llama", "--prompt", PROMPT, "--output-dir", str(tmp_path / "g")]
+    assert main([*args, "--transcoder", "EleutherAI/skip-transcoder-tiny"]) == 0
+    assert Graph.load(tmp_path / "g" / "graph.json").n_features > 0
+    capsys.readouterr()
+    assert main([*args, "--transcoder", "EleutherAI/not-cached"]) == 1
+    err = capsys.readouterr().err
+    assert "dictionary 'EleutherAI/not-cached' is not available offline" in err and "Traceback" not in err

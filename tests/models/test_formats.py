@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fake_hub_cache
 
 import clt
 from clt.config.transcoder import CLTConfig
@@ -168,27 +169,11 @@ def test_layers_that_differ_are_refused(tmp_path):
 # ---------------------------------------------------------------- hub ids
 
 
-def _fake_cache(cache: Path, repo: str, files: Path) -> None:
-    """A Hugging Face cache entry for `repo` (models--owner--name/refs/main → snapshot) holding `files`."""
-    entry = cache / f"models--{repo.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text(commit)
-    snapshot = entry / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in files.rglob("*"):
-        target = snapshot / path.relative_to(files)
-        if path.is_dir():
-            target.mkdir(exist_ok=True)
-        else:
-            target.write_bytes(path.read_bytes())
-
-
 def test_a_cached_hub_id_resolves_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tc = _tc(activation_fn="topk", skip_connection=True, layers=(0, 1))
     export_sparsify(tc, tmp_path / "src", hookpoint="model.layers.{}.mlp")  # EleutherAI's published layout
-    _fake_cache(tmp_path / "hub", "EleutherAI/skip-transcoder-tiny", tmp_path / "src")
+    fake_hub_cache(tmp_path / "hub", "EleutherAI/skip-transcoder-tiny", tmp_path / "src")
     loaded = load_dictionary("EleutherAI/skip-transcoder-tiny", cache_dir=tmp_path / "hub")
     assert loaded.cfg.layers == [0, 1]
     _same(tc, loaded)
@@ -200,7 +185,7 @@ def test_a_cached_hub_id_resolves_offline(tmp_path, monkeypatch):
 def test_an_absent_hub_id_says_how_to_provide_it(tmp_path, monkeypatch, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     export_sparsify(_tc(activation_fn="topk", layers=(0,)), tmp_path / "src", hookpoint="model.layers.{}.mlp")
-    _fake_cache(tmp_path / "hub", "EleutherAI/skip-transcoder-tiny", tmp_path / "src")
+    fake_hub_cache(tmp_path / "hub", "EleutherAI/skip-transcoder-tiny", tmp_path / "src")
     with pytest.raises(NotAvailableOfflineError) as err:
         load_dictionary(name, cache_dir=tmp_path / "hub")
     message = str(err.value)
@@ -225,7 +210,7 @@ def test_a_circuit_tracer_set_listing_hub_files_resolves_from_the_cache(tmp_path
     tc = _tc(activation_fn="jumprelu", layers=(0, 1))
     export_circuit_tracer(tc, tmp_path / "weights")
     (tmp_path / "weights" / "config.yaml").unlink()
-    _fake_cache(tmp_path / "hub", "someone/tc-weights", tmp_path / "weights")
+    fake_hub_cache(tmp_path / "hub", "someone/tc-weights", tmp_path / "weights")
     (tmp_path / "set").mkdir()
     config = {
         "model_kind": "transcoder_set",
@@ -234,7 +219,7 @@ def test_a_circuit_tracer_set_listing_hub_files_resolves_from_the_cache(tmp_path
     }
     files = [f"hf://someone/tc-weights/layer_{m}.safetensors" for m in range(2)]
     (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump({**config, "transcoders": files}))
-    _fake_cache(tmp_path / "hub", "someone/tc-set", tmp_path / "set")
+    fake_hub_cache(tmp_path / "hub", "someone/tc-set", tmp_path / "set")
     loaded = load_dictionary("someone/tc-set", cache_dir=tmp_path / "hub")
     assert loaded.cfg.layers == [0, 1] and loaded.cfg.activation_fn == "jumprelu"
     _same(tc, loaded)
