@@ -111,11 +111,14 @@ def from_layers(
         dtype=dtype if dtype in PARAM_DTYPES else "float32",
         **config,
     )
-    model = CrossLayerTranscoder(cfg)
-    if any("input_std" in t or "output_std" in t for t in weights):
-        ones, zeros = torch.ones(len(weights), int(d)), torch.zeros(len(weights), int(d))
-        stds = [torch.stack([t.get(k, ones[0]).float() for t in weights]) for k in ("input_std", "output_std")]
-        model.set_normalization(zeros, stds[0], zeros, stds[1])
+    if cfg.activation_fn == "batchtopk":
+        raise ValueError("from_layers builds relu, jumprelu or topk dictionaries (a file holds no BatchTopK state)")
+    with torch.device("meta"):  # no random initialisation of weights that are all overwritten below
+        model = CrossLayerTranscoder(cfg)
+    model = model.to_empty(device="cpu")
+    ones, zeros = torch.ones(len(weights), int(d)), torch.zeros(len(weights), int(d))
+    stds = [torch.stack([t.get(k, ones[0]).float() for t in weights]) for k in ("input_std", "output_std")]
+    model.set_normalization(zeros, stds[0], zeros, stds[1])
     for i, t in enumerate(weights):
         model.W_enc[i] = t["W_enc"]
         model.b_enc[i] = t["b_enc"]
