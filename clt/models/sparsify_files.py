@@ -112,13 +112,13 @@ def hookpoint_layer(name: str, *, strict: bool = True) -> int:
 def read_cfg(folder: Path) -> dict[str, Any]:
     """A coder's ``cfg.json``, checked: known keys (a typo names the closest), ``d_in`` and ``k``."""
     file = folder / CFG_FILE
-    cfg = read_json_config(file, CFG_FIELDS, ("d_in", "k"), "save the coder again")
+    known = (*CFG_FIELDS, *_READ_LATER, *_INERT)
+    cfg = read_json_config(file, known, ("d_in", "k"), "save the coder again")
     if cfg.get("n_targets") not in _OFF or cfg.get("coalesce_topk") not in _OFF:
         raise CheckpointError(
             f"{file} is a cross-layer coder of sparsify's CLT branch (n_targets={cfg.get('n_targets')}, "
             f"coalesce_topk={cfg.get('coalesce_topk')!r}); only single-layer coders are read"
         )
-    known = (*CFG_FIELDS, *_READ_LATER, *_INERT)
     other = sorted(k for k, v in cfg.items() if k not in known and not any(v is off or v == off for off in _OFF))
     if other:
         raise CheckpointError(
