@@ -33,7 +33,6 @@ from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight.loading import ModelLayout, find_layout
 
 _MODES = ("none", "replace", "zero")
-_FAR_BELOW = -1e9
 
 
 class TranscoderMismatchError(ValueError):
@@ -194,11 +193,7 @@ def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Te
 
 def _features(transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor) -> Tensor:
     """Features [..., F] of transcoder layer `layer` from its standardised input [..., d]."""
-    w = transcoder
-    z_l = x_std @ w.W_enc[layer].T + w.b_enc[layer]
-    z = z_l.new_full((*z_l.shape[:-1], w.cfg.num_layers, w.cfg.num_features), _FAR_BELOW)
-    z[..., layer, :] = z_l
-    return w.activate(z)[..., layer, :]
+    return transcoder.activate_layer(x_std @ transcoder.W_enc[layer].T + transcoder.b_enc[layer], layer)
 
 
 def _kept(own: Tensor, new: Tensor, keep: Tensor | None) -> Tensor:
