@@ -1,6 +1,7 @@
 """Attribution graphs: the local replacement model, graph building, pruning, scores, interventions."""
 
 from clt.attribution.attribute import attribute
+from clt.attribution.effects import InterventionEffects, intervention_effects
 from clt.attribution.graph import Graph, GraphFileError, Node
 from clt.attribution.groups import suggest_supernodes
 from clt.attribution.interop import (
@@ -32,6 +33,7 @@ __all__ = [
     "GraphState",
     "GraphStateError",
     "Intervention",
+    "InterventionEffects",
     "InterventionResult",
     "Node",
     "PromptState",
@@ -45,6 +47,7 @@ __all__ = [
     "from_circuit_tracer_dict",
     "graph_scores",
     "intervene",
+    "intervention_effects",
     "load_circuit_tracer_graph",
     "node_influence",
     "prune",
