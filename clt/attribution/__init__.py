@@ -2,6 +2,7 @@
 
 from clt.attribution.attribute import attribute
 from clt.attribution.effects import InterventionEffects, intervention_effects
+from clt.attribution.generate import GenerationResult, generate
 from clt.attribution.graph import Graph, GraphFileError, Node
 from clt.attribution.groups import suggest_supernodes
 from clt.attribution.interop import (
@@ -28,6 +29,7 @@ from clt.nnsight.splice import TranscoderMismatchError
 
 __all__ = [
     "AttributionConfig",
+    "GenerationResult",
     "Graph",
     "GraphFileError",
     "GraphState",
@@ -45,6 +47,7 @@ __all__ = [
     "completeness_score",
     "edge_influence",
     "from_circuit_tracer_dict",
+    "generate",
     "graph_scores",
     "intervene",
     "intervention_effects",

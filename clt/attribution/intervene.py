@@ -229,8 +229,9 @@ class EditedRun:
         constrained = self.constrained if first else None
         clean = first and (constrained is not None or self.constant_errors)
         inputs: dict[str, Any] = {"input_ids": ids[None].to(rm.device), "use_cache": cache is not None}
-        if cache is not None:
+        if cache is not None:  # nnsight's LanguageModel would mask the cached positions out
             inputs[_cache_keyword(rm.model)] = cache
+            inputs["attention_mask"] = torch.ones(1, offset + len(ids), dtype=torch.long, device=rm.device)
         freeze = first and self.pinned is not None
         with (
             pinned(rm.model, self.pinned, attention=self.freeze_attention, norms=self.direct)

@@ -42,10 +42,18 @@ def test_setting_features_to_their_own_values_changes_nothing(setup):
     layer = 0
     pos, feature = (state.activations[:, layer] > 0).nonzero()[0].tolist()
     value = float(state.activations[pos, layer, feature])
-    for constant_errors in (False, True):
-        result = intervene(rm, None, PROMPT, [(layer, pos, feature, value)], constant_errors=constant_errors)
+    variants = [
+        {"constant_errors": True},
+        {},
+        {"freeze_attention": True},
+        {"freeze_attention": True, "constrained_layers": "all"},
+        {"constrained_layers": [1]},
+    ]
+    for options in variants:
+        result = intervene(rm, None, PROMPT, [(layer, pos, feature, value)], **options)
         torch.testing.assert_close(result.logits, state.logits, rtol=0, atol=1e-5)
-        assert result.top_tokens == result.original_top_tokens
+        torch.testing.assert_close(result.preactivations, state.preactivations, rtol=0, atol=1e-5)
+        assert [t[1] for t in result.top_tokens] == [t[1] for t in result.original_top_tokens]
 
 
 def test_ablating_a_cross_layer_feature_matches_hooks(setup):
