@@ -24,6 +24,7 @@ from clt.attribution.prune import (
 )
 from clt.attribution.replacement import PromptState, ReplacementModel
 from clt.attribution.state import GraphState, GraphStateError, Supernode
+from clt.attribution.steer import group_nodes, intervene_nodes, node_interventions, steer_nodes
 from clt.config.attribution import AttributionConfig
 from clt.nnsight.splice import TranscoderMismatchError
 
@@ -49,12 +50,16 @@ __all__ = [
     "from_circuit_tracer_dict",
     "generate",
     "graph_scores",
+    "group_nodes",
     "intervene",
+    "intervene_nodes",
     "intervention_effects",
     "load_circuit_tracer_graph",
     "node_influence",
+    "node_interventions",
     "prune",
     "replacement_score",
+    "steer_nodes",
     "subgraph_scores",
     "suggest_supernodes",
     "to_circuit_tracer_dict",
