@@ -101,6 +101,16 @@ def test_bad_interventions_are_rejected(setup):
         intervene(rm, None, PROMPT, [(0, 99, 0, 1.0)])
     with pytest.raises(ValueError, match=r"\(layer, pos, feature, value\)"):
         intervene(rm, None, PROMPT, [(0, 1)])
+    with pytest.raises(ValueError, match="constrained_layers must be model layers"):
+        intervene(rm, None, PROMPT, [(0, 1, 0, 1.0)], constrained_layers=[0, 99])
+    with pytest.raises(ValueError, match="constrained_layers must be None, 'all'"):
+        intervene(rm, None, PROMPT, [(0, 1, 0, 1.0)], constrained_layers="every")
+    with pytest.raises(ValueError, match="choose one"):
+        intervene(rm, None, PROMPT, [(0, 1, 0, 1.0)], constrained_layers="all", constant_errors=True)
+    with pytest.raises(ValueError, match="positions slice\\(-99"):
+        intervene(rm, None, PROMPT, [(0, slice(-99, None), 0, 1.0)])
+    with pytest.raises(ValueError, match="positive step"):
+        intervene(rm, None, PROMPT, [(0, slice(0, None, -1), 0, 1.0)])
 
 
 def _iterative_oracle(rm, ids, plan, mode):
