@@ -7,7 +7,7 @@ import torch
 from helpers import random_transcoder
 from test_attribution import PROMPT
 
-from clt.attribution import ReplacementModel, generate
+from clt.attribution import ReplacementModel, generate, intervene
 
 STEPS = 12
 
@@ -26,6 +26,16 @@ def test_without_interventions_greedy_decoding_is_transformers_generate(rm):
     assert result.token_ids == expected
     assert len(result.new_ids) == len(result.logits) >= 2
     assert result.activations.shape[0] == len(result.token_ids) - 1
+
+
+@pytest.mark.slow
+def test_greedy_decoding_is_transformers_generate_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    rm = ReplacementModel(model, random_transcoder(model, num_features=16, cross_layer=True), tokenizer)
+    result = generate(rm, None, "The capital of France is", max_new_tokens=16)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([result.prompt_ids]), max_new_tokens=16, do_sample=False)[0].tolist()
+    assert result.token_ids == expected
 
 
 def _planted(rm, feature: int = 3):
@@ -80,8 +90,13 @@ def test_sampling_is_reproducible_with_a_seed(rm):
 
 
 def test_frozen_generation_and_bad_options(rm):
-    frozen = generate(rm, None, PROMPT, [(rm.layers[0], -1, 0, 2.0)], freeze_attention=True, max_new_tokens=3)
-    assert len(frozen.new_ids) >= 1
+    for options in ({"freeze_attention": True}, {"freeze_attention": True, "constrained_layers": "all"}):
+        frozen = generate(
+            rm, None, PROMPT, [(rm.layers[0], -1, 0, 2.0)], max_new_tokens=3, stop_at_eos=False, **options
+        )
+        first = intervene(rm, None, PROMPT, [(rm.layers[0], -1, 0, 2.0)], **options)
+        torch.testing.assert_close(frozen.logits[0], first.logits[-1])  # the prompt's pass is `intervene`'s
+        assert len(frozen.new_ids) == 3
     with pytest.raises(ValueError, match="use_cache"):
         generate(rm, None, PROMPT, [(rm.layers[0], -1, 0, 2.0)], freeze_attention=True, use_cache=False)
     with pytest.raises(ValueError, match="max_new_tokens"):

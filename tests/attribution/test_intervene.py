@@ -141,10 +141,17 @@ def _iterative_oracle(rm, ids, plan, mode):
             h.remove()
 
 
+@pytest.fixture(scope="module")
+def each_tiny(tiny):
+    _, model, tokenizer = tiny
+    rm = ReplacementModel(model, random_transcoder(model, cross_layer=True), tokenizer)
+    return rm, rm.prepare(PROMPT)
+
+
 @pytest.mark.parametrize("mode", ["set", "scale", "add"])
-def test_iterative_patching_equals_hooks_that_follow_the_live_features(setup, mode):
+def test_iterative_patching_equals_hooks_that_follow_the_live_features(each_tiny, mode):
     """Interventions at two layers: the second's Δa is taken against the features the first changed."""
-    rm, state = setup
+    rm, state = each_tiny
     (p0, f0), (p1, f1) = (
         (state.activations[:, 0] > 0).nonzero()[0].tolist(),
         (state.activations[:, 1] > 0).nonzero()[-1].tolist(),
