@@ -28,6 +28,7 @@ How far effects travel (as circuit-tracer's ``feature_intervention``):
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Collection, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -157,9 +158,13 @@ def _positions(pos: int | slice | None, n: int) -> tuple[int, int | None, int]:
         if start < 0 or start >= n and stop is not None:
             raise ValueError(f"positions {pos} are out of range for a prompt of {n} tokens")
         return start, stop, step
-    if isinstance(pos, bool) or not isinstance(pos, (int, torch.Tensor)) or not -n <= int(pos) < n:
+    try:
+        p = operator.index(pos)
+    except TypeError:
+        raise ValueError(f"a position is an int, a slice or None, got {pos!r}") from None
+    if isinstance(pos, bool) or not -n <= p < n:
         raise ValueError(f"position {pos} is out of range for a prompt of {n} tokens")
-    p = int(pos) % n
+    p %= n
     return p, p + 1, 1
 
 

@@ -16,6 +16,11 @@ spliced run itself (the transcoder's inference rule), and its output becomes
 
 a_new are the live features, changed by `edit` where given. Positions where `keep` is true keep the
 model's own output (the clean run's under constant errors).
+
+`spliced_forward` is the same splice for any model inputs (a KV cache, say), returning the model's
+output; with a clean run, `frozen_features` edits the clean run's features instead of the live ones
+(a_new = edit(a_ref): features do not respond, the constrained layers of an intervention), and
+`replaced` limits the splice to some model layers (the others keep their own outputs).
 """
 
 from __future__ import annotations
