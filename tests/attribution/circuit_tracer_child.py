@@ -35,6 +35,20 @@ def main() -> int:
         )
         out[f"{name}.logits"] = logits.reshape(-1, logits.shape[-1]).float().contiguous()
         out[f"{name}.activations"] = activations.to_dense().float().contiguous()
+    model.tokenizer.model_input_names = ["input_ids", "attention_mask"]  # Llama's generate takes no token_type_ids
+    for name, case in spec.get("generate", {}).items():
+        interventions = [
+            (m, slice(p, None) if open_ended else p, f, v) for m, p, open_ended, f, v in case["interventions"]
+        ]
+        text, logits, _ = model.feature_intervention_generate(
+            spec["prompt"],
+            interventions,
+            freeze_attention=case["freeze_attention"],
+            max_new_tokens=case["max_new_tokens"],
+            do_sample=False,
+        )
+        out[f"{name}.logits"] = logits.float().contiguous()
+        out[f"{name}.text"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
     save_file(out, sys.argv[2])
     return 0
 

@@ -4,7 +4,9 @@ circuit-tracer pins nnsight 0.6.1 and transformers ≤ 4.57.3, so it lives in a 
 (experiments/circuit_tracer/check_export.py says how to make one); its python is taken from
 ``$CLT_CIRCUIT_TRACER_PYTHON`` or /work/ct-venv/bin/python, and the test is skipped without it.
 The tiny Llama is saved as a folder both transformers versions load, the transcoder is written
-with `export_circuit_tracer`, and both sides set the same features on the same token ids.
+with `export_circuit_tracer`, and both sides set the same features on the same token ids: one
+forward pass (`feature_intervention`: free, frozen attention, direct effects, constrained layers) and
+a greedy generation with open-ended interventions (`feature_intervention_generate`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from helpers import random_transcoder
 from test_attribution import PROMPT
 
-from clt.attribution import ReplacementModel, intervene
+from clt.attribution import ReplacementModel, generate, intervene
 
 CT_PYTHON = Path(os.environ.get("CLT_CIRCUIT_TRACER_PYTHON", "/work/ct-venv/bin/python"))
 CHILD = Path(__file__).with_name("circuit_tracer_child.py")
@@ -33,6 +35,7 @@ CASES = {  # name: (constrained_layers as range arguments or None, freeze_attent
     "constrained_1_2": ([1, 3], True),
 }
 TOL = 1e-4
+STEPS = 8
 
 
 def _save_model_folder():
@@ -72,8 +75,14 @@ def test_interventions_match_circuit_tracer(tiny_llama, tmp_path):
         }
         for name, (layers, freeze) in CASES.items()
     }
+    n = len(ids)
+    steering = [[rm.layers[0], 3, True, 1, 20.0], [rm.layers[2], n - 1, False, 5, 15.0]]  # open-ended from 3; at n−1
+    generation = {
+        f"generate_{name}": {"interventions": steering, "freeze_attention": freeze, "max_new_tokens": STEPS}
+        for name, freeze in (("free", False), ("frozen", True))
+    }
     spec = {"model_dir": str(tmp_path / "model"), "transcoder_dir": str(tmp_path / "transcoder"), "prompt": PROMPT}
-    (tmp_path / "spec.json").write_text(json.dumps({**spec, "cases": cases}))
+    (tmp_path / "spec.json").write_text(json.dumps({**spec, "cases": cases, "generate": generation}))
     proc = subprocess.run(
         [str(CT_PYTHON), str(CHILD), str(tmp_path / "spec.json"), str(tmp_path / "ct.safetensors")],
         capture_output=True,
@@ -111,3 +120,15 @@ def test_interventions_match_circuit_tracer(tiny_llama, tmp_path):
         torch.testing.assert_close(mine[1:], theirs[1:], rtol=0, atol=1e-5)
     for a, b in (("free", "frozen"), ("frozen", "direct"), ("direct", "constrained_1_2")):
         assert (logits[a] - logits[b]).abs().max() > TOL, (a, b)  # the modes differ by more than the tolerance
+    plain = generate(rm, None, ids, max_new_tokens=STEPS, stop_at_eos=False)
+    for name, case in generation.items():
+        changes = [(m, slice(p, None) if open_ended else p, f, v) for m, p, open_ended, f, v in case["interventions"]]
+        ours = generate(
+            rm, None, ids, changes, freeze_attention=case["freeze_attention"], max_new_tokens=STEPS, stop_at_eos=False
+        )
+        theirs = ct[f"{name}.logits"]  # the logits that chose each new token [steps, vocab]
+        diff = float((ours.logits - theirs).abs().max())
+        print(f"{name}: max |Δ logit| over {STEPS} generated tokens {diff:.2e}")
+        assert diff <= TOL, name
+        assert ours.new_ids == theirs.argmax(-1).tolist()
+        assert (ours.logits - plain.logits).abs().max() > 100 * TOL  # the steering acts
