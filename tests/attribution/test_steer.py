@@ -74,3 +74,21 @@ def test_bad_groups_are_refused_with_the_reason(setup):
         node_interventions(graph, "supernode:2", state=state, value=0.0)
     with pytest.raises(ValueError, match="nothing is pinned"):
         node_interventions(graph, "pinned", state=GraphState(), value=0.0)
+
+
+def test_effects_need_the_graphs_prompt_and_its_feature_nodes(setup):
+    from clt.attribution import intervene, intervention_effects
+
+    rm, graph, state, ids = setup
+    layer, pos, feature = graph.features[0].tolist()
+    with pytest.raises(ValueError, match="another prompt"):
+        intervention_effects(graph, intervene(rm, None, "Another prompt", [(layer, 1, feature, 0.0)]))
+    with pytest.raises(ValueError, match="one position per feature"):
+        intervention_effects(graph, intervene(rm, None, graph.token_ids, [(layer, slice(1, None), feature, 0.0)]))
+    inactive = next(f for f in range(rm.transcoder.cfg.num_features) if f"feature:{layer}:0:{f}" not in ids)
+    with pytest.raises(ValueError, match="not a node of the graph"):
+        intervention_effects(graph, intervene(rm, None, graph.token_ids, [(layer, 0, inactive, 1.0)]))
+    effects = intervention_effects(graph, intervene(rm, None, graph.token_ids, [(layer, pos, feature, 0.0)]))
+    assert effects.sources == [ids[0]] and float(effects.source_changes[0]) == pytest.approx(
+        -float(graph.activations[0])
+    )
