@@ -54,7 +54,8 @@ class InterventionResult:
     original_logits: Tensor
     """Logits of the unchanged model [n, vocab]."""
     activations: Tensor
-    """Feature activations of the intervened run, interventions applied [n, L, F]."""
+    """Feature activations of the intervened run, interventions applied [n, L, F] (encoded from the
+    running MLP inputs; in constrained layers the interventions act on the clean run's features)."""
     token_ids: list[int]
     """Prompt token ids."""
     tokens: list[str]
