@@ -79,6 +79,21 @@ def test_the_kv_cache_gives_the_tokens_of_full_reruns(rm, mode):
     assert (cached.logits - plain.logits).abs().max() > 1e-2  # the steering acts
 
 
+def test_each_new_token_runs_alone_on_the_cache(rm):
+    """The model sees the prompt once, then one token per pass (not the whole sequence again)."""
+    lengths = []
+    embed = rm.model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[-1]))
+    try:
+        result = generate(
+            rm, None, PROMPT, [(rm.layers[0], slice(1, None), 1, 4.0)], max_new_tokens=6, stop_at_eos=False
+        )
+    finally:
+        handle.remove()
+    n = len(result.prompt_ids)
+    assert lengths[-6:] == [n, 1, 1, 1, 1, 1]  # after `prepare`'s clean pass of the prompt
+
+
 def test_sampling_is_reproducible_with_a_seed(rm):
     options = {"max_new_tokens": STEPS, "do_sample": True, "temperature": 2.0, "top_k": 50, "stop_at_eos": False}
     first = generate(rm, None, PROMPT, seed=3, **options)
