@@ -1,4 +1,4 @@
-"""The `clt` command line: extract, train, evaluate, attribute, features, demo.
+"""The `clt` command line: extract, train, evaluate, attribute, steer, features, demo.
 
 Every subcommand's options are generated from its config dataclass; `--config FILE` reads a YAML
 or JSON file of those options and the command-line options override it.
@@ -22,6 +22,7 @@ from clt.config.base import ConfigError
 from clt.config.cli_args import add_config_arguments, config_from_args
 from clt.config.constants import DEFAULT_MODEL
 from clt.config.extraction import ExtractionConfig
+from clt.config.intervention import InterventionConfig
 from clt.config.recipes import recipe
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
@@ -211,6 +212,36 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_steer(args: argparse.Namespace) -> int:
+    """Intervene on features and generate: does a circuit do what the graph says?
+
+    Set, scale or add to features (--features LAYER:POS:FEATURE, or --nodes of a saved graph:
+    node ids, supernode ids or 'pinned' from the graph page's saved --state) at a prompt, and print
+    the likeliest next tokens and a continuation with and without the intervention. With
+    --constrained-layers all --freeze-attention true the change is the graph's direct effects.
+    """
+    from clt.pipeline import load_transcoder, run_steering
+    from clt.pipeline.steering import parse_features
+
+    config = config_from_args(InterventionConfig, args, _section(_read_config_file(args.config), "intervention"))
+    result = run_steering(
+        load_transcoder(args.transcoder, args.device),
+        config=config,
+        prompt=args.prompt,
+        graph=args.graph,
+        nodes=[n for n in (args.nodes or "").replace(" ", ",").split(",") if n] or None,
+        state=args.state,
+        features=parse_features(args.features) if args.features else None,
+        model=args.model,
+        device=args.device,
+        output_path=args.output,
+    )
+    print(result.summary())
+    if args.output:
+        print(f"result written to {args.output}")
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     """Feature cards: what makes features fire.
 
@@ -349,6 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--labeller", help=_LABELLER_HELP)
     attribute.add_argument("--config", help="YAML/JSON file of attribution options")
     add_config_arguments(attribute, AttributionConfig)
+
+    steer = _subcommand(sub, cmd_steer, [common])
+    steer.add_argument("--prompt", help="the text to intervene on (BOS is prepended); or give --graph")
+    steer.add_argument("--graph", help="a graph.json from `clt attribute`: its prompt, and the nodes --nodes names")
+    steer.add_argument(
+        "--nodes",
+        help="node ids (feature:LAYER:POS:FEATURE), supernode ids (supernode:N) or 'pinned', comma-separated",
+    )
+    steer.add_argument("--state", help="the graph page's saved state: a JSON file or the page URL (#state=...)")
+    steer.add_argument("--features", help="LAYER:POS:FEATURE triples, e.g. 3:5:12,4:5:7 (model layers)")
+    steer.add_argument("--output", help="write the result as JSON to this file")
+    steer.add_argument("--config", help="YAML/JSON file of intervention options")
+    add_config_arguments(steer, InterventionConfig)
 
     features = _subcommand(sub, cmd_features, [common])
     features.add_argument("--store", required=True, help="activation store folder (with token ids)")

@@ -98,7 +98,7 @@ def test_every_config_option_appears_in_its_commands_help():
     import dataclasses
 
     from clt.cli import _DERIVED_CLT_FIELDS
-    from clt.config import AttributionConfig, CLTConfig, ExtractionConfig, TrainingConfig
+    from clt.config import AttributionConfig, CLTConfig, ExtractionConfig, InterventionConfig, TrainingConfig
     from clt.config.base import field_docs
 
     commands = _subcommands()
@@ -106,6 +106,7 @@ def test_every_config_option_appears_in_its_commands_help():
         "extract": [(ExtractionConfig, ())],
         "train": [(CLTConfig, _DERIVED_CLT_FIELDS), (TrainingConfig, ())],
         "attribute": [(AttributionConfig, ())],
+        "steer": [(InterventionConfig, ())],
     }.items():
         text = " ".join(commands[command].format_help().split())
         for cls, skipped in configs:
@@ -258,6 +259,45 @@ def test_attribute_end_to_end(trained_run, tmp_path, capsys):
     html = (out / "graph.html").read_text()
     assert "<html" in html and "<script src=" not in html and len(html) > 3_000_000
     assert (out / "neuronpedia.json").is_file() and (out / "cards.json").is_file()
+
+
+def test_steer_end_to_end(trained_run, tmp_path, capsys):
+    """`clt steer` on features by LAYER:POS:FEATURE, then on a supernode of a graph page's saved state."""
+    import json
+
+    from clt.attribution import Graph, GraphState, Supernode
+
+    output = tmp_path / "steer.json"
+    run_clt(
+        "steer --max-new-tokens 3 --mode add --value 8",
+        transcoder=trained_run / "transcoder",
+        prompt="The for statement iterates",
+        features="0:2:1,2:4:3",
+        output=output,
+    )
+    text = capsys.readouterr().out
+    assert "next tokens with:" in text and "continuation with:" in text and "2 interventions (add 8)" in text
+    saved = json.loads(output.read_text())
+    assert saved["interventions"] == [[0, 2, 1, 8.0], [2, 4, 3, 8.0]] and saved["config"]["mode"] == "add"
+
+    run_clt("attribute --max-n-logits 2", transcoder=trained_run / "transcoder", prompt="The for", output_dir=tmp_path)
+    graph = Graph.load(tmp_path / "graph.json")
+    members = [graph.node(i).id for i in range(2)]
+    state = GraphState(pinned=["supernode:1"], supernodes=[Supernode("supernode:1", "pair", members)])
+    state.save(tmp_path / "state.json")
+    run_clt(
+        "steer --max-new-tokens 0 --mode scale --value 0 --constrained-layers all --freeze-attention true",
+        transcoder=trained_run / "transcoder",
+        graph=tmp_path / "graph.json",
+        nodes="pinned",
+        state=tmp_path / "state.json",
+        output=output,
+    )
+    saved = json.loads(output.read_text())
+    assert [f"feature:{m}:{p}:{f}" for m, p, f, _ in saved["interventions"]] == members
+    assert saved["continuation"] is None and saved["config"]["constrained_layers"] == "all"
+    assert main(["steer", "--transcoder", str(trained_run / "transcoder"), "--features", "0:1:1"]) == 1
+    assert "either --prompt" in capsys.readouterr().err
 
 
 def _features(trained_run, out, options):

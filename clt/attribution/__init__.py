@@ -1,6 +1,8 @@
 """Attribution graphs: the local replacement model, graph building, pruning, scores, interventions."""
 
 from clt.attribution.attribute import attribute
+from clt.attribution.effects import InterventionEffects, intervention_effects
+from clt.attribution.generate import GenerationResult, generate
 from clt.attribution.graph import Graph, GraphFileError, Node
 from clt.attribution.groups import suggest_supernodes
 from clt.attribution.interop import (
@@ -22,16 +24,19 @@ from clt.attribution.prune import (
 )
 from clt.attribution.replacement import PromptState, ReplacementModel
 from clt.attribution.state import GraphState, GraphStateError, Supernode
+from clt.attribution.steer import group_nodes, intervene_nodes, node_interventions, steer_nodes
 from clt.config.attribution import AttributionConfig
 from clt.nnsight.splice import TranscoderMismatchError
 
 __all__ = [
     "AttributionConfig",
+    "GenerationResult",
     "Graph",
     "GraphFileError",
     "GraphState",
     "GraphStateError",
     "Intervention",
+    "InterventionEffects",
     "InterventionResult",
     "Node",
     "PromptState",
@@ -43,12 +48,18 @@ __all__ = [
     "completeness_score",
     "edge_influence",
     "from_circuit_tracer_dict",
+    "generate",
     "graph_scores",
+    "group_nodes",
     "intervene",
+    "intervene_nodes",
+    "intervention_effects",
     "load_circuit_tracer_graph",
     "node_influence",
+    "node_interventions",
     "prune",
     "replacement_score",
+    "steer_nodes",
     "subgraph_scores",
     "suggest_supernodes",
     "to_circuit_tracer_dict",

@@ -13,6 +13,7 @@ from clt.config.constants import (
     layer_span,
 )
 from clt.config.extraction import ExtractionConfig
+from clt.config.intervention import InterventionConfig
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigBase",
     "ConfigError",
     "ExtractionConfig",
+    "InterventionConfig",
     "TrainingConfig",
     "check_choice",
     "check_output_site",

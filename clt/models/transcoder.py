@@ -221,13 +221,22 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         if not 0 <= layer < self.cfg.num_layers:
             raise IndexError(f"layer {layer} is out of range [0, {self.cfg.num_layers})")
         x_std = self._standardise(x[..., layer, :], self.input_mean[layer], self.input_std[layer])
-        z = nn.functional.linear(x_std, self.W_enc[layer], self.b_enc[layer])
+        return self.activate_layer(nn.functional.linear(x_std, self.W_enc[layer], self.b_enc[layer]), layer)
+
+    def activate_layer(self, z: Tensor, layer: int) -> Tensor:
+        """The nonlinearity of one layer's pre-activations z [..., F]: `activate` of the full
+        [..., L, F] at that layer, values and gradients, at 1/L of the cost (BatchTopK: eval only,
+        its per-token threshold rule; in training it needs every layer of the batch)."""
         act = self.cfg.activation_fn
+        if act == "relu":
+            return relu(z)
+        if act == "jumprelu":
+            return jumprelu(z, self.log_threshold[layer].exp(), self.cfg.jumprelu_bandwidth)
         if act == "topk":
             return topk(z, self.cfg.topk)
-        if act == "batchtopk" and self.training:
-            raise ValueError("encode_layer uses BatchTopK's inference threshold: call .eval() first")
-        return torch.where(z > self.threshold[layer].to(z.dtype), z, torch.zeros((), dtype=z.dtype))
+        if self.training:
+            raise ValueError("a single layer's BatchTopK uses its inference threshold: call .eval() first")
+        return torch.where(z > self.batchtopk.threshold[layer].to(z.dtype), z, torch.zeros((), dtype=z.dtype))
 
     def uses_sparse_decode(self, features: Tensor | None = None) -> bool:
         """Whether the TopK/BatchTopK sparse path is on (cfg.sparse_decode): the decoder gathers

@@ -18,13 +18,18 @@ a_new are the live features, changed by `edit` where given. Positions where `kee
 model's own output (the clean run's under constant errors). A clean run with a TopK ``selection``
 [..., L, F] (`clt.attribution.topk`, 'freeze') holds TopK's choice fixed: the live features are then
 the pre-activations of the selected features and 0 elsewhere, as for the clean run itself.
+
+`spliced_forward` is the same splice for any model inputs (a KV cache, say), returning the model's
+output; with a clean run, `frozen_features` edits the clean run's features instead of the live ones
+(a_new = edit(a_ref): features do not respond, the constrained layers of an intervention), and
+`replaced` limits the splice to some model layers (the others keep their own outputs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -35,7 +40,6 @@ from clt.models.transcoder import CrossLayerTranscoder
 from clt.nnsight.loading import ModelLayout, find_layout
 
 _MODES = ("none", "replace", "zero")
-_FAR_BELOW = -1e9
 
 
 class TranscoderMismatchError(ValueError):
@@ -112,6 +116,36 @@ def spliced_logits(
     `edit(layer, features)` returns the features [..., F] of transcoder layer `layer` to use instead
     of the encoded ones; positions where `keep` [B, T] is true keep the model's own outputs. With
     `grad` the logits stay differentiable w.r.t. the transcoder (through the frozen model)."""
+    inputs = {"input_ids": ids, "use_cache": False} | ({} if mask is None else {"attention_mask": mask})
+    logits = spliced_forward(
+        lm, mlp_paths, transcoder, inputs, mode=mode, keep=keep, grad=grad, errors=errors, edit=edit
+    ).logits
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def spliced_forward(
+    lm: Any,
+    mlp_paths: Sequence[str],
+    transcoder: CrossLayerTranscoder,
+    inputs: dict[str, Any],
+    *,
+    mode: str = "replace",
+    keep: Tensor | None = None,
+    grad: bool = False,
+    errors: str | CleanRun | None = None,
+    edit: Callable[[int, Tensor], Tensor] | None = None,
+    frozen_features: bool = False,
+    replaced: Container[int] | None = None,
+    observe: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Any:
+    """The model's output (logits, cache) for keyword `inputs` with the transcoder spliced in, as
+    `spliced_logits`; also:
+
+    - `frozen_features` (with a clean run as `errors`): `edit` changes the clean run's features, not
+      the live ones (features do not respond to the run: the constrained layers of an intervention);
+    - `replaced`: the model layers whose MLP output is spliced (default: all); the others keep their
+      own output, and decoder writes to them are dropped;
+    - `observe(layer, preactivations, features)`: the live encoding of every covered layer."""
     if mode not in _MODES:
         raise ValueError(f"mode must be 'none', 'replace' or 'zero', got {mode!r}")
     if isinstance(errors, str) and errors != "live":
@@ -120,30 +154,34 @@ def spliced_logits(
         if mode != "replace":
             raise ValueError(f"error terms and edits need mode 'replace', got {mode!r}")
         transcoder.require_mlp_replacement("splicing with error terms or edited features")
-    splice = _Splice(transcoder, errors, edit, keep)
+    if frozen_features and (errors is None or isinstance(errors, str)):
+        raise ValueError("frozen_features needs a clean run as errors (its features are the ones edited)")
+    splice = _Splice(transcoder, errors, edit, keep, frozen_features, observe)
     clean = splice.clean
     layer_of = {m: i for i, m in enumerate(transcoder.cfg.layers)}
-    inputs = {"input_ids": ids, "use_cache": False} | ({} if mask is None else {"attention_mask": mask})
     with torch.set_grad_enabled(grad), eval_mode(transcoder), lm.trace(**inputs):
         for m, path in enumerate(mlp_paths):
             i = layer_of.get(m)
-            if mode == "none" or (i is None and clean is None):
+            spliced = replaced is None or m in replaced
+            if mode == "none" or (i is None and (clean is None or not spliced)):
                 continue
             mlp = lm.get(path)
             if mode == "zero":
                 mlp.output = _kept(mlp.output, torch.zeros_like(mlp.output), keep)
             elif i is None:
                 mlp.output = clean.mlp_outputs[..., m, :].to(mlp.output.dtype).expand_as(mlp.output)
+            elif not spliced:
+                splice.output(m, i, mlp.input, None)  # observed; its writes to later layers kept
             else:
                 x = mlp.input  # before the output: nnsight visits a module's values in execution order
                 own = mlp.output if clean is None else clean.mlp_outputs[..., m, :]
                 mlp.output = splice.output(m, i, x, own).to(mlp.output.dtype)
-        logits = lm.output.logits.save()
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        output = lm.output.save()
+    return output
 
 
 class _Splice:
-    """The per-layer arithmetic of `spliced_logits` (module docstring), in execution order."""
+    """The per-layer arithmetic of `spliced_forward` (module docstring), in execution order."""
 
     def __init__(
         self,
@@ -151,35 +189,45 @@ class _Splice:
         errors: str | CleanRun | None,
         edit: Callable[[int, Tensor], Tensor] | None,
         keep: Tensor | None,
+        frozen_features: bool = False,
+        observe: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> None:
         self.tc, self.errors, self.edit, self.keep = transcoder, errors, edit, keep
+        self.frozen_features, self.observe = frozen_features, observe
         self.live = isinstance(errors, str)
         self.clean = None if errors is None or self.live else errors
         self.selection: Tensor | None = getattr(self.clean, "selection", None)
         self.pending: Tensor | None = None
         """Standardised decoder contributions [..., L, d] to the transcoder layers still to come."""
 
-    def output(self, m: int, i: int, x: Tensor, own: Tensor) -> Tensor:
-        """Output of model layer m (transcoder layer i) for its live input x; `own`: its kept output."""
+    def output(self, m: int, i: int, x: Tensor, own: Tensor | None) -> Tensor | None:
+        """Output of model layer m (transcoder layer i) for its live input x; `own`: its kept output
+        (None: the layer is not spliced, only observed and its decoder writes recorded)."""
         tc = self.tc
         x_std = _standardised(tc, i, x)
         frozen = None if self.selection is None else self.selection[..., i, :]
-        a = _features(tc, i, x_std, frozen)
-        a_new = a if self.edit is None else self.edit(i, a)
+        z, a = _encoded(tc, i, x_std, frozen)
+        if self.observe is not None:
+            self.observe(i, z, a)
         ref_std = None if self.clean is None else _standardised(tc, i, self.clean.mlp_inputs[..., m, :])
-        if ref_std is not None:
-            a_new = a_new - _features(tc, i, ref_std, frozen)
+        a_ref = None if ref_std is None else _encoded(tc, i, ref_std, frozen)[1]
+        base = a_ref if self.frozen_features else a
+        a_new = base if self.edit is None else self.edit(i, base)
+        if a_ref is not None:
+            a_new = a_new - a_ref
         elif self.live:
             a_new = a_new - a
         y_std = tc.layer_output(i, a_new, x_std) if tc.cfg.architecture == "molt" else self._decoded(i, a_new)
+        if own is None:
+            return None
         if self.errors is None:
             y_std = y_std + tc.b_dec[i]
         if tc.cfg.skip_connection and not self.live:
             y_std = y_std + x_std @ tc.W_skip[i].T
             if ref_std is not None:
                 y_std = y_std - ref_std @ tc.W_skip[i].T
-        base = tc.output_mean[i] if self.errors is None else own.to(torch.promote_types(own.dtype, torch.float32))
-        return _kept(own, y_std * tc.output_std[i] + base, self.keep)
+        base_out = tc.output_mean[i] if self.errors is None else own.to(torch.promote_types(own.dtype, torch.float32))
+        return _kept(own, y_std * tc.output_std[i] + base_out, self.keep)
 
     def _decoded(self, i: int, a: Tensor) -> Tensor:
         """Add features a [..., F] of transcoder layer i to the pending contributions; layer i's sum."""
@@ -198,16 +246,13 @@ def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Te
     return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
 
 
-def _features(transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor, selection: Tensor | None = None) -> Tensor:
-    """Features [..., F] of transcoder layer `layer` from its standardised input [..., d]; with a frozen
-    TopK `selection` [..., F], the pre-activations of the selected features (0 elsewhere)."""
-    w = transcoder
-    z_l = x_std @ w.W_enc[layer].T + w.b_enc[layer]
-    if selection is not None:
-        return z_l * selection.to(z_l.dtype)
-    z = z_l.new_full((*z_l.shape[:-1], w.cfg.num_layers, w.cfg.num_features), _FAR_BELOW)
-    z[..., layer, :] = z_l
-    return w.activate(z)[..., layer, :]
+def _encoded(
+    transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor, selection: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pre-activations and features [..., F] of transcoder layer `layer` from its standardised input [..., d];
+    with a frozen TopK `selection` [..., F], the features are the pre-activations of the selected ones."""
+    z = x_std @ transcoder.W_enc[layer].T + transcoder.b_enc[layer]
+    return z, transcoder.activate_layer(z, layer) if selection is None else z * selection.to(z.dtype)
 
 
 def _kept(own: Tensor, new: Tensor, keep: Tensor | None) -> Tensor:
@@ -220,6 +265,7 @@ __all__ = [
     "eval_mode",
     "fitted_layout",
     "language_model",
+    "spliced_forward",
     "spliced_logits",
     "wrap_model",
 ]

@@ -1,8 +1,9 @@
-"""Visualisation: the graph page, plotly figures of graphs, feature cards and training runs.
+"""Visualisation: the graph page, plotly figures of graphs, feature cards, interventions and training runs.
 
 plotly is imported when a figure or page is built, not when this package is imported.
 """
 
+from clt.viz.effects import intervention_effects_figure
 from clt.viz.figures import (
     feature_card_figure,
     layer_metrics_figure,
@@ -23,6 +24,7 @@ __all__ = [
     "graph_figure",
     "graph_html",
     "graph_page",
+    "intervention_effects_figure",
     "layer_metrics_figure",
     "page_data",
     "pareto_figure",

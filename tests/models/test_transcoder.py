@@ -446,3 +446,30 @@ def test_encode_layer_equals_that_layer_of_encode(act):
     assert (full != 0).any() and (full == 0).any()  # both sides of the threshold are exercised
     with pytest.raises(IndexError, match="out of range"):
         clt.encode_layer(x, 3)
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_activate_layer_has_the_values_and_gradients_of_activate(act):
+    """The splice's per-layer nonlinearity: `activate` of all layers, read at one, values and
+    gradients (w.r.t. the pre-activations and the JumpReLU thresholds) alike."""
+    cfg = CLTConfig(num_features=24, num_layers=3, d_model=8, activation_fn=act, topk=4, jumprelu_bandwidth=0.5)
+    clt = randomize_parameters(CrossLayerTranscoder(cfg), seed=2).eval()
+    if act == "batchtopk":
+        clt.batchtopk.threshold.copy_(torch.tensor([0.1, 0.3, 0.2]))
+    z = torch.randn(5, 3, 24, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    weights = torch.randn(5, 24, generator=torch.Generator().manual_seed(4))
+    params = [z, *([clt.log_threshold] if act == "jumprelu" else [])]
+    for layer in range(3):
+        full = clt.activate(z)[..., layer, :]
+        one = clt.activate_layer(z[..., layer, :], layer)
+        torch.testing.assert_close(one, full, rtol=0, atol=0)
+        assert (one != 0).any() and (one == 0).any()
+        expected = torch.autograd.grad((full * weights).sum(), params)
+        got = torch.autograd.grad((one * weights).sum(), params)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        if act == "jumprelu":
+            assert got[1][layer].abs().sum() > 0  # the threshold's pseudo-gradient is exercised
+    if act == "batchtopk":
+        with pytest.raises(ValueError, match="eval"):
+            clt.train().activate_layer(z[..., 0, :], 0)
