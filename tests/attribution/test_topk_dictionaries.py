@@ -23,21 +23,26 @@ from clt.models.transcoder import CrossLayerTranscoder
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _topk_plt(model, layers=(0, 2), k=4) -> CrossLayerTranscoder:
-    """A random skip transcoder with TopK (sparsify's kind) covering model `layers` of the tiny Llama."""
-    full = random_transcoder(model, num_features=24, cross_layer=False, skip_connection=True,
-                             activation_fn="topk", topk=k)  # fmt: skip
-    cfg = full.cfg.replace(num_layers=len(layers), layers=list(layers))
-    tc = CrossLayerTranscoder(cfg)
-    idx = list(layers)
+def _plt(model, layers=(0, 2), **config) -> CrossLayerTranscoder:
+    """A random skip transcoder (TopK, k=4, unless `config` says otherwise) covering model `layers`."""
+    config = {"num_features": 24, "cross_layer": False, "skip_connection": True, "activation_fn": "topk",
+              "topk": 4, **config}  # fmt: skip
+    full = random_transcoder(model, **config)
+    tc = CrossLayerTranscoder(full.cfg.replace(num_layers=len(layers), layers=list(layers)))
+    idx, L = list(layers), full.cfg.num_layers
     state = {
-        k: (v[idx] if k in ("W_enc", "b_enc", "b_dec", "W_skip") or k.endswith(("_mean", "_std")) else v)
-        for k, v in full.state_dict().items()
-        if not k.startswith("W_dec.")
+        name: v[idx] if v.ndim and v.shape[0] == L else v
+        for name, v in full.state_dict().items()
+        if not name.startswith("W_dec.")
     }
     state |= {f"W_dec.{i}": full.W_dec[m].detach() for i, m in enumerate(idx)}
     tc.load_state_dict(state)
     return tc.eval()
+
+
+def _topk_plt(model, layers=(0, 2), k=4) -> CrossLayerTranscoder:
+    """A random TopK skip transcoder (sparsify's kind) covering model `layers`."""
+    return _plt(model, layers, topk=k)
 
 
 def _row_sums_hold(rm: ReplacementModel, graph: Graph) -> None:
@@ -181,3 +186,24 @@ def test_clt_attribute_takes_a_cached_hub_id_and_explains_an_absent_one(tiny_lla
     assert main([*args, "--transcoder", "EleutherAI/not-cached"]) == 1
     err = capsys.readouterr().err
     assert "dictionary 'EleutherAI/not-cached' is not available offline" in err and "Traceback" not in err
+
+
+def test_clt_attribute_reads_a_saelens_folder_for_gpt2(tmp_path, capsys):
+    """A GPT-2-style model and SAELens's layout (JumpReLU skip transcoders at `blocks.{m}.ln2.hook_normalized`)
+    covering layers 1 and 2 of 3: exact replacement logits and row sums."""
+    from clt.models.saelens_files import export_saelens
+    from clt.nnsight.loading import load_model
+
+    model, tokenizer = load_model("tiny-gpt2")
+    tc = _plt(model, layers=(1, 2), activation_fn="jumprelu", jumprelu_threshold=0.05)
+    export_saelens(tc, tmp_path / "saelens")
+    out = tmp_path / "graph"
+    args = ["attribute", "--transcoder", str(tmp_path / "saelens"), "--model", "tiny-gpt2", "--prompt", PROMPT]
+    args += ["--output-dir", str(out), "--zero-bos", "false", "--max-n-logits", "4", "--desired-logit-prob", "1"]
+    assert main(args) == 0
+    graph = Graph.load(out / "graph.json")
+    assert graph.n_features > 0 and set(graph.features[:, 0].tolist()) <= {1, 2}
+    rm = ReplacementModel(model, load_dictionary(tmp_path / "saelens"), tokenizer)
+    with torch.no_grad():
+        assert (rm(PROMPT) - rm.prepare(PROMPT).logits).abs().max() <= 1e-4
+    _row_sums_hold(rm, graph)
