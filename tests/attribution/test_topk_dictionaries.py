@@ -207,3 +207,16 @@ def test_clt_attribute_reads_a_saelens_folder_for_gpt2(tmp_path, capsys):
     with torch.no_grad():
         assert (rm(PROMPT) - rm.prepare(PROMPT).logits).abs().max() <= 1e-4
     _row_sums_hold(rm, graph)
+
+
+def test_clt_attribute_converts_topk_to_jumprelu_when_asked(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    export_sparsify(_topk_plt(model), tmp_path / "sparsify")
+    out = tmp_path / "graph"
+    args = ["attribute", "--transcoder", str(tmp_path / "sparsify"), "--model", "tiny-llama", "--prompt", PROMPT]
+    args += ["--output-dir", str(out), "--topk-mode", "jumprelu", "--calibration-tokens", "256"]
+    assert main(args) == 0
+    frozen = attribute(PROMPT, model, load_dictionary(tmp_path / "sparsify"), tokenizer=tiny_llama[1], progress=False)
+    converted = Graph.load(out / "graph.json")
+    assert converted.config.topk_mode == "jumprelu" and converted.n_features > 0
+    assert not torch.equal(converted.features, frozen.features)  # a different dictionary: other active sets

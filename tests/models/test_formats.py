@@ -298,3 +298,12 @@ def test_sparsify_clt_branch_features_this_reader_cannot_hold_are_refused(tmp_pa
     _clt_branch_coder(tmp_path / "layers.0.mlp", torch.Generator().manual_seed(0), transcode=True, **extra)
     with pytest.raises(CheckpointError, match=match):
         load_dictionary(tmp_path)
+
+
+def test_clt_load_dictionary_does_not_import_torch_on_import_clt():
+    import subprocess
+    import sys
+
+    code = "import sys, clt; assert 'torch' not in sys.modules; assert callable(clt.load_dictionary)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
