@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-isa lint clean
+.PHONY: venv demo test test-isa lint clean interop-venvs
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
@@ -41,7 +41,7 @@ lint: $(STAMP)
 
 # The numerically sensitive tests under each kernel family the CPU offers (CPUs run different
 # library code: never trust a number only one of them gives), at 1 and 2 threads.
-ISA_TESTS ?= tests/training tests/models tests/attribution -m "not slow"
+ISA_TESTS ?= tests/training tests/models tests/attribution -m "not slow and not interop"
 ISA_KERNELS ?= default avx2 baseline
 ISA_THREADS ?= 1 2
 ISA_ENV_default :=
@@ -51,6 +51,14 @@ test-isa: $(STAMP)
 	@$(foreach k,$(ISA_KERNELS),$(foreach t,$(ISA_THREADS),\
 	echo "== kernels: $(k) ($(or $(ISA_ENV_$(k)),library choice)), threads: $(t)"; \
 	$(call PYTEST,env $(ISA_ENV_$(k)) OMP_NUM_THREADS=$(t) MKL_NUM_THREADS=$(t),-q -p no:cacheprovider $(ISA_TESTS)); ))
+
+# The venvs in which the round trips with sparsify and SAELens run (tests marked `interop`; they skip
+# without them): /work/sparsify-venv and /work/saelens-venv unless told otherwise.
+SPARSIFY_VENV ?= /work/sparsify-venv
+SAELENS_VENV ?= /work/saelens-venv
+interop-venvs:
+	bash experiments/sparsify/setup_venv.sh $(SPARSIFY_VENV)
+	bash experiments/saelens/setup_venv.sh $(SAELENS_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--transcoder",
         required=True,
-        help="trained transcoder: a save_pretrained folder, a `clt train` output folder or a .safetensors file",
+        help="transcoder or SAE: a save_pretrained folder, a `clt train` output folder, a .safetensors file, a "
+        "sparsify, SAELens or circuit-tracer folder, or a hub id (owner/repo[/subfolder]) already in the local "
+        "Hugging Face cache (nothing is downloaded)",
     )
     common.add_argument("--model", help="model alias or path (default: the model the transcoder was trained on)")
     common.add_argument("--device", default="cpu", help="torch device (default: cpu)")

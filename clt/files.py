@@ -56,3 +56,44 @@ def read_tensors(
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise error(f"{path} is corrupt or truncated ({err}); {corrupt}") from err
+
+
+# ----------------------------------------------------------------- offline Hugging Face cache
+
+
+class NotAvailableOfflineError(FileNotFoundError):
+    """Something named by a hub id is neither a local path nor in the local Hugging Face cache;
+    the message says how to provide it."""
+
+
+def offline_message(what: str, name: str, provide: str, err: BaseException | None = None) -> str:
+    """The one how-to-provide message for a `what` (model, dictionary) not available offline."""
+    cause = f" ({err.__class__.__name__}: {str(err).splitlines()[0]})" if err is not None and str(err) else ""
+    return (
+        f"{what} '{name}' is not available offline. Provide it as {provide} and pass its path, "
+        f"or pre-download it into the Hugging Face cache (on a machine with internet: "
+        f"`huggingface-cli download {name.split('@')[0]}`, then copy ~/.cache/huggingface/hub){cause}"
+    )
+
+
+def cached_hub_folder(name: str, *, what: str, provide: str, cache_dir: str | Path | None = None) -> Path:
+    """The local folder of hub id `name` (``owner/repo[/path/in/repo][@revision]``) in the Hugging
+    Face cache, never downloading (the offline rule of `clt.nnsight.loading.load_model`); raises
+    NotAvailableOfflineError with `offline_message` when the repository or the path is not cached."""
+    from huggingface_hub import snapshot_download
+
+    ref, _, revision = name.partition("@")
+    parts = ref.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise NotAvailableOfflineError(offline_message(what, name, provide))
+    repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache_dir, local_files_only=True))
+    except (OSError, ValueError) as err:  # LocalEntryNotFoundError, HFValidationError
+        raise NotAvailableOfflineError(offline_message(what, name, provide, err)) from err
+    folder = root / sub if sub else root
+    if not folder.exists():
+        raise NotAvailableOfflineError(
+            offline_message(what, name, provide, FileNotFoundError(f"the cached {repo_id} has no '{sub}'"))
+        )
+    return folder

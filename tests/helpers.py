@@ -162,3 +162,70 @@ def hand_graph(features: list[list[int]], n_layers: int, n_tokens: int, edges: d
         n_layers=n_layers,
         config=AttributionConfig(),
     )
+
+
+# ---------------------------------------------------------------- other libraries in their own venvs
+
+LIBRARY_PYTHONS = {
+    "sparsify": ("CLT_SPARSIFY_PYTHON", "/work/sparsify-venv/bin/python"),
+    "saelens": ("CLT_SAELENS_PYTHON", "/work/saelens-venv/bin/python"),
+}
+"""Python of each library's venv (experiments/LIBRARY/setup_venv.sh), overridable by an env var."""
+
+
+def library_python(library: str) -> Path:
+    """The venv python of `library`, or skip the test naming how to create it."""
+    import os
+
+    import pytest
+
+    env, default = LIBRARY_PYTHONS[library]
+    python = Path(os.environ.get(env, default))
+    if not python.is_file():
+        pytest.skip(f"{python} is missing: run `make interop-venvs` (experiments/{library}/setup_venv.sh) or set {env}")
+    return python
+
+
+def run_library(python: Path, library: str, *args: object) -> None:
+    """Run experiments/LIBRARY/roundtrip.py with that venv's python (one thread); assert it succeeds."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / library / "roundtrip.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    done = subprocess.run(
+        [str(python), str(script), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def mlp_activations(
+    model: nn.Module, tokenizer: Any, folder: Path, name: str, layers: list[int], n_windows: int = 4
+) -> Path:
+    """`folder/data.safetensors`: MLP inputs/outputs [T, len(layers), d] of `layers` on a few windows of
+    the default corpus, and ``layers`` (the data the round-trip helpers read)."""
+    from safetensors.torch import save_file
+
+    from clt.nnsight.extractors import ActivationExtractor
+
+    extractor = ActivationExtractor(model=model, tokenizer=tokenizer, model_name=name, layers=layers, context_length=32)
+    acts = extractor.activations([w for _, w in zip(range(n_windows), extractor.windows())])
+    path = folder / "data.safetensors"
+    save_file({"inputs": acts["inputs"], "outputs": acts["outputs"], "layers": torch.tensor(layers)}, str(path))
+    return path
+
+
+def fake_hub_cache(cache: Path, repo: str, files: Path) -> None:
+    """A Hugging Face cache entry for `repo` (models--owner--name/refs/main → snapshot) holding `files`."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in files.rglob("*"):
+        target = snapshot / path.relative_to(files)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.write_bytes(path.read_bytes())

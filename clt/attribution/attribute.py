@@ -32,6 +32,7 @@ from clt.attribution.linear import Stopwatch, UnsupportedModelError
 from clt.attribution.memory import CHUNK_BYTES, MemoryPlan, plan_memory
 from clt.attribution.replacement import PromptState, ReplacementModel
 from clt.attribution.rows import AutogradRows, Edges, LinearRows, RowEngine, encoder_rows
+from clt.attribution.topk import topk_for_attribution
 from clt.config.attribution import AttributionConfig
 from clt.models.transcoder import CrossLayerTranscoder
 
@@ -53,12 +54,23 @@ def attribute(
     `model` is a Hugging Face causal LM, a model alias/path (loaded with its tokenizer), or a
     `ReplacementModel` (then `transcoder` may be omitted). Options: max_n_logits,
     desired_logit_prob, batch_size, max_feature_nodes, update_interval, zero_bos, prepend_bos,
-    max_memory_gb, backward.
+    max_memory_gb, backward, topk_mode, calibration_tokens. Layers the transcoder does not cover
+    keep their MLP outputs as error nodes; a TopK dictionary is frozen or converted (`topk_mode`,
+    `clt.attribution.topk`).
     """
     cfg = config if config is not None else AttributionConfig()
     if options:
         cfg = cfg.replace(**options)
     replacement = _replacement_model(model, transcoder, tokenizer)
+    chosen = topk_for_attribution(
+        replacement.transcoder,
+        replacement.model,
+        replacement.tokenizer,
+        cfg.topk_mode,
+        calibration_tokens=cfg.calibration_tokens,
+    )
+    if chosen is not replacement.transcoder:
+        replacement = ReplacementModel(replacement.model, chosen, replacement.tokenizer)
     state = replacement.prepare(prompt, zero_bos=cfg.zero_bos, prepend_bos=cfg.prepend_bos)
     unused = torch.empty(0)  # rows need the errors, embeddings and activations (and outputs: autograd)
     state = dataclasses.replace(state, mlp_inputs=unused, reconstruction=unused, preactivations=unused)

@@ -57,6 +57,9 @@ class PromptState:
     """Error terms e = y − ŷ [n, M, d] (0 at the BOS position when it is zeroed)."""
     zeroed_positions: list[int]
     """Positions whose features and errors were zeroed (the BOS position, or none)."""
+    selection: Tensor | None = None
+    """TopK dictionaries: the features TopK selected [n, L, F] (bool), frozen for the prompt like the
+    attention pattern (`clt.attribution.topk`); None for other activations."""
 
 
 class ReplacementModel:
@@ -193,7 +196,9 @@ class ReplacementModel:
             recon[:, self.layers] = tc.decode(a, x_tc if tc.cfg.skip_connection else None).float()
         errors = y - recon
         errors[zeroed] = 0
-        return PromptState(ids, logits, record["emb"][0].float(), x, y, z.float(), a.float(), recon, errors, zeroed)
+        selection = a > 0 if tc.cfg.activation_fn == "topk" else None
+        emb = record["emb"][0].float()
+        return PromptState(ids, logits, emb, x, y, z.float(), a.float(), recon, errors, zeroed, selection)
 
     # ----------------------------------------------------------------- frozen model
 

@@ -34,6 +34,18 @@ class AttributionConfig(ConfigBase):
     once, no batch copies; pre-norm decoders such as Llama and GPT-2), 'autograd' (the prompt copied
     batch_size times through the frozen model; any architecture) or 'auto' (linear where it applies)."""
 
+    topk_mode: str = "freeze"
+    """TopK dictionaries (e.g. sparsify's): 'freeze' keeps TopK exact, its selection of active features
+    frozen for the prompt like the attention pattern: the graph explains the dictionary as trained, but
+    in the local replacement model a selected feature stays on (its activation its pre-activation, even
+    below another's) and an unselected one stays off whatever an intervention does. 'jumprelu' first
+    converts the dictionary to JumpReLU with per-feature thresholds calibrated to the same L0 per layer
+    (`clt.models.convert`) on `calibration_tokens` of the default corpus: each feature then fires on its
+    own input, as in circuit-tracer's JumpReLU transcoders, but it is a different dictionary: per-token
+    active sets and L0 change, and the error nodes absorb the difference."""
+    calibration_tokens: int = 4096
+    """Tokens of the default corpus on which topk_mode='jumprelu' calibrates the thresholds."""
+
     def __post_init__(self) -> None:
         check(
             isinstance(self.max_n_logits, int) and self.max_n_logits >= 1,
@@ -55,6 +67,14 @@ class AttributionConfig(ConfigBase):
         check(
             self.max_memory_gb is None or (isinstance(self.max_memory_gb, (int, float)) and self.max_memory_gb > 0),
             f"max_memory_gb must be None (no budget) or a positive number of GiB, got {self.max_memory_gb!r}",
+        )
+        check(
+            self.topk_mode in ("freeze", "jumprelu"),
+            f"topk_mode must be 'freeze' or 'jumprelu', got {self.topk_mode!r}",
+        )
+        check(
+            isinstance(self.calibration_tokens, int) and self.calibration_tokens >= 1,
+            f"calibration_tokens must be a positive integer, got {self.calibration_tokens!r}",
         )
         check(
             self.backward in ("auto", "linear", "autograd"),

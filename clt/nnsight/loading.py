@@ -18,16 +18,18 @@ import torch
 from torch import nn
 
 from clt.config.constants import DEFAULT_MODEL
+from clt.files import NotAvailableOfflineError, offline_message
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+MODEL_PROVIDE = "a local folder (`model.save_pretrained(dir)` + tokenizer) or a .gguf file"
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff", "mlp_block")
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(NotAvailableOfflineError):
     """A model could not be found locally; the message says how to provide it."""
 
 
@@ -163,10 +165,8 @@ def _load_hf(name: str, trust_remote_code: bool):
         )
     except OSError as err:
         raise ModelNotFoundError(
-            f"model '{name}' is not available offline. Provide it as a local folder "
-            f"(`model.save_pretrained(dir)` + tokenizer) or a .gguf file and pass its path, "
-            f"pre-download it into the Hugging Face cache, or use the alias '{DEFAULT_MODEL}' "
-            f"or one of {TINY_MODELS}. ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+            offline_message("model", name, MODEL_PROVIDE, err)
+            + f"; or use the alias '{DEFAULT_MODEL}' or one of {TINY_MODELS}"
         ) from err
     return model, tokenizer
 

@@ -15,7 +15,9 @@ spliced run itself (the transcoder's inference rule), and its output becomes
   skip_ref = its skip term (errors held constant; uncovered MLPs keep the clean outputs).
 
 a_new are the live features, changed by `edit` where given. Positions where `keep` is true keep the
-model's own output (the clean run's under constant errors).
+model's own output (the clean run's under constant errors). A clean run with a TopK ``selection``
+[..., L, F] (`clt.attribution.topk`, 'freeze') holds TopK's choice fixed: the live features are then
+the pre-activations of the selected features and 0 elsewhere, as for the clean run itself.
 
 `spliced_forward` is the same splice for any model inputs (a KV cache, say), returning the model's
 output; with a clean run, `frozen_features` edits the clean run's features instead of the live ones
@@ -51,6 +53,8 @@ class CleanRun(Protocol):
     """MLP inputs [..., M, d] of every model layer."""
     mlp_outputs: Tensor
     """MLP outputs [..., M, d] of every model layer."""
+    selection: Tensor | None
+    """TopK dictionaries: the clean run's active features [..., L, F] (bool), held fixed; or None."""
 
 
 def fitted_layout(model: nn.Module, transcoder: CrossLayerTranscoder, purpose: str, *, linear: bool) -> ModelLayout:
@@ -192,6 +196,7 @@ class _Splice:
         self.frozen_features, self.observe = frozen_features, observe
         self.live = isinstance(errors, str)
         self.clean = None if errors is None or self.live else errors
+        self.selection: Tensor | None = getattr(self.clean, "selection", None)
         self.pending: Tensor | None = None
         """Standardised decoder contributions [..., L, d] to the transcoder layers still to come."""
 
@@ -200,11 +205,12 @@ class _Splice:
         (None: the layer is not spliced, only observed and its decoder writes recorded)."""
         tc = self.tc
         x_std = _standardised(tc, i, x)
-        z, a = _encoded(tc, i, x_std)
+        frozen = None if self.selection is None else self.selection[..., i, :]
+        z, a = _encoded(tc, i, x_std, frozen)
         if self.observe is not None:
             self.observe(i, z, a)
         ref_std = None if self.clean is None else _standardised(tc, i, self.clean.mlp_inputs[..., m, :])
-        a_ref = None if ref_std is None else _encoded(tc, i, ref_std)[1]
+        a_ref = None if ref_std is None else _encoded(tc, i, ref_std, frozen)[1]
         base = a_ref if self.frozen_features else a
         a_new = base if self.edit is None else self.edit(i, base)
         if a_ref is not None:
@@ -240,10 +246,13 @@ def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Te
     return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
 
 
-def _encoded(transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor) -> tuple[Tensor, Tensor]:
-    """Pre-activations and features [..., F] of transcoder layer `layer` from its standardised input [..., d]."""
+def _encoded(
+    transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor, selection: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pre-activations and features [..., F] of transcoder layer `layer` from its standardised input [..., d];
+    with a frozen TopK `selection` [..., F], the features are the pre-activations of the selected ones."""
     z = x_std @ transcoder.W_enc[layer].T + transcoder.b_enc[layer]
-    return z, transcoder.activate_layer(z, layer)
+    return z, transcoder.activate_layer(z, layer) if selection is None else z * selection.to(z.dtype)
 
 
 def _kept(own: Tensor, new: Tensor, keep: Tensor | None) -> Tensor:

@@ -95,10 +95,16 @@ def run_attribution(
     `labeller` (a callable or a model name for `llm_labeller`; default the offline rule), embedded in
     the page."""
     from clt.attribution import attribute, graph_scores, prune
+    from clt.attribution.topk import topk_for_attribution
+    from clt.config.attribution import AttributionConfig
     from clt.viz.page import select_page
 
     lm, tokenizer = model_for(transcoder, model, device)
-    graph = attribute(prompt, lm, transcoder.to(device), tokenizer=tokenizer, config=config, progress=progress)
+    config = config if config is not None else AttributionConfig()
+    transcoder = topk_for_attribution(  # cards and graph describe the same dictionary
+        transcoder.to(device), lm, tokenizer, config.topk_mode, calibration_tokens=config.calibration_tokens
+    )
+    graph = attribute(prompt, lm, transcoder, tokenizer=tokenizer, config=config, progress=progress)
     result = AttributionResult(graph, prune(graph, node_threshold, edge_threshold), graph_scores(graph))
     out = Path(output_dir) if output_dir is not None else None
     selection = select_page(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)

@@ -10,19 +10,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_transcoder(path: str | Path, device: str = "cpu") -> Any:
-    """A transcoder from a `save_pretrained` folder, a training run folder or a `.safetensors` file."""
-    from clt.models.transcoder import CrossLayerTranscoder
+    """A transcoder (eval mode) from any source `clt.load_dictionary` reads: a `save_pretrained` folder, a
+    training run folder, a `.safetensors` file, a sparsify, SAELens or circuit-tracer folder, or a hub
+    id in the local Hugging Face cache."""
+    from clt.models.dictionaries import load_dictionary
 
-    path = Path(path)
-    if path.is_file():
-        return CrossLayerTranscoder.load(path).to(device).eval()
-    for folder in (path, path / "transcoder", path / "final"):
-        if (folder / "config.json").is_file():
-            return CrossLayerTranscoder.from_pretrained(folder).to(device).eval()
-    raise FileNotFoundError(
-        f"no transcoder at {path}: give a save_pretrained folder (config.json + "
-        "model.safetensors), a training run folder or a .safetensors file"
-    )
+    return load_dictionary(path, device=device)
 
 
 def model_for(transcoder: Any, model: Any, device: str = "cpu") -> tuple[Any, Any]:
