@@ -166,11 +166,12 @@ def hand_graph(features: list[list[int]], n_layers: int, n_tokens: int, edges: d
 
 # ---------------------------------------------------------------- other libraries in their own venvs
 
+INTEROP_DIR = Path(__file__).resolve().parents[1] / ".venv-interop"
 LIBRARY_PYTHONS = {
-    "sparsify": ("CLT_SPARSIFY_PYTHON", "/work/sparsify-venv/bin/python"),
-    "saelens": ("CLT_SAELENS_PYTHON", "/work/saelens-venv/bin/python"),
+    "sparsify": ("CLT_SPARSIFY_PYTHON", str(INTEROP_DIR / "sparsify" / "bin" / "python")),
+    "saelens": ("CLT_SAELENS_PYTHON", str(INTEROP_DIR / "saelens" / "bin" / "python")),
 }
-"""Python of each library's venv (experiments/LIBRARY/setup_venv.sh), overridable by an env var."""
+"""Python of each library's venv (`make interop-venvs`, which `make test` runs), overridable by an env var."""
 
 
 def library_python(library: str) -> Path:
@@ -181,7 +182,8 @@ def library_python(library: str) -> Path:
 
     env, default = LIBRARY_PYTHONS[library]
     python = Path(os.environ.get(env, default))
-    if not python.is_file():
+    built = env in os.environ or (python.parents[1] / ".installed").is_file()  # a finished `make interop-venvs`
+    if not (built and python.is_file()):
         pytest.skip(f"{python} is missing: run `make interop-venvs` (experiments/{library}/setup_venv.sh) or set {env}")
     return python
 

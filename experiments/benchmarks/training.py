@@ -2,7 +2,7 @@
 TopK decoder against the dense one, and EleutherAI's sparsify against this trainer, in one run.
 
     flock /tmp/clt-bench.lock python experiments/benchmarks/training.py [--layers 8 --features 2048]
-    bash experiments/sparsify/setup_venv.sh     # once, for part (d); skipped without it
+    make interop-venvs     # once, for part (d); skipped without it
 
 About 3-4 minutes on a 2-core CPU with the defaults (L=8 layers, d=576, F=2048, batch 512 tokens).
 Every step is a full `CLTTrainer.train_step` (batch from an in-memory store of synthetic
@@ -88,7 +88,7 @@ class BenchConfig(ConfigBase):
     """(b): also time the dense steps under bf16 autocast."""
     parts: str = "abcd"
     """Which parts to run (letters of the module docstring)."""
-    sparsify_python: str = "/work/sparsify-venv/bin/python"
+    sparsify_python: str = ".venv-interop/sparsify/bin/python"
     """Python of the virtualenv with eai-sparsify (experiments/sparsify/setup_venv.sh)."""
     threads: int = 0
     """torch intra-op threads (0: keep torch's default)."""
@@ -266,7 +266,7 @@ def part_d(cfg: BenchConfig, x: torch.Tensor, y: torch.Tensor) -> dict | None:
         f"F={cfg.features} k={cfg.sparsify_k} B={cfg.batch}"
     )
     if not python.exists():
-        print(f"skipped: {python} is missing (create it with bash experiments/sparsify/setup_venv.sh)")
+        print(f"skipped: {python} is missing (create it with `make interop-venvs`)")
         return None
     store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=cfg.batch)
     lr = 2e-4 / (cfg.features / 2**14) ** 0.5

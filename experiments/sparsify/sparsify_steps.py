@@ -1,6 +1,6 @@
 """Time EleutherAI sparsify's TopK transcoder training steps on stored activations (own venv).
 
-    /work/sparsify-venv/bin/python experiments/sparsify/sparsify_steps.py --data acts.safetensors \
+    .venv-interop/sparsify/bin/python experiments/sparsify/sparsify_steps.py --data acts.safetensors \
         --features 2048 --k 32 --batch 512 [--threads 2]
 
 Driven by experiments/benchmarks/training.py, which writes `--data` (safetensors with `inputs`
