@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-# The venvs in which the round trips with sparsify and SAELens run (tests marked `interop`), inside
+# The venvs in which sparsify, SAELens and circuit-tracer run for the interop tests, inside
 # the checkout; `make test` builds them once (INTEROP=0 skips that; the tests then skip, saying why).
 # A failed install (no package index) warns and goes on: the interop tests skip the same way.
 INTEROP ?= 1
 INTEROP_DIR ?= .venv-interop
-INTEROP_LIBS := sparsify saelens
+INTEROP_LIBS := sparsify saelens circuit_tracer
 
 .PHONY: venv demo test test-isa lint clean interop-venvs
 

@@ -170,6 +170,7 @@ INTEROP_DIR = Path(__file__).resolve().parents[1] / ".venv-interop"
 LIBRARY_PYTHONS = {
     "sparsify": ("CLT_SPARSIFY_PYTHON", str(INTEROP_DIR / "sparsify" / "bin" / "python")),
     "saelens": ("CLT_SAELENS_PYTHON", str(INTEROP_DIR / "saelens" / "bin" / "python")),
+    "circuit_tracer": ("CLT_CIRCUIT_TRACER_PYTHON", str(INTEROP_DIR / "circuit_tracer" / "bin" / "python")),
 }
 """Python of each library's venv (`make interop-venvs`, which `make test` runs), overridable by an env var."""
 

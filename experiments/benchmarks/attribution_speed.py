@@ -4,7 +4,7 @@
         [--model smollm2-135m|tiny-llama] [--transcoders clt:64:8,clt:256:4] \
         [--tokens 64,256,1024,4096 | --prompt TEXT] [--max-feature-nodes 2048] [--batch-size 64] \
         [--max-memory-gb 16] [--reference-src DIR] [--reference-tokens 64,256] \
-        [--ct-python /work/ct-venv/bin/python] [--ct-tokens 64,256] [--memory-limit-gb 21] \
+        [--ct-python .venv-interop/circuit_tracer/bin/python] [--ct-tokens 64,256] [--memory-limit-gb 21] \
         [--timeout 14400] [--repeats 1] [--work-dir /tmp/clt-bench]
 
 Transcoders (``kind:features per layer:active features per layer and token``, PLT or CLT): random
@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
-DEFAULT_CT_PYTHON = "/work/ct-venv/bin/python"
+DEFAULT_CT_PYTHON = ".venv-interop/circuit_tracer/bin/python"
 GiB = 2**30
 CHILD_SCRIPT = Path(__file__).resolve().with_name("attribution_child.py")
 """Runs each measured call in a fresh process (ours, the reference's, or circuit-tracer's in its virtualenv)."""

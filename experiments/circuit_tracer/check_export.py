@@ -1,18 +1,13 @@
 """Check `export_circuit_tracer` and the graph interop against circuit-tracer itself.
 
 circuit-tracer (decoderesearch/circuit-tracer) pins nnsight 0.6.1 and transformers <= 4.57.3, so
-it lives in its own virtualenv. Set one up once (offline: the torch wheel and PyPI only):
-
-    python3.11 -m venv /work/ct-venv
-    /work/ct-venv/bin/pip install torch==2.13.0
-    /work/ct-venv/bin/pip install "nnsight==0.6.1" "transformers==4.57.3" "huggingface_hub<1.0" \
-        einops numpy pydantic safetensors tokenizers tqdm pyyaml
-    /work/ct-venv/bin/pip install --no-deps /path/to/circuit-tracer   # its source checkout
+it lives in its own virtualenv: `make interop-venvs` (experiments/circuit_tracer/setup_venv.sh: torch,
+then circuit-tracer 0.5.0 from PyPI beside nnsight 0.6.1 and transformers 4.57.3) makes it once.
 
 Then, from the repository root with the project's virtualenv:
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/circuit_tracer/check_export.py \
-        [--ct-python /work/ct-venv/bin/python] [--out DIR]
+        [--ct-python .venv-interop/circuit_tracer/bin/python] [--out DIR]
 
 Three steps: (1) this venv exports small random transcoders (PLT JumpReLU with skip, CLT ReLU, CLT
 JumpReLU, CLT BatchTopK, a PLT covering model layers 0 and 2 of 3, a CLT covering 1 and 3 of 5) and
@@ -217,7 +212,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", type=Path, help="(internal) run circuit-tracer's side on DIR")
     parser.add_argument(
-        "--ct-python", default="/work/ct-venv/bin/python", help="python of the virtualenv that has circuit-tracer"
+        "--ct-python",
+        default=".venv-interop/circuit_tracer/bin/python",
+        help="python of the virtualenv that has circuit-tracer",
     )
     parser.add_argument("--out", type=Path, help="folder for the files (default: a temporary one)")
     args = parser.parse_args()

@@ -1,8 +1,9 @@
 """Interventions against circuit-tracer's `feature_intervention`, run in its own virtualenv.
 
 circuit-tracer pins nnsight 0.6.1 and transformers ≤ 4.57.3, so it lives in a separate virtualenv
-(experiments/circuit_tracer/check_export.py says how to make one); its python is taken from
-``$CLT_CIRCUIT_TRACER_PYTHON`` or /work/ct-venv/bin/python, and the test is skipped without it.
+(`make interop-venvs`, which `make test` runs: experiments/circuit_tracer/setup_venv.sh); its python
+is taken from ``$CLT_CIRCUIT_TRACER_PYTHON`` or .venv-interop/circuit_tracer, and the test is skipped
+without it.
 The tiny Llama is saved as a folder both transformers versions load, the transcoder is written
 with `export_circuit_tracer`, and both sides set the same features on the same token ids: one
 forward pass (`feature_intervention`: free, frozen attention, direct effects, constrained layers) and
@@ -19,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_transcoder
+from helpers import library_python, random_transcoder
 from test_attribution import PROMPT
 
 from clt.attribution import ReplacementModel, generate, intervene
 
-CT_PYTHON = Path(os.environ.get("CLT_CIRCUIT_TRACER_PYTHON", "/work/ct-venv/bin/python"))
 CHILD = Path(__file__).with_name("circuit_tracer_child.py")
 ROOT = Path(__file__).resolve().parents[2]
 CASES = {  # name: (constrained_layers as range arguments or None, freeze_attention)
@@ -47,11 +47,9 @@ def _save_model_folder():
     return module.save_model_folder
 
 
-@pytest.mark.skipif(
-    not CT_PYTHON.is_file(),
-    reason=f"circuit-tracer's virtualenv is missing ({CT_PYTHON}); set CLT_CIRCUIT_TRACER_PYTHON to its python",
-)
+@pytest.mark.interop
 def test_interventions_match_circuit_tracer(tiny_llama, tmp_path):
+    ct_python = library_python("circuit_tracer")
     from clt.models.export import export_circuit_tracer
 
     model, tokenizer = tiny_llama
@@ -84,7 +82,7 @@ def test_interventions_match_circuit_tracer(tiny_llama, tmp_path):
     spec = {"model_dir": str(tmp_path / "model"), "transcoder_dir": str(tmp_path / "transcoder"), "prompt": PROMPT}
     (tmp_path / "spec.json").write_text(json.dumps({**spec, "cases": cases, "generate": generation}))
     proc = subprocess.run(
-        [str(CT_PYTHON), str(CHILD), str(tmp_path / "spec.json"), str(tmp_path / "ct.safetensors")],
+        [str(ct_python), str(CHILD), str(tmp_path / "spec.json"), str(tmp_path / "ct.safetensors")],
         capture_output=True,
         text=True,
         timeout=600,
