@@ -181,7 +181,12 @@ def spliced_forward(
 
 
 class _Splice:
-    """The per-layer arithmetic of `spliced_forward` (module docstring), in execution order."""
+    """The per-layer arithmetic of `spliced_forward` (module docstring), in execution order.
+
+    Layer slices of the stacked parameters come from one `unbind` per forward (`_param`): indexing
+    a stacked parameter layer by layer makes autograd fill a zero tensor of the whole parameter for
+    each layer's gradient (two thirds of a KL training step's backward before); decoder writes to
+    later layers accumulate per target layer for the same reason."""
 
     def __init__(
         self,
@@ -197,8 +202,9 @@ class _Splice:
         self.live = isinstance(errors, str)
         self.clean = None if errors is None or self.live else errors
         self.selection: Tensor | None = getattr(self.clean, "selection", None)
-        self.pending: Tensor | None = None
-        """Standardised decoder contributions [..., L, d] to the transcoder layers still to come."""
+        self.pending: dict[int, Tensor] = {}
+        """Standardised decoder contributions [..., d] to the transcoder layers still to come, by layer."""
+        self.slices: dict[str, tuple[Tensor, ...]] = {}
 
     def output(self, m: int, i: int, x: Tensor, own: Tensor | None) -> Tensor | None:
         """Output of model layer m (transcoder layer i) for its live input x; `own`: its kept output
@@ -206,11 +212,11 @@ class _Splice:
         tc = self.tc
         x_std = _standardised(tc, i, x)
         frozen = None if self.selection is None else self.selection[..., i, :]
-        z, a = _encoded(tc, i, x_std, frozen)
+        z, a = self._encoded(i, x_std, frozen)
         if self.observe is not None:
             self.observe(i, z, a)
         ref_std = None if self.clean is None else _standardised(tc, i, self.clean.mlp_inputs[..., m, :])
-        a_ref = None if ref_std is None else _encoded(tc, i, ref_std, frozen)[1]
+        a_ref = None if ref_std is None else self._encoded(i, ref_std, frozen)[1]
         base = a_ref if self.frozen_features else a
         a_new = base if self.edit is None else self.edit(i, base)
         if a_ref is not None:
@@ -221,22 +227,34 @@ class _Splice:
         if own is None:
             return None
         if self.errors is None:
-            y_std = y_std + tc.b_dec[i]
+            y_std = y_std + self._param("b_dec", i)
         if tc.cfg.skip_connection and not self.live:
-            y_std = y_std + x_std @ tc.W_skip[i].T
+            w_skip = self._param("W_skip", i)
+            y_std = y_std + x_std @ w_skip.T
             if ref_std is not None:
-                y_std = y_std - ref_std @ tc.W_skip[i].T
+                y_std = y_std - ref_std @ w_skip.T
         base_out = tc.output_mean[i] if self.errors is None else own.to(torch.promote_types(own.dtype, torch.float32))
         return _kept(own, y_std * tc.output_std[i] + base_out, self.keep)
 
     def _decoded(self, i: int, a: Tensor) -> Tensor:
         """Add features a [..., F] of transcoder layer i to the pending contributions; layer i's sum."""
         contrib = torch.einsum("...f,fjd->...jd", a, self.tc.W_dec[i])
-        if self.pending is None:
-            self.pending = contrib.new_zeros(*contrib.shape[:-2], self.tc.cfg.num_layers, contrib.shape[-1])
-        targets = torch.arange(i, i + contrib.shape[-2], device=contrib.device)
-        self.pending = self.pending.index_add(-2, targets, contrib)
-        return self.pending[..., i, :]
+        for j, c in enumerate(contrib.unbind(-2), start=i):
+            self.pending[j] = c if j not in self.pending else self.pending[j] + c
+        return self.pending.pop(i)
+
+    def _param(self, name: str, i: int) -> Tensor:
+        """Layer i of the stacked parameter `name`, from one unbind per forward (class docstring)."""
+        if name not in self.slices:
+            self.slices[name] = getattr(self.tc, name).unbind(0)
+        return self.slices[name][i]
+
+    def _encoded(self, i: int, x_std: Tensor, selection: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Pre-activations and features [..., F] of transcoder layer i from its standardised input
+        [..., d]; with a frozen TopK `selection` [..., F], the features are the pre-activations of the
+        selected ones."""
+        z = x_std @ self._param("W_enc", i).T + self._param("b_enc", i)
+        return z, self.tc.activate_layer(z, i) if selection is None else z * selection.to(z.dtype)
 
 
 def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Tensor:
@@ -244,15 +262,6 @@ def _standardised(transcoder: CrossLayerTranscoder, layer: int, x: Tensor) -> Te
     then in the parameter dtype (as `CrossLayerTranscoder.normalize_inputs`)."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     return ((wide - transcoder.input_mean[layer]) / transcoder.input_std[layer]).to(transcoder.W_enc.dtype)
-
-
-def _encoded(
-    transcoder: CrossLayerTranscoder, layer: int, x_std: Tensor, selection: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Pre-activations and features [..., F] of transcoder layer `layer` from its standardised input [..., d];
-    with a frozen TopK `selection` [..., F], the features are the pre-activations of the selected ones."""
-    z = x_std @ transcoder.W_enc[layer].T + transcoder.b_enc[layer]
-    return z, transcoder.activate_layer(z, layer) if selection is None else z * selection.to(z.dtype)
 
 
 def _kept(own: Tensor, new: Tensor, keep: Tensor | None) -> Tensor:

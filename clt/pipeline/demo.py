@@ -19,18 +19,16 @@ from clt.store import ActivationStore
 logger = logging.getLogger(__name__)
 
 DEMO_TRAINING: dict[str, Any] = {
-    "training_steps": 300,
+    "training_steps": 260,
     "buffer_tokens": 16_384,
     "lr_warmup_steps": 25,
-    "kl_coef": 0.3,
-    "kl_start": 0.7,
+    "kl_start": 0.55,
     "kl_windows": 1,
     "checkpoint_every": 0,
 }
 """The demo's departures from the default model's recipe (`clt.config.recipes`): a short run whose
-last 30 % adds the KL term on one window per step (a KL step costs ~2x a plain one), weighted 0.3
-(measured on one window per step: 0.3 beats 0.1, 1 and 3; 30 diverges), and a smaller buffer (a
-run's last buffer of tokens is forwarded, not trained on)."""
+last 45 % adds the KL term on one window per step (a KL step costs ~2x a plain one), and a smaller
+buffer (a run's last buffer of tokens is forwarded, not trained on)."""
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
 
