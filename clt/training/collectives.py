@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -180,6 +181,11 @@ def _local_rank(rank: int, world_size: int, port: int, threads: int, fn: Callabl
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # A finished rank skips the interpreter's shutdown: a gloo thread still alive there can abort the
+    # process ("terminate called without an active exception"), as the `clt` entry point does under torchrun.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def memory_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
