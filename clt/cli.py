@@ -275,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the default model, offline.
 
     Train a transcoder with the default model's recipe, streamed from the live model (shortened to
-    260 steps), evaluate it on held-out text, extract a small store for its feature cards, build an
+    250 steps), evaluate it on held-out text, extract a small store for its feature cards, build an
     attribution graph and write it as the graph page (HTML) with the cards of its features.
     """
     from clt.pipeline import run_demo
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias or path (default: {DEFAULT_MODEL})")
     demo.add_argument("--num-features", type=int, help="transcoder features per layer (default: the recipe's)")
-    demo.add_argument("--training-steps", type=int, help="training steps (default: 260)")
+    demo.add_argument("--training-steps", type=int, help="training steps (default: 250)")
     demo.add_argument("--batch-size", type=int, help="tokens per training step (default: the recipe's)")
     demo.add_argument("--labeller", help=_LABELLER_HELP)
     return parser

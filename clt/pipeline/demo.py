@@ -19,16 +19,17 @@ from clt.store import ActivationStore
 logger = logging.getLogger(__name__)
 
 DEMO_TRAINING: dict[str, Any] = {
-    "training_steps": 260,
-    "buffer_tokens": 16_384,
+    "training_steps": 250,
+    "buffer_tokens": 32_768,
     "lr_warmup_steps": 25,
-    "kl_start": 0.55,
-    "kl_windows": 1,
+    "kl_start": 0.72,
+    "kl_windows": 2,
     "checkpoint_every": 0,
 }
 """The demo's departures from the default model's recipe (`clt.config.recipes`): a short run whose
-last 45 % adds the KL term on one window per step (a KL step costs ~2x a plain one), and a smaller
-buffer (a run's last buffer of tokens is forwarded, not trained on)."""
+last 70 steps add the KL term on two windows per step (a KL step costs ~2.5x a plain one), and a
+32k-token buffer (a 16k one leaves an unusual document's batch unmixed at step ~200 and ends ~0.03
+nats worse)."""
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
 
