@@ -94,8 +94,11 @@ def _threshold(scores: Tensor, fraction: float) -> Tensor:
     return ordered[index]
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
-    """Node and edge masks keeping `node_threshold` of node and `edge_threshold` of edge influence."""
+def prune(
+    graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98, *, node_scores: Tensor | None = None
+) -> PruneResult:
+    """Node and edge masks keeping `node_threshold` of node and `edge_threshold` of edge influence
+    (`node_scores`: the graph's `node_influence`, when already computed for another threshold)."""
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -105,13 +108,13 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     n_sources = graph.n_nodes - n_fixed  # features and errors
     n_features = graph.n_features
 
-    scores = node_influence(A, weights)
+    scores = node_influence(A, weights) if node_scores is None else node_scores
     node_mask = scores >= _threshold(scores, node_threshold)
     node_mask[n_sources:] = True
 
     edge_scores = edge_influence(drop_nodes(A, node_mask), weights)
-    threshold = _threshold(edge_scores.values() if is_sparse(A) else edge_scores.flatten(), edge_threshold)
-    rows, cols, values = entries(edge_scores)  # only positive scores
+    rows, cols, values = entries(edge_scores)  # only positive scores: zeros move no threshold
+    threshold = _threshold(values, edge_threshold)
     keep = values >= threshold
 
     previous = torch.zeros_like(node_mask)

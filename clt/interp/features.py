@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +166,8 @@ def _scan(
     peak = torch.full((L, F), 1e-6)
     seen = 0
     total = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
-    bar = tqdm(total=2 * total, desc="feature statistics", unit="tok", disable=not progress)
+    bar = tqdm(total=total, desc="feature statistics", unit="tok", disable=not progress)
+    fired: list[tuple[torch.Tensor, torch.Tensor]] | None = []  # nonzeros of the first pass, while few
     for inputs in _store_batches(store, max_tokens, batch_size):
         a = transcoder.encode(inputs).float()  # [n, L, F]
         peak = torch.maximum(peak, a.max(0).values)
@@ -177,16 +178,42 @@ def _scan(
         best = merged_v.topk(top_k, dim=-1)
         top_values, top_rows = best.values, merged_r.gather(-1, best.indices)
         seen += a.shape[0]
+        if fired is not None:
+            fired.append(_nonzeros(a))
+            if int(fire_count.sum()) > _SCAN_KEEP:  # dense activations: encode again instead
+                fired = None
         bar.update(a.shape[0])
-    edges = torch.linspace(0, 1, HISTOGRAM_BINS + 1)[None, None] * peak[..., None]
-    histogram = torch.zeros(L, F, HISTOGRAM_BINS, dtype=torch.long)
-    for inputs in _store_batches(store, max_tokens, batch_size):
-        a = transcoder.encode(inputs).float()
-        bins = (a / peak * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1)
-        histogram.scatter_add_(-1, bins.permute(1, 2, 0), (a > 0).long().permute(1, 2, 0))
-        bar.update(a.shape[0])
+    if fired is None:
+        bar.reset(total=total)
+        fired = _nonzeros_again(transcoder, store, max_tokens, batch_size, bar)
+    histogram = torch.zeros(L * F * HISTOGRAM_BINS, dtype=torch.long)
+    for index, value in fired:  # one bin per nonzero activation, scaled by its feature's peak
+        bins = (value / peak.view(-1)[index] * HISTOGRAM_BINS).long().clamp(0, HISTOGRAM_BINS - 1)
+        histogram.index_add_(0, index * HISTOGRAM_BINS + bins, torch.ones_like(bins))
     bar.close()
+    histogram = histogram.view(L, F, HISTOGRAM_BINS)
+    edges = torch.linspace(0, 1, HISTOGRAM_BINS + 1)[None, None] * peak[..., None]
     return _Scan(top_values, top_rows, fire_count, histogram, edges, seen)
+
+
+_SCAN_KEEP = 50_000_000
+"""Nonzero activations the statistics scan keeps from its first pass (~600 MB) instead of encoding twice."""
+
+
+def _nonzeros(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat layer·feature index, value) of each nonzero of activations [n, L, F]."""
+    flat = a.reshape(a.shape[0], -1)
+    where = flat > 0
+    return where.nonzero()[:, 1], flat[where]
+
+
+def _nonzeros_again(
+    transcoder: CrossLayerTranscoder, store: ActivationStore, max_tokens: int | None, batch_size: int, bar: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`_nonzeros` of a second encoding pass over the store."""
+    for inputs in _store_batches(store, max_tokens, batch_size):
+        yield _nonzeros(transcoder.encode(inputs).float())
+        bar.update(len(inputs))
 
 
 def _store_batches(store: ActivationStore, max_tokens: int | None, batch_size: int) -> Iterable[torch.Tensor]:
@@ -230,13 +257,24 @@ def _quantiles(histogram: torch.Tensor, edges: torch.Tensor) -> dict[str, float]
 
 
 def output_logit_effects(
-    transcoder: CrossLayerTranscoder, unembedding: torch.Tensor, final_norm_weight: torch.Tensor | None = None
+    transcoder: CrossLayerTranscoder,
+    unembedding: torch.Tensor,
+    final_norm_weight: torch.Tensor | None = None,
+    features: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """Direct logit effect [L, F, vocab] of each feature's total decoder write (mean logit removed)."""
+    """Direct logit effect of each feature's total decoder write (mean logit removed): [L, F, vocab],
+    or [len(features), vocab] for the given (layer, feature) pairs (a card set needs only its own)."""
     transcoder.require_mlp_replacement("a feature's direct logit effect")
     folded = transcoder.fold_normalization()
     with torch.no_grad():
-        total = torch.stack([w.sum(1) for w in folded.W_dec])  # [L, F, d]: summed over target layers
+        if features is None:
+            total = torch.stack([w.sum(1) for w in folded.W_dec])  # [L, F, d]: summed over target layers
+        else:
+            pairs = torch.tensor(list(features), dtype=torch.long).reshape(-1, 2)
+            total = torch.empty(len(pairs), transcoder.cfg.d_model, dtype=folded.W_dec[0].dtype)
+            for layer in pairs[:, 0].unique().tolist():
+                here = pairs[:, 0] == layer
+                total[here] = folded.W_dec[layer][pairs[here, 1]].sum(1)
         if final_norm_weight is not None:
             total = total * final_norm_weight
         logits = total.float() @ unembedding.float().T
@@ -304,7 +342,9 @@ def build_feature_cards(
         token_ids = _store_column(store, "token_ids")
         window_ids = _store_column(store, "window_ids")
         logit_effects = (
-            output_logit_effects(transcoder, unembedding, final_norm_weight) if unembedding is not None else None
+            dict(zip(todo, output_logit_effects(transcoder, unembedding, final_norm_weight, features=todo)))
+            if unembedding is not None
+            else None
         )
         inputs_cache: dict[int, torch.Tensor] = {}
         built: list[FeatureCard] = []
@@ -367,7 +407,7 @@ def _card(
     token_ids: torch.Tensor,
     window_ids: torch.Tensor,
     context: int,
-    logit_effects: torch.Tensor | None,
+    logit_effects: dict[tuple[int, int], torch.Tensor] | None,
     n_logits: int,
     inputs_cache: dict[int, torch.Tensor],
 ) -> FeatureCard:

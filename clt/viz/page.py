@@ -140,8 +140,10 @@ def select_page(
     if len(levels) > 8:
         raise ValueError(f"a page holds at most 8 node thresholds, got {len(levels)}: {levels}")
     active = levels.index(float(node_threshold))
-    results = [prune(graph, node_threshold=level, edge_threshold=edge_threshold) for level in levels]
     influence = node_influence(graph.adjacency, graph.logit_weights())
+    results = [
+        prune(graph, node_threshold=level, edge_threshold=edge_threshold, node_scores=influence) for level in levels
+    ]
     features = _page_features(graph, results, active, influence, max_features, max_nonzeros)
     return PageSelection(levels, active, results, influence, features)
 

@@ -93,12 +93,33 @@ def test_bad_inputs(setup, tmp_path):
         FeatureCards().card(0, 7)
 
 
+@pytest.mark.parametrize("keep", [None, 0], ids=["one pass", "two passes"])
+def test_histograms_match_brute_force(setup, monkeypatch, keep):
+    """Activation histograms from the first pass's nonzeros, or (dense activations) a second pass."""
+    from clt.interp import features
+
+    store, tc, model, tokenizer = setup
+    if keep is not None:
+        monkeypatch.setattr(features, "_SCAN_KEEP", keep)
+    acts, _ = _all_activations(store, tc)
+    cards = build_feature_cards(tc, store, tokenizer, batch_size=100, progress=False)
+    for key, card in cards.items():
+        layer, feature = map(int, key.split("/"))
+        column = acts[:, layer, feature]
+        fired = column[column > 0]
+        bins = (fired / column.max() * features.HISTOGRAM_BINS).long().clamp(0, features.HISTOGRAM_BINS - 1)
+        assert card.histogram == torch.bincount(bins, minlength=features.HISTOGRAM_BINS).tolist(), key
+
+
 def test_logit_effects_shape(setup):
     store, tc, model, tokenizer = setup
     unembedding, norm_weight = unembedding_of(model)
     effects = output_logit_effects(tc, unembedding, norm_weight)
     assert effects.shape == (tc.cfg.num_layers, tc.cfg.num_features, unembedding.shape[0])
     torch.testing.assert_close(effects.mean(-1), torch.zeros(effects.shape[:2]), atol=1e-5, rtol=0)
+    pairs = [(1, 3), (0, 0), (1, 0), (tc.cfg.num_layers - 1, tc.cfg.num_features - 1)]
+    subset = output_logit_effects(tc, unembedding, norm_weight, features=pairs)
+    torch.testing.assert_close(subset, torch.stack([effects[lay, f] for lay, f in pairs]), atol=1e-5, rtol=1e-5)
 
 
 def test_logit_effects_refuse_an_sae(setup):
