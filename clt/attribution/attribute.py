@@ -6,7 +6,8 @@ Algorithm (as circuit-tracer, with the frozen model applied as linear maps):
 2. Targets are visited in batches: logits first, then features (all of them, or with
    `max_feature_nodes` in order of their estimated influence on the logits through the rows so far,
    re-ranked every `update_interval` batches). Within a round, targets are batched by position, so
-   that a batch only works on the positions up to its last target's.
+   that a batch only works on the positions up to its last target's, and each batch runs from its
+   top layer down, a target's row joining at its own layer.
 3. A batch's rows come from the gradients of its targets at every MLP output and the embeddings
    (`clt.attribution.rows`): by default the frozen model's linear maps, kept once
    (`clt.attribution.linear`), else one frozen forward of the prompt copied batch-size times.
@@ -167,7 +168,7 @@ def _attribute(
             graph.add(torch.arange(logit_col + lo, logit_col + hi), logit_rows.pop(0))
         order = _by_position(torch.arange(K), active, model_layer)
         for lo, hi in _batches(K, batch):
-            chunk = order[lo:hi]
+            chunk = _top_layer_first(order[lo:hi], model_layer)
             out = torch.zeros(len(chunk), n_cols)
             graph.add(chunk, compute(model_layer[chunk], active[chunk, 1], encoder_rows(rm, active, chunk), out))
             watch.lap("graph")
@@ -235,7 +236,7 @@ def _visit(
         queue = order[~visited[order]][: min(cfg.update_interval * batch, n_rows - done)]
         queue = _by_position(queue, active, model_layer)
         for lo, hi in _batches(len(queue), batch):
-            chunk = queue[lo:hi]
+            chunk = _top_layer_first(queue[lo:hi], model_layer)
             out = rows[done : done + len(chunk)]
             compute(model_layer[chunk], active[chunk, 1], encoder_rows(rm, active, chunk), out)
             sums[done : done + len(chunk)] = out.abs().sum(1)
@@ -306,6 +307,11 @@ def _by_position(indices: Tensor, active: Tensor, model_layer: Tensor) -> Tensor
     """Feature indices ordered by (position, layer), so that a batch spans few positions."""
     key = active[indices, 1] * (int(model_layer.max()) + 1 if len(model_layer) else 1) + model_layer[indices]
     return indices[key.argsort(stable=True)]
+
+
+def _top_layer_first(chunk: Tensor, model_layer: Tensor) -> Tensor:
+    """A batch's features from the top layer down: the linear path skips each row above its layer."""
+    return chunk[model_layer[chunk].argsort(descending=True, stable=True)]
 
 
 def _row_chunk(n_cols: int, chunk_bytes: int = CHUNK_BYTES) -> int:

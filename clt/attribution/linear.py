@@ -199,11 +199,16 @@ class LinearReplacement:
         self, layers: Tensor, positions: Tensor, vecs: Tensor, on_layer: Callable[[int, Tensor], None]
     ) -> Tensor:
         """Gradients of targets reading `vecs` [B, d] at (model layer, position) — layer M: the final
-        hidden state — calling ``on_layer(m, g)`` with the gradient [B, n', d] at MLP output m from the
-        top layer down; returns the gradient at the embeddings [B, n', d] (n' = max position + 1)."""
+        hidden state — calling ``on_layer(m, g)`` with the gradient at MLP output m from the top layer
+        down; returns the gradient at the embeddings [B, n', d] (n' = max position + 1).
+
+        A target's gradient is zero above its own layer: with `layers` in descending order, the rows
+        above layer m are skipped there, and ``g`` [b, n', d] holds only the first b rows (those
+        with a target above m), all of them otherwise."""
         M, B = len(self.layers), len(vecs)
         n1, top = int(positions.max()) + 1, int(layers.max())
         rows = torch.arange(B)
+        descending = bool((layers[:-1] >= layers[1:]).all())
         g = vecs.new_zeros(B, n1, vecs.shape[1])
         at = layers == M
         if at.any():
@@ -212,19 +217,20 @@ class LinearReplacement:
         for m in range(min(top, M - 1), -1, -1):
             if m < top:
                 self.watch.lap("norms and targets")
-                on_layer(m, g)
+                on_layer(m, g[: int((layers > m).sum())] if descending else g)
                 self.watch.lap("edges")
             layer, here = self.layers[m], layers == m
+            live = g[: int((layers >= m).sum())] if descending else g
             if m in self.skips:
                 w, in_std, out_std = self.skips[m]
-                g_x = ((g * out_std) @ w) / in_std
+                g_x = ((live * out_std) @ w) / in_std
                 g_x.index_put_((rows[here], positions[here]), vecs[here], accumulate=True)
-                g += layer.mlp_norm.adjoint(g_x)
+                live += layer.mlp_norm.adjoint(g_x)
             elif here.any():
                 v = layer.mlp_norm.adjoint_at(vecs[here], positions[here])
                 g.index_put_((rows[here], positions[here]), v, accumulate=True)
-            g_a = self._attention_adjoint(layer.attention, g)
-            g += layer.attn_norm.adjoint(g_a)
+            g_a = self._attention_adjoint(layer.attention, live)
+            live += layer.attn_norm.adjoint(g_a)
         self.watch.lap("norms and targets")
         return g
 

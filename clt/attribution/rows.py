@@ -111,7 +111,7 @@ class LinearRows:
     def rows(self, layers: Tensor, positions: Tensor, vecs: Tensor, out: Tensor) -> None:
         """Rows of a batch of targets (`RowEngine`)."""
         with torch.no_grad():
-            g_emb = self.linear.backward(layers, positions, vecs, lambda m, g: self.edges.layer(m, g, out))
+            g_emb = self.linear.backward(layers, positions, vecs, lambda m, g: self.edges.layer(m, g, out[: len(g)]))
             self.edges.tokens(g_emb, out)
             self.linear.watch.lap("edges")
 
