@@ -10,6 +10,7 @@ bool tensor holding only the kept edges).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -84,11 +85,26 @@ def mask_entries(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def vector_matrix(vector: Tensor, matrix: Tensor) -> Tensor:
     """vector @ matrix for a vector [n] and a dense or sparse matrix [n, n]."""
+    return right_multiplier(matrix)(vector)
+
+
+def right_multiplier(matrix: Tensor) -> Callable[[Tensor], Tensor]:
+    """v ↦ v @ matrix for many vectors v [n]: a sparse matrix is transposed into CSR once, and each
+    product is then one sparse matrix-vector product."""
     if not is_sparse(matrix):
-        return vector @ matrix
+        return lambda vector: vector @ matrix
     rows, cols, values = entries(matrix)
-    out = torch.zeros(matrix.shape[1], dtype=torch.promote_types(vector.dtype, values.dtype))
-    return out.index_add_(0, cols, vector[rows] * values)
+    order = torch.argsort(cols * matrix.shape[0] + rows)
+    transposed = csr_matrix(cols[order], rows[order], values[order], matrix.shape[1])
+    by_dtype: dict[torch.dtype, Tensor] = {}
+
+    def multiply(vector: Tensor) -> Tensor:
+        dtype = torch.promote_types(vector.dtype, values.dtype)
+        if dtype not in by_dtype:
+            by_dtype[dtype] = transposed if transposed.dtype == dtype else transposed.to(dtype)
+        return torch.mv(by_dtype[dtype], vector.to(dtype))
+
+    return multiply
 
 
 def normalize_rows(adjacency: Tensor) -> Tensor:
@@ -140,6 +156,33 @@ def values_at(matrix: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return out
 
 
+def dense_rows(matrix: Tensor, rows: Tensor) -> Tensor:
+    """matrix[rows] as a dense block [len(rows), n] (a sparse matrix is never densified whole)."""
+    if not is_sparse(matrix):
+        return matrix[rows]
+    if matrix.layout != torch.sparse_csr:
+        entry_rows, entry_cols, entry_values = entries(matrix)
+        matrix = csr_matrix(entry_rows, entry_cols, entry_values, matrix.shape[0])
+    crow, col, values = matrix.crow_indices().long(), matrix.col_indices().long(), matrix.values()
+    starts, counts = crow[rows], crow[rows + 1] - crow[rows]
+    owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
+    index = torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts)[owner] + starts[owner]
+    out = torch.zeros(len(rows), matrix.shape[1], dtype=values.dtype)
+    out[owner, col[index]] = values[index]
+    return out
+
+
+def count_nonzeros(matrix: Tensor, rows: Tensor, cols: Tensor, chunk: int = 4096) -> Tensor:
+    """Nonzero entries of each of `rows` within the columns `cols` [len(rows)] (dense or sparse)."""
+    if not is_sparse(matrix):
+        parts = [(matrix[part][:, cols] != 0).sum(1) for part in rows.split(chunk)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    entry_rows, entry_cols, _ = entries(matrix)
+    in_cols = torch.zeros(matrix.shape[1], dtype=torch.long).index_fill_(0, cols, 1)
+    per_row = torch.zeros(matrix.shape[0], dtype=torch.long).index_add_(0, entry_rows, in_cols[entry_cols])
+    return per_row[rows]
+
+
 def to_dense(matrix: Tensor) -> Tensor:
     """The matrix as a dense tensor (a copy only when it is sparse)."""
     return matrix.to_dense() if is_sparse(matrix) else matrix
@@ -147,13 +190,16 @@ def to_dense(matrix: Tensor) -> Tensor:
 
 __all__ = [
     "DENSE_LIMIT_BYTES",
+    "count_nonzeros",
     "csr_from_counts",
     "csr_matrix",
+    "dense_rows",
     "drop_nodes",
     "entries",
     "is_sparse",
     "mask_entries",
     "normalize_rows",
+    "right_multiplier",
     "same_layout",
     "scale_rows",
     "sparse_csr",

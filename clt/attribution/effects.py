@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from clt.attribution.adjacency import dense_rows
 from clt.attribution.graph import Graph
 
 if TYPE_CHECKING:
@@ -89,14 +90,14 @@ def intervention_effects(graph: Graph, result: InterventionResult) -> Interventi
         if index not in sources:
             sources.append(index)
             changes.append(delta)
-    A = graph.adjacency.to_dense() if graph.is_sparse else graph.adjacency
+    A = graph.adjacency
     cols = torch.tensor(sources, dtype=torch.long)
     weights = torch.tensor(changes, dtype=torch.float64) / graph.activations[cols].double()
     targets = [t for t in range(graph.n_features) if t not in sources] + list(
         range(graph.logit_slice.start, graph.n_nodes)
     )
     rows = torch.tensor(targets, dtype=torch.long)
-    predicted = A[rows][:, cols].double() @ weights
+    predicted = dense_rows(A, rows)[:, cols].double() @ weights
     measured, kinds, labels = [], [], []
     logit_change = result.demeaned_logit_change(-1).double()
     for t in targets:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from clt.attribution.adjacency import dense_rows
 from clt.attribution.graph import Graph
 from clt.attribution.prune import feature_indices, node_influence
 
@@ -38,7 +39,8 @@ def suggest_supernodes(
         return []
     universe = torch.tensor(sorted({graph.node_index(n) if isinstance(n, str) else int(n) for n in nodes}))
     A = graph.adjacency
-    profiles = torch.cat([A[features][:, universe], A[universe][:, features].T], dim=1).double()
+    profiles = torch.cat([dense_rows(A, features)[:, universe], dense_rows(A, universe)[:, features].T], dim=1)
+    profiles = profiles.double()
     profiles = profiles / profiles.norm(dim=1, keepdim=True).clamp(min=1e-30)
     similar = (profiles @ profiles.T) >= min_similarity - 1e-12
     ids = [graph.node(int(i)).id for i in features]

@@ -36,14 +36,14 @@ import torch
 from torch import Tensor
 
 from clt.attribution.adjacency import (
+    dense_rows,
     drop_nodes,
     entries,
     is_sparse,
     normalize_rows,
+    right_multiplier,
     same_layout,
     scale_rows,
-    to_dense,
-    vector_matrix,
 )
 from clt.attribution.graph import Graph
 
@@ -62,12 +62,13 @@ class PruneResult(NamedTuple):
 
 def influence(normalized: Tensor, weights: Tensor, max_iter: int = 10_000) -> Tensor:
     """weights·(Â + Â² + …) for a row-normalised acyclic Â [n, n] and weights [n]."""
-    current = vector_matrix(weights, normalized)
+    multiply = right_multiplier(normalized)
+    current = multiply(weights)
     total = current.clone()
     for _ in range(max_iter):
         if not current.any():
             return total
-        current = vector_matrix(current, normalized)
+        current = multiply(current)
         total += current
     raise RuntimeError(f"influence did not converge after {max_iter} steps: the graph has a cycle")
 
@@ -187,7 +188,7 @@ def error_nodes_of(graph: Graph, features: Tensor) -> Tensor:
 def merged_rows(graph: Graph, rows: Tensor, merged: Tensor) -> Tensor:
     """Rows `rows` [r, n_nodes] (float64) of the adjacency with the features `merged` merged into
     their error nodes (module docstring)."""
-    block = to_dense(graph.adjacency)[rows].double()
+    block = dense_rows(graph.adjacency, rows).double()
     if merged.numel():
         block.index_add_(1, error_nodes_of(graph, merged), block[:, merged])
         block[:, merged] = 0

@@ -6,7 +6,7 @@ continuations), `demo` (all of it), `loading` (transcoders and models by path or
 """
 
 from clt.pipeline.attribution import AttributionResult, run_attribution, run_features
-from clt.pipeline.demo import DEMO_PROMPT, DEMO_TRAINING, DEMO_TRANSCODER, DemoResult, run_demo
+from clt.pipeline.demo import DEMO_PROMPT, DEMO_TRAINING, DemoResult, run_demo
 from clt.pipeline.evaluation import EvaluationResult, metric_lines, run_evaluation
 from clt.pipeline.loading import load_transcoder, model_for
 from clt.pipeline.steering import SteeringResult, run_steering
@@ -15,7 +15,6 @@ from clt.pipeline.train import TrainingResult, run_extraction, run_streaming, ru
 __all__ = [
     "DEMO_PROMPT",
     "DEMO_TRAINING",
-    "DEMO_TRANSCODER",
     "AttributionResult",
     "DemoResult",
     "EvaluationResult",

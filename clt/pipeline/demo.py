@@ -30,10 +30,6 @@ DEMO_TRAINING: dict[str, Any] = {
 last 88 steps add the KL term on two windows per step (a KL step costs ~2.5x a plain one), and a
 32k-token buffer (a 16k one leaves an unusual document's batch unmixed at step ~200 and ends ~0.03
 nats worse)."""
-DEMO_TRANSCODER: dict[str, Any] = {"topk": 24}
-"""The demo's transcoder beside the recipe's: 24 active features per layer and token instead of 16
-(a 250-step run is limited by its steps, not its size: k = 24 costs about the same time and ends
-0.04 nats nearer the model; the recipe keeps 16, the L0 its 60-minute targets allow)."""
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
 
@@ -95,7 +91,7 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """The end-to-end demo: train a transcoder with the default model's recipe (streamed from the
-    live model; `DEMO_TRAINING` shortens it, `DEMO_TRANSCODER` adjusts it), evaluate it on held-out
+    live model; `DEMO_TRAINING` shortens it), evaluate it on held-out
     text, extract a store of `max_tokens` tokens for its feature cards, and write the attribution
     graph of `prompt` as its HTML page with the cards of its features (labelled by `labeller`: a
     callable or a local causal LM's name; default the offline rule). None: the recipe's value."""
@@ -112,7 +108,7 @@ def run_demo(
         | {k: v for k, v in given.items() if k in TrainingConfig.field_names()}
     )
     transcoder = CLTConfig.from_dict(
-        {"num_layers": 1, "d_model": 1, **settings["transcoder"], **DEMO_TRANSCODER}
+        {"num_layers": 1, "d_model": 1, **settings["transcoder"]}
         | {k: v for k, v in given.items() if k in CLTConfig.field_names()}
     )
     stream = ExtractionConfig.from_dict({**settings["extraction"], "model": model})

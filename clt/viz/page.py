@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clt.attribution.adjacency import count_nonzeros, dense_rows
 from clt.attribution.graph import Graph
 from clt.attribution.groups import suggest_supernodes
 from clt.attribution.prune import PruneResult, graph_scores, merged_rows, node_influence, prune
@@ -240,11 +241,9 @@ def _page_features(
     order = sorted(range(len(kept)), key=lambda k: (not bool(at_active[k]), -float(influence[kept[k]])))
     candidates = kept[torch.tensor(order, dtype=torch.long)][:max_features]
     columns = torch.cat([candidates, torch.arange(graph.n_features, graph.logit_slice.start)])
-    counts = torch.cat(
-        [(graph.adjacency[chunk][:, columns] != 0).sum(1) for chunk in candidates.split(_CHUNK)]
-        or [torch.zeros(0, dtype=torch.long)]
-    )
-    budget = max_nonzeros - int((graph.adjacency[graph.logit_slice][:, columns] != 0).sum())
+    counts = count_nonzeros(graph.adjacency, candidates, columns, _CHUNK)
+    logits = torch.arange(graph.logit_slice.start, graph.logit_slice.stop)
+    budget = max_nonzeros - int(count_nonzeros(graph.adjacency, logits, columns).sum())
     take = int((counts.cumsum(0) <= budget).sum())
     if take < len(kept):
         logger.warning(
@@ -332,7 +331,7 @@ def _blocks(
             values = block[:, columns]
             levels = torch.zeros(values.shape, dtype=torch.uint8)
             for k, result in enumerate(results):
-                levels |= result.edge_mask[chunk][:, columns].to(torch.uint8) << k
+                levels |= dense_rows(result.edge_mask, chunk)[:, columns].to(torch.uint8) << k
             mask = values != 0
             r, c = mask.nonzero(as_tuple=True)
             parts[name].append((mask.sum(1), page_index[columns[c]], values[r, c], levels[r, c]))
