@@ -38,6 +38,31 @@ def test_linear_path_equals_the_autograd_path(tiny, case, one_thread):
         assert _relative(linear.adjacency, autograd.adjacency) <= 1e-5
 
 
+def test_a_batch_runs_each_row_from_its_own_layer_down(tiny_llama, monkeypatch, one_thread):
+    """Rows join the batched backward at their own layer: layer m sees only the rows above it."""
+    from clt.attribution.rows import Edges
+
+    model, tokenizer = tiny_llama
+    rm = ReplacementModel(model, random_transcoder(model), tokenizer)
+    seen: list[tuple[int, int]] = []
+    layer = Edges.layer
+    monkeypatch.setattr(Edges, "layer", lambda self, m, g, out: seen.append((m, len(g))) or layer(self, m, g, out))
+    batches: list[torch.Tensor] = []
+    backward = LinearReplacement.backward
+    monkeypatch.setattr(
+        LinearReplacement, "backward", lambda self, layers, *a: batches.append(layers) or backward(self, layers, *a)
+    )
+    attribute(PROMPT, rm, backward="linear", batch_size=7, progress=False)
+    calls, skipped = iter(seen), 0
+    for layers in batches:
+        assert bool((layers[:-1] >= layers[1:]).all())  # top layer first
+        for m in range(min(int(layers.max()), rm.n_layers) - 1, -1, -1):
+            m_seen, rows = next(calls)
+            assert (m_seen, rows) == (m, int((layers > m).sum()))
+            skipped += len(layers) - rows
+    assert next(calls, None) is None and skipped > 0
+
+
 def test_patterns_rebuilt_in_blocks_equal_kept_patterns(tiny_llama, one_thread):
     model, tokenizer = tiny_llama
     rm = ReplacementModel(model, random_transcoder(model, skip_connection=True), tokenizer)
