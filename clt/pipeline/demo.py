@@ -21,15 +21,19 @@ logger = logging.getLogger(__name__)
 DEMO_TRAINING: dict[str, Any] = {
     "training_steps": 250,
     "buffer_tokens": 32_768,
+    "learning_rate": 3e-3,
     "lr_warmup_steps": 25,
     "kl_start": 0.65,
     "kl_windows": 2,
+    "mixed_precision": "bf16",
     "checkpoint_every": 0,
 }
-"""The demo's departures from the default model's recipe (`clt.config.recipes`): a short run whose
-last 88 steps add the KL term on two windows per step (a KL step costs ~2.5x a plain one), and a
-32k-token buffer (a 16k one leaves an unusual document's batch unmixed at step ~200 and ends ~0.03
-nats worse)."""
+"""The demo's departures from the default model's recipe (`clt.config.recipes`): a short run (250
+steps) at a higher learning rate whose last 88 steps add the KL term on two windows per step (a KL
+step costs ~2.5x a plain one), the transcoder's step under bf16 autocast, and a 32k-token buffer (a
+16k one leaves an unusual document's batch unmixed at step ~200 and ends ~0.03 nats worse).
+Measured from the recipe's values, one change at a time: KL start 0.72 -> 0.65 took held-out KL
+1.560 -> 1.545, then learning rate 2e-3 -> 3e-3 -> 1.494, or bf16 autocast -> 1.520."""
 DEMO_PROMPT = "A list is a mutable sequence, and a tuple is an immutable"
 """The demo's prompt, in the style of the default corpus (the next token is ' sequence')."""
 
