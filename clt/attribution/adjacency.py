@@ -83,11 +83,6 @@ def mask_entries(mask: Tensor) -> tuple[Tensor, Tensor]:
     return rows, cols
 
 
-def vector_matrix(vector: Tensor, matrix: Tensor) -> Tensor:
-    """vector @ matrix for a vector [n] and a dense or sparse matrix [n, n]."""
-    return right_multiplier(matrix)(vector)
-
-
 def right_multiplier(matrix: Tensor) -> Callable[[Tensor], Tensor]:
     """v ↦ v @ matrix for many vectors v [n]: a sparse matrix is transposed into CSR once, and each
     product is then one sparse matrix-vector product."""
@@ -205,5 +200,4 @@ __all__ = [
     "sparse_csr",
     "to_dense",
     "values_at",
-    "vector_matrix",
 ]
