@@ -14,10 +14,12 @@ K(u) = 1 for -1/2 < u < 1/2, else 0, bandwidth ε):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from clt.models import native
 
 
 def _zero(like: Tensor) -> Tensor:
@@ -114,30 +116,42 @@ def batchtopk(z: Tensor, k: int, scope: str = "layer") -> Tensor:
     return out.reshape(z.shape)
 
 
-def topk_active(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(layer, token, feature) of the entries `topk` keeps in z [N, L, F], sorted by (layer, token).
+class ActiveEntries(NamedTuple):
+    """The entries TopK/BatchTopK keep in pre-activations z [N, L, F], as 1-D lists sorted by
+    (layer, token): their layer, token (`rows`), feature (`cols`) and pre-activation z."""
+
+    layer: Tensor
+    rows: Tensor
+    cols: Tensor
+    preactivations: Tensor
+
+
+def topk_active(z: Tensor, k: int) -> ActiveEntries:
+    """The entries `topk` keeps in z [N, L, F], sorted by (layer, token).
 
     The k largest pre-activations per token and layer: where fewer than k are positive, the
     rest are entries that `topk` sets to 0 as well.
     """
     n, num_layers, num_features = z.shape
     k = min(k, num_features)
-    cols = z.detach().topk(k, dim=-1, sorted=False).indices.transpose(0, 1).reshape(-1)
+    top = native.topk_rows(z.detach(), k)  # [L, N, k], or None: torch.topk then
+    if top is None:
+        values, indices = z.detach().topk(k, dim=-1, sorted=False)
+        top = values.transpose(0, 1), indices.transpose(0, 1)
     rows = torch.arange(n, device=z.device).repeat_interleave(k).repeat(num_layers)
     layer = torch.arange(num_layers, device=z.device).repeat_interleave(n * k)
-    return layer, rows, cols
+    return ActiveEntries(layer, rows, top[1].reshape(-1), top[0].reshape(-1))
 
 
-def batchtopk_active(z: Tensor, k: int, scope: str = "layer") -> tuple[Tensor, Tensor, Tensor]:
-    """(layer, token, feature) of the entries `batchtopk` keeps in z [N, L, F], sorted by
-    (layer, token, feature)."""
+def batchtopk_active(z: Tensor, k: int, scope: str = "layer") -> ActiveEntries:
+    """The entries `batchtopk` keeps in z [N, L, F], sorted by (layer, token, feature)."""
     n, num_layers, num_features = z.shape
     if scope == "layer":
         flat = z.detach().transpose(0, 1).reshape(num_layers, n * num_features)
         kept = flat.topk(min(k * n, flat.shape[-1]), dim=-1, sorted=False).indices.sort(-1).values
         layer = torch.arange(num_layers, device=z.device).repeat_interleave(kept.shape[1])
         kept = kept.reshape(-1)
-        return layer, kept // num_features, kept % num_features
+        return entries_at(z, layer, kept // num_features, kept % num_features)
     if scope != "all":
         raise ValueError(f"batchtopk scope must be 'layer' or 'all', got {scope!r}")
     flat = z.detach().reshape(-1)  # (token, layer, feature) order
@@ -145,7 +159,14 @@ def batchtopk_active(z: Tensor, k: int, scope: str = "layer") -> tuple[Tensor, T
     rows, cols = kept // (num_layers * num_features), kept % num_features
     layer = (kept // num_features) % num_layers
     order = torch.argsort((layer * n + rows) * num_features + cols)
-    return layer[order], rows[order], cols[order]
+    return entries_at(z, layer[order], rows[order], cols[order])
+
+
+def entries_at(z: Tensor, layer: Tensor, rows: Tensor, cols: Tensor) -> ActiveEntries:
+    """`ActiveEntries` of z [N, L, F] at the given (layer, token, feature) lists."""
+    num_layers, num_features = z.shape[1:]
+    flat_index = (rows * num_layers + layer) * num_features + cols
+    return ActiveEntries(layer, rows, cols, z.detach().reshape(-1).take(flat_index))
 
 
 def smallest_kept(features: Tensor) -> Tensor:

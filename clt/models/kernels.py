@@ -10,6 +10,7 @@ the active entries as lists: the decoder sums the gathered decoder rows [J, d] o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -93,22 +94,52 @@ def _encoder_backward(ctx, grad: Tensor, x: Tensor, w: Tensor, sparse: bool):
     return grad_x, grad_w, grad_b
 
 
-def _bag_weight_grad(layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, x: Tensor, num_features: int) -> Tensor:
+class FeatureBags(NamedTuple):
+    """Active entries grouped by (layer, feature): `order` sorts the entries (sorted by (layer,
+    token)) by (layer, feature), stably; `counts` [L·F] holds each group's size. The encoder's
+    and the sparse decoder's weight gradients sum over these groups (embedding bags)."""
+
+    order: Tensor
+    counts: Tensor
+
+    @staticmethod
+    def of(layer: Tensor, cols: Tensor, num_layers: int, num_features: int) -> FeatureBags:
+        bag = layer * num_features + cols
+        return FeatureBags(torch.argsort(bag, stable=True), torch.bincount(bag, minlength=num_layers * num_features))
+
+    def offsets(self) -> Tensor:
+        """Where each (layer, feature) group starts in `order`, [L·F]."""
+        return self.counts.cumsum(0) - self.counts
+
+    def layer(self, start: int, stop: int, index: int, num_features: int) -> tuple[Tensor, Tensor]:
+        """Order and offsets within one layer's segment start:stop of the entries."""
+        counts = self.counts[index * num_features : (index + 1) * num_features]
+        return self.order[start:stop] - start, counts.cumsum(0) - counts
+
+
+def _bag_weight_grad(
+    layer: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    x: Tensor,
+    num_features: int,
+    bags: FeatureBags | None = None,
+) -> Tensor:
     """Σ over entries of values · x[row, layer] into row (layer, col) of [L, F, d]: the encoder
     weight gradient from sparse entries, one embedding bag per (layer, feature)."""
     n, num_layers, d = x.shape
     if n == 0 or values.numel() == 0:
         return x.new_zeros(num_layers, num_features, d)
-    bag = layer * num_features + cols
-    order = torch.argsort(bag, stable=True)
-    counts = torch.bincount(bag, minlength=num_layers * num_features)
+    if bags is None:
+        bags = FeatureBags.of(layer, cols, num_layers, num_features)
     table = x.reshape(n * num_layers, d)  # row n·L + l is x[n, l]
     out = nn.functional.embedding_bag(
-        (rows * num_layers + layer)[order],
+        (rows * num_layers + layer)[bags.order],
         table,
-        counts.cumsum(0) - counts,
+        bags.offsets(),
         mode="sum",
-        per_sample_weights=values.to(x.dtype)[order],
+        per_sample_weights=values.to(x.dtype)[bags.order],
     )
     return out.view(num_layers, num_features, d)
 
@@ -145,17 +176,18 @@ class EncodeActive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: Tensor, weight: Tensor, bias: Tensor, select: Callable) -> tuple:
         z, x, w = _encoder_forward(flat, weight, bias)
-        layer, rows, cols = select(z)
-        values = z[rows, layer, cols].clamp_min(0)
-        ctx.mark_non_differentiable(layer, rows, cols)
+        layer, rows, cols, pre = select(z)
+        values = pre.to(z.dtype).clamp_min(0)
+        bags = FeatureBags.of(layer, cols, weight.shape[0], weight.shape[1])
+        ctx.mark_non_differentiable(layer, rows, cols, bags.order, bags.counts)
         ctx.set_materialize_grads(False)
         ctx.dtypes = (flat.dtype, weight.dtype, bias.dtype)
-        ctx.save_for_backward(x, w, layer, rows, cols, values)
-        return z, values, layer, rows, cols
+        ctx.save_for_backward(x, w, layer, rows, cols, values, bags.order, bags.counts)
+        return z, values, layer, rows, cols, bags.order, bags.counts
 
     @staticmethod
     def backward(ctx, grad_z: Tensor | None, grad_values: Tensor | None, *_):
-        x, w, layer, rows, cols, values = ctx.saved_tensors
+        x, w, layer, rows, cols, values, order, counts = ctx.saved_tensors
         n, num_layers, _ = x.shape
         num_features = w.shape[1]
         active = None if grad_values is None else torch.where(values > 0, grad_values, 0)
@@ -180,7 +212,8 @@ class EncodeActive(torch.autograd.Function):
             )
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _bag_weight_grad(layer, rows, cols, active, x, num_features).to(ctx.dtypes[1])
+            bags = FeatureBags(order, counts)
+            grad_w = _bag_weight_grad(layer, rows, cols, active, x, num_features, bags).to(ctx.dtypes[1])
         return None, grad_w, grad_b, None
 
 
@@ -213,12 +246,22 @@ def sparse_decode(flat: Tensor, weights: list[Tensor], d: int, force: bool) -> T
 
 
 def decode_entries(
-    d: int, layer: Tensor, rows: Tensor, cols: Tensor, values: Tensor, n: int, weights: list[Tensor]
+    d: int,
+    layer: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    n: int,
+    weights: list[Tensor],
+    bags: FeatureBags | None = None,
 ) -> Tensor:
     """Σ over active entries (sorted by (layer, token); `values` [nnz] at (layer, token `rows`,
-    feature `cols`)) of value · decoder row, for `n` tokens → [N, L·d] in the decoder's dtype."""
+    feature `cols`)) of value · decoder row, for `n` tokens → [N, L·d] in the decoder's dtype.
+    `bags`: the entries grouped by feature, when the caller has them (else computed here)."""
     offsets, bounds = _segments(layer, rows, n, len(weights))
-    return _SparseDecode.apply(d, rows, cols, offsets, bounds, values.to(weights[0].dtype), *weights)
+    if bags is None:
+        bags = FeatureBags.of(layer, cols, len(weights), weights[0].shape[0])
+    return _SparseDecode.apply(d, rows, cols, offsets, bounds, bags, values.to(weights[0].dtype), *weights)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -232,7 +275,15 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, d: int, rows: Tensor, cols: Tensor, offsets: Tensor, bounds: list[int], values: Tensor, *weights: Tensor
+        ctx,
+        d: int,
+        rows: Tensor,
+        cols: Tensor,
+        offsets: Tensor,
+        bounds: list[int],
+        bags: FeatureBags,
+        values: Tensor,
+        *weights: Tensor,
     ) -> Tensor:
         n = offsets.shape[1]
         out = values.new_zeros(n, len(weights) * d)
@@ -246,14 +297,15 @@ class _SparseDecode(torch.autograd.Function):
                 )
                 out[:, l * d : (l + w.shape[1]) * d] += part
         ctx.d, ctx.bounds = d, bounds
-        ctx.save_for_backward(rows, cols, offsets, values, *weights)
+        ctx.save_for_backward(rows, cols, offsets, bags.order, bags.counts, values, *weights)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        rows, cols, offsets, values, *weights = ctx.saved_tensors
+        rows, cols, offsets, order, counts, values, *weights = ctx.saved_tensors
         d, bounds = ctx.d, ctx.bounds
-        grad_values = torch.zeros_like(values) if ctx.needs_input_grad[5] else None
+        bags = FeatureBags(order, counts)
+        grad_values = torch.zeros_like(values) if ctx.needs_input_grad[6] else None
         grad_weights = []
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.to(values.dtype)
@@ -265,20 +317,23 @@ class _SparseDecode(torch.autograd.Function):
                     grad_values[seg] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                         g, w2, cols[seg], offsets[l], rows[seg], 0, -1
                     )
-                if not ctx.needs_input_grad[6 + l]:
+                if not ctx.needs_input_grad[7 + l]:
                     grad_weights.append(None)
                     continue
-                by_feature = torch.argsort(cols[seg], stable=True)
-                counts = torch.bincount(cols[seg], minlength=w.shape[0])
+                by_feature, starts = bags.layer(seg.start, seg.stop, l, w.shape[0])
                 grad_w = nn.functional.embedding_bag(
-                    rows[seg][by_feature],
-                    g,
-                    counts.cumsum(0) - counts,
-                    mode="sum",
-                    per_sample_weights=values[seg][by_feature],
+                    rows[seg][by_feature], g, starts, mode="sum", per_sample_weights=values[seg][by_feature]
                 )
                 grad_weights.append(grad_w.view_as(w))
-        return None, None, None, None, None, grad_values, *grad_weights
+        return None, None, None, None, None, None, grad_values, *grad_weights
 
 
-__all__ = ["Encode", "EncodeActive", "TriangularDecode", "compute_dtype", "decode_entries", "sparse_decode"]
+__all__ = [
+    "Encode",
+    "EncodeActive",
+    "FeatureBags",
+    "TriangularDecode",
+    "compute_dtype",
+    "decode_entries",
+    "sparse_decode",
+]

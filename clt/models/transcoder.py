@@ -28,8 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from clt.config.transcoder import CLTConfig
-from clt.models.activations import BatchTopK, batchtopk_active, jumprelu, relu, topk, topk_active
-from clt.models.kernels import Encode, EncodeActive, TriangularDecode, compute_dtype, decode_entries, sparse_decode
+from clt.models.activations import ActiveEntries, BatchTopK, batchtopk_active, jumprelu, relu, topk, topk_active
+from clt.models.kernels import (
+    Encode,
+    EncodeActive,
+    FeatureBags,
+    TriangularDecode,
+    compute_dtype,
+    decode_entries,
+    sparse_decode,
+)
 from clt.models.saving import CheckpointError, PretrainedIO
 
 _STATS = ("input_mean", "input_std", "output_mean", "output_std")
@@ -49,6 +57,22 @@ class CLTOutput(NamedTuple):
     reconstruction: Tensor
     """Reconstructed MLP outputs ŷ, [..., L, d]: raw from `forward`, standardised from
     `forward_normalized`."""
+
+    fire_counts = None
+    """On how many tokens each feature fired, [L, F] int64, where the forward knows it without a
+    pass over `features` (the sparse TopK/BatchTopK path: `_ActiveOutput`); else None. Not a
+    field: the tuple stays (features, preactivations, reconstruction)."""
+
+
+class _ActiveOutput(CLTOutput):
+    """`CLTOutput` of the sparse TopK/BatchTopK forward, which also knows `fire_counts`."""
+
+    def __new__(
+        cls, features: Tensor, preactivations: Tensor, reconstruction: Tensor, fire_counts: Tensor | None = None
+    ):
+        out = super().__new__(cls, features, preactivations, reconstruction)
+        out.fire_counts = fire_counts
+        return out
 
 
 class CrossLayerTranscoder(nn.Module, PretrainedIO):
@@ -190,7 +214,7 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
 
     def _standardise(self, t: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         wide = t.to(torch.promote_types(t.dtype, torch.float32))
-        return ((wide - mean) / std).to(self.W_enc.dtype)
+        return torch.sub(wide, mean).div_(std).to(self.W_enc.dtype)
 
     # ----------------------------------------------------------------- forward
 
@@ -332,9 +356,9 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         a = self.activate(z)
         return CLTOutput(a, z, self.decode_normalized(a, x_std))
 
-    def _select_active(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(layer, token, feature) of the entries TopK/BatchTopK keep in z [N, L, F], sorted by
-        (layer, token); distributed training overrides it with a selection across ranks."""
+    def _select_active(self, z: Tensor) -> ActiveEntries:
+        """The entries TopK/BatchTopK keep in z [N, L, F], sorted by (layer, token); distributed
+        training overrides it with a selection across ranks."""
         if self.cfg.activation_fn == "topk":
             return topk_active(z, self.cfg.topk)
         return batchtopk_active(z, self.cfg.topk, self.cfg.batchtopk_scope)
@@ -345,14 +369,15 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
         flat = x_std.reshape(-1, L, d)
         n = flat.shape[0]
-        z, values, layer, rows, cols = EncodeActive.apply(flat, self.W_enc, self.b_enc, self._select_active)
+        z, values, layer, rows, cols, *bags = EncodeActive.apply(flat, self.W_enc, self.b_enc, self._select_active)
         if self.cfg.activation_fn == "batchtopk":
             self.batchtopk.update_threshold_active(values.detach(), layer)
         features = z.new_zeros(n, L, F).index_put_((rows, layer, cols), values)
-        out = decode_entries(d, layer, rows, cols, values, n, list(self.W_dec))
+        out = decode_entries(d, layer, rows, cols, values, n, list(self.W_dec), FeatureBags(*bags))
         batch = x_std.shape[:-2]
         out = self._add_bias_and_skip(out.view(*batch, L, d), x_std)
-        return CLTOutput(features.view(*batch, L, F), z.view(*batch, L, F), out)
+        fire_counts = torch.bincount((layer * F + cols)[values.detach() != 0], minlength=L * F).view(L, F)
+        return _ActiveOutput(features.view(*batch, L, F), z.view(*batch, L, F), out, fire_counts)
 
     def forward_prefixes(self, x_std: Tensor) -> tuple[CLTOutput, list[Tensor]]:
         """Forward pass on standardised inputs that also returns the standardised reconstruction

@@ -17,16 +17,22 @@ class FeatureActivity:
 
     @torch.no_grad()
     def update(
-        self, features: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        features: torch.Tensor,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Record a batch of feature activations [..., L, F]; returns how many entries fired (a tensor).
 
         `reduce` sums a tensor over the ranks that hold the other rows of the batch (data
-        parallel), so that the counts are those of the whole batch.
+        parallel), so that the counts are those of the whole batch. `counts` [L, F]: the
+        `fire_counts` of `features` when the caller has them (`CLTOutput.fire_counts`).
         """
-        active = (features.detach() != 0).reshape(-1, *features.shape[-2:])
-        counts = active.sum(0)
-        tokens = torch.full((), active.shape[0], dtype=counts.dtype, device=counts.device)  # no host copy
+        num_tokens = features[..., 0, 0].numel()
+        if counts is None:
+            counts = fire_counts(features)
+        tokens = torch.full((), num_tokens, dtype=counts.dtype, device=counts.device)  # no host copy
         if reduce is not None:
             packed = reduce(torch.cat([counts.reshape(-1), tokens.view(1)]))
             counts, tokens = packed[:-1].view_as(counts), packed[-1]
@@ -57,3 +63,17 @@ class FeatureActivity:
         """Restore from `state()`."""
         for name in ("fire_count", "tokens_since_fired", "tokens_seen"):
             getattr(self, name).copy_(state[name])
+
+
+def fire_counts(features: torch.Tensor) -> torch.Tensor:
+    """On how many tokens each feature of activations [..., L, F] is nonzero (NaN counts), [L, F]
+    int64.
+
+    On the CPU the comparison is written as float 0/1 and summed (exact below 2^24 tokens): a
+    bool → int64 sum there first converts a tensor of the features' size.
+    """
+    flat = features.detach().reshape(-1, features.shape[-2] * features.shape[-1])
+    if flat.device.type == "cpu" and flat.shape[0] < 2**24:
+        ones = torch.ne(flat, 0, out=torch.empty(flat.shape, dtype=torch.float32))
+        return ones.sum(0).long().view(features.shape[-2:])
+    return (flat != 0).sum(0).view(features.shape[-2:])

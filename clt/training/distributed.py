@@ -41,7 +41,7 @@ from torch import Tensor
 
 from clt.config.training import PARALLEL_MODES
 from clt.config.transcoder import CLTConfig
-from clt.models.activations import BatchTopK
+from clt.models.activations import ActiveEntries, BatchTopK, entries_at
 from clt.models.transcoder import CrossLayerTranscoder
 from clt.training.collectives import Dist, DistributedError, all_reduce, comm_device
 
@@ -256,12 +256,11 @@ class DistributedTranscoder(CrossLayerTranscoder):
             self.batchtopk.update_threshold(a)
         return a
 
-    def _select_active(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _select_active(self, z: Tensor) -> ActiveEntries:
         if not self._global_selection():
             return super()._select_active(z)
         keep = self._keep(z) & (z > 0)
-        layer, rows, cols = keep.transpose(0, 1).nonzero().unbind(1)
-        return layer, rows, cols
+        return entries_at(z, *keep.transpose(0, 1).nonzero().unbind(1))
 
     def _add_bias_and_skip(self, out: Tensor, x_std: Tensor | None, bias: bool = True) -> Tensor:
         if self.ctx.sharded:

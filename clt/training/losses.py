@@ -71,12 +71,13 @@ def reconstruction_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
 def fvu(reconstruction: Tensor, target: Tensor, *, per_layer: bool = True) -> Tensor:
     """Fraction of variance unexplained: [L] per layer, or one scalar over all layers."""
     num_layers, d = target.shape[-2:]
-    err = (reconstruction - target).detach().reshape(-1, num_layers, d).double()
-    t = target.detach().reshape(-1, num_layers, d).double()
-    resid = err.square().sum(dim=(0, 2))
-    total = (t - t.mean(0)).square().sum(dim=(0, 2))
-    if not per_layer:
-        resid, total = resid.sum(), total.sum()
+    dtype = torch.promote_types(torch.promote_types(reconstruction.dtype, target.dtype), torch.float32)
+    t = target.detach().reshape(-1, num_layers, d).to(dtype)
+    err = reconstruction.detach().reshape(-1, num_layers, d).to(dtype) - t
+    centered = t - t.mean(0)
+    dims = (0, 2) if per_layer else (0, 1, 2)  # sums accumulate in float64
+    resid = err.square_().sum(dim=dims, dtype=torch.float64)
+    total = centered.square_().sum(dim=dims, dtype=torch.float64)
     return (resid / total.clamp_min(torch.finfo(torch.float64).tiny)).to(target.dtype)
 
 
@@ -175,7 +176,7 @@ def compute_losses(
     if use_pre:
         pre = preactivation_loss(out.preactivations, model.threshold, norms, coefficient=preactivation_coef)
     aux = zero
-    if act in ("topk", "batchtopk") and dead_mask is not None and k_aux > 0:
+    if act in ("topk", "batchtopk") and dead_mask is not None and k_aux > 0 and bool(dead_mask.any()):
         aux = auxiliary_topk_loss(
             out.preactivations,
             targets - out.reconstruction,

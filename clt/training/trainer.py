@@ -204,7 +204,8 @@ class CLTTrainer:
             loss = terms.total / accumulation
             self._check_loss(loss)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            fired = self.activity.update(out.features, collectives.all_reduce_sum if data_parallel else None)
+            reduce = collectives.all_reduce_sum if data_parallel else None
+            fired = self.activity.update(out.features, reduce, counts=out.fire_counts)
             tokens = out.features[..., 0, 0].numel() * (self.dist.world_size if data_parallel else 1)
             for name, value in terms.tensors().items():
                 _accumulate(sums, name, value.detach().double() / accumulation)
@@ -480,6 +481,9 @@ def _retain_freed_memory() -> None:
 def _check_batch_finite(batch: Any, step: int, layers: list[int]) -> None:
     """Raise, naming the layer and step, if a batch holds NaN or inf (before it reaches the model)."""
     for name, values in (("inputs", batch.inputs), ("outputs", batch.outputs)):
+        total = values.sum(dtype=torch.promote_types(values.dtype, torch.float32))
+        if bool(torch.isfinite(total)):  # NaN/inf anywhere makes the sum non-finite
+            continue
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             layer = int((~finite).flatten(0, -3).any(0).any(-1).nonzero()[0])

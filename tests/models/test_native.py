@@ -1,0 +1,131 @@
+"""The compiled TopK selection against torch.topk, its fallbacks, and the training step on it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from clt.config.training import TrainingConfig
+from clt.config.transcoder import CLTConfig
+from clt.models import native
+from clt.models.activations import topk_active
+from clt.store import ActivationStore
+from clt.training.activity import FeatureActivity, fire_counts
+from clt.training.trainer import CLTTrainer
+
+needs_library = pytest.mark.skipif(native.library() is None, reason="no C compiler: the fallback is tested below")
+
+
+def _assert_same_selection(z: torch.Tensor, k: int) -> None:
+    """Same kept values per row as torch.topk (a multiset: ties may pick other indices), and
+    indices that point at those values."""
+    values, indices = native.topk_rows(z, k)
+    expected = z.topk(k, dim=-1, sorted=False).values.transpose(0, 1).sort(-1).values
+    assert values.shape == indices.shape == (z.shape[1], z.shape[0], k)
+    assert torch.equal(values.sort(-1).values.nan_to_num(9e9), expected.nan_to_num(9e9))
+    at = z.transpose(0, 1).gather(-1, indices)
+    assert torch.equal(at.nan_to_num(9e9), values.nan_to_num(9e9))
+    assert all(len(set(row.tolist())) == k for row in indices.reshape(-1, k))  # distinct indices
+
+
+@needs_library
+@pytest.mark.parametrize(
+    ("shape", "k"),
+    [((64, 8, 2048), 32), ((7, 3, 5), 5), ((7, 3, 50), 1), ((33, 2, 100), 17), ((5, 1, 16), 3), ((9, 2, 301), 8)],
+)
+def test_native_topk_selects_what_torch_topk_selects(shape, k):
+    g = torch.Generator().manual_seed(0)
+    _assert_same_selection(torch.randn(*shape, generator=g), k)
+    _assert_same_selection(torch.randint(0, 3, shape, generator=g).float(), k)  # ties everywhere
+    ascending = torch.randn(*shape, generator=g).sort(-1).values.contiguous()  # the worst order for a scan
+    _assert_same_selection(ascending, k)
+    _assert_same_selection(-ascending, k)
+    special = torch.randn(*shape, generator=g)
+    special[0, 0, -1] = float("nan")  # NaN ranks above everything, as in torch.topk
+    special[-1, -1, :] = float("-inf")
+    special[0, -1, 0] = float("inf")
+    _assert_same_selection(special, k)
+
+
+def test_native_topk_declines_what_it_does_not_handle():
+    z = torch.randn(4, 2, 16)
+    assert native.topk_rows(z.double(), 3) is None
+    assert native.topk_rows(z.transpose(0, 1), 3) is None  # not contiguous
+    assert native.topk_rows(z, 0) is None and native.topk_rows(z, 17) is None
+    assert native.topk_rows(z[0], 3) is None
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """An empty kernel cache, rebuilt for the test and forgotten after it."""
+    monkeypatch.setenv("CLT_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+def test_topk_falls_back_to_torch_without_a_compiler(monkeypatch, fresh_library, caplog):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger="clt.models.native"):
+        assert native.library() is None
+    assert "falls back to torch.topk" in caplog.text
+    z = torch.randn(16, 3, 64, generator=torch.Generator().manual_seed(1))
+    assert native.topk_rows(z, 4) is None
+    layer, rows, cols, pre = topk_active(z, 4)
+    assert torch.equal(pre, z[rows, layer, cols])
+    expected = z.topk(4, dim=-1).values.transpose(0, 1).sort(-1).values
+    assert torch.equal(pre.view(3, 16, 4).sort(-1).values, expected)
+
+
+def test_native_kernels_can_be_turned_off(monkeypatch, fresh_library):
+    monkeypatch.setenv("CLT_NATIVE", "0")
+    assert native.library() is None
+
+
+@needs_library
+def test_topk_active_is_the_same_with_and_without_the_kernel(monkeypatch):
+    z = torch.randn(40, 3, 96, generator=torch.Generator().manual_seed(2))
+    fast = topk_active(z, 6)
+    monkeypatch.setattr(native, "topk_rows", lambda z, k: None)
+    slow = topk_active(z, 6)
+    assert torch.equal(fast.layer, slow.layer) and torch.equal(fast.rows, slow.rows)
+    key = lambda e: (e.layer * 40 + e.rows) * 96 + e.cols  # noqa: E731
+    assert torch.equal(key(fast).view(-1, 6).sort(-1).values, key(slow).view(-1, 6).sort(-1).values)
+    assert torch.equal(fast.preactivations, z[fast.rows, fast.layer, fast.cols])
+
+
+@needs_library
+def test_training_on_the_kernel_matches_training_on_torch_topk(monkeypatch):
+    """Five TopK PLT steps: the same weights and activity whichever selection runs."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(256, 3, 16, generator=g), torch.randn(256, 3, 16, generator=g)
+    store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=64)
+    cfg = CLTConfig(num_features=64, num_layers=3, d_model=16, activation_fn="topk", topk=4, cross_layer=False)
+
+    def run() -> CLTTrainer:
+        torch.manual_seed(0)
+        trainer = CLTTrainer(cfg, TrainingConfig(batch_size=64, training_steps=5, log_every=10**6), store)
+        batches = store.batches(64, seed=0)
+        for _ in range(5):
+            trainer.train_step(batches)
+        return trainer
+
+    fast = run()
+    monkeypatch.setattr(native, "topk_rows", lambda z, k: None)
+    slow = run()
+    for (name, a), b in zip(fast.model.state_dict().items(), slow.model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert torch.equal(fast.activity.fire_count, slow.activity.fire_count)
+
+
+def test_fire_counts_count_nonzero_entries_like_a_bool_sum():
+    g = torch.Generator().manual_seed(4)
+    features = torch.relu(torch.randn(50, 3, 40, generator=g)) * (torch.rand(50, 3, 40, generator=g) < 0.3)
+    features[0, 0, :5] = torch.tensor([-1.0, float("nan"), float("inf"), -float("inf"), 1e-45])
+    assert torch.equal(fire_counts(features), (features != 0).sum(0))
+    assert torch.equal(fire_counts(features.bfloat16().view(5, 10, 3, 40)), (features.bfloat16() != 0).sum(0))
+    activity = FeatureActivity(3, 40)
+    fired = activity.update(features)
+    assert int(fired) == int((features != 0).sum()) and torch.equal(activity.fire_count, (features != 0).sum(0))
