@@ -345,13 +345,18 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         x_std = None if x is None else self.normalize_inputs(x)
         return self.denormalize_outputs(self.decode_normalized(features, x_std))
 
-    def forward_normalized(self, x_std: Tensor) -> CLTOutput:
-        """Forward pass on standardised inputs; the reconstruction is standardised (training)."""
+    def forward_normalized(self, x_std: Tensor, *, dense_features: bool = True) -> CLTOutput:
+        """Forward pass on standardised inputs; the reconstruction is standardised (training).
+
+        ``dense_features=False``: on the sparse TopK/BatchTopK path with inputs [N, L, d],
+        `features` is a sparse COO tensor of the kept entries and `fire_counts` is set, which
+        spares the [N, L, F] tensor when only the reconstruction is needed (the trainer's step).
+        """
         self._check_shape(x_std, self.cfg.d_model, "d_model", "inputs x")
         x_std = x_std.to(self.W_enc.dtype)
         sparse = self.uses_sparse_decode() and x_std.numel() > 0
         if sparse and (self.cfg.activation_fn == "topk" or self.batchtopk.training):
-            return self._forward_active(x_std)
+            return self._forward_active(x_std, dense_features or x_std.ndim != 3)
         z = self._preactivations_normalized(x_std)
         a = self.activate(z)
         return CLTOutput(a, z, self.decode_normalized(a, x_std))
@@ -363,7 +368,7 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
             return topk_active(z, self.cfg.topk)
         return batchtopk_active(z, self.cfg.topk, self.cfg.batchtopk_scope)
 
-    def _forward_active(self, x_std: Tensor) -> CLTOutput:
+    def _forward_active(self, x_std: Tensor, dense_features: bool = True) -> CLTOutput:
         """TopK/BatchTopK forward that keeps the active entries as (layer, token, feature) lists:
         the decoder and every gradient use only those (see `clt.models.kernels.EncodeActive`)."""
         L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
@@ -372,12 +377,16 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         z, values, layer, rows, cols, *bags = EncodeActive.apply(flat, self.W_enc, self.b_enc, self._select_active)
         if self.cfg.activation_fn == "batchtopk":
             self.batchtopk.update_threshold_active(values.detach(), layer)
-        features = z.new_zeros(n, L, F).index_put_((rows, layer, cols), values)
-        out = decode_entries(d, layer, rows, cols, values, n, list(self.W_dec), FeatureBags(*bags))
         batch = x_std.shape[:-2]
+        if dense_features:
+            features = z.new_zeros(n, L, F).index_put_((rows, layer, cols), values).view(*batch, L, F)
+        else:
+            index = torch.stack([rows, layer, cols])
+            features = torch.sparse_coo_tensor(index, values, (n, L, F), check_invariants=False)
+        out = decode_entries(d, layer, rows, cols, values, n, list(self.W_dec), FeatureBags(*bags))
         out = self._add_bias_and_skip(out.view(*batch, L, d), x_std)
         fire_counts = torch.bincount((layer * F + cols)[values.detach() != 0], minlength=L * F).view(L, F)
-        return _ActiveOutput(features.view(*batch, L, F), z.view(*batch, L, F), out, fire_counts)
+        return _ActiveOutput(features, z.view(*batch, L, F), out, fire_counts)
 
     def forward_prefixes(self, x_std: Tensor) -> tuple[CLTOutput, list[Tensor]]:
         """Forward pass on standardised inputs that also returns the standardised reconstruction

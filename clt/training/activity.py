@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -27,9 +28,10 @@ class FeatureActivity:
 
         `reduce` sums a tensor over the ranks that hold the other rows of the batch (data
         parallel), so that the counts are those of the whole batch. `counts` [L, F]: the
-        `fire_counts` of `features` when the caller has them (`CLTOutput.fire_counts`).
+        `fire_counts` of `features` when the caller has them (`CLTOutput.fire_counts`; then
+        `features` may be sparse).
         """
-        num_tokens = features[..., 0, 0].numel()
+        num_tokens = math.prod(features.shape[:-2])
         if counts is None:
             counts = fire_counts(features)
         tokens = torch.full((), num_tokens, dtype=counts.dtype, device=counts.device)  # no host copy

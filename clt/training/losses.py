@@ -75,9 +75,11 @@ def fvu(reconstruction: Tensor, target: Tensor, *, per_layer: bool = True) -> Te
     t = target.detach().reshape(-1, num_layers, d).to(dtype)
     err = reconstruction.detach().reshape(-1, num_layers, d).to(dtype) - t
     centered = t - t.mean(0)
-    dims = (0, 2) if per_layer else (0, 1, 2)  # sums accumulate in float64
-    resid = err.square_().sum(dim=dims, dtype=torch.float64)
-    total = centered.square_().sum(dim=dims, dtype=torch.float64)
+    # per-layer sums (cascade summation, in place of the squares), combined in float64
+    resid = err.square_().sum(dim=(0, 2)).double()
+    total = centered.square_().sum(dim=(0, 2)).double()
+    if not per_layer:
+        resid, total = resid.sum(), total.sum()
     return (resid / total.clamp_min(torch.finfo(torch.float64).tiny)).to(target.dtype)
 
 
@@ -150,18 +152,21 @@ def compute_losses(
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
     aux_coef: float = 1 / 32,
+    dense_features: bool = True,
 ) -> tuple[LossTerms, CLTOutput]:
     """All loss terms on standardised inputs and targets [..., L, d]; returns (terms, output).
 
     The pre-activation term applies to JumpReLU models; the auxiliary term to TopK/BatchTopK
     models when `dead_mask` is given and `k_aux` > 0. With Matryoshka prefixes the
-    reconstruction term sums over the prefixes (module docstring).
+    reconstruction term sums over the prefixes (module docstring). ``dense_features=False``
+    lets the output's features be sparse where no term needs them dense
+    (`CrossLayerTranscoder.forward_normalized`).
     """
     prefixes = model.cfg.matryoshka_prefixes or []
     if prefixes:
         out, recons = model.forward_prefixes(inputs)
     else:
-        out = model.forward_normalized(inputs)
+        out = model.forward_normalized(inputs, dense_features=dense_features or bool(sparsity_coef))
         recons = [out.reconstruction]
     act = model.cfg.activation_fn
     use_pre = bool(preactivation_coef) and act == "jumprelu"

@@ -200,13 +200,14 @@ class CLTTrainer:
                     dead_mask=dead,
                     k_aux=k_aux,
                     aux_coef=c.aux_coef,
+                    dense_features=False,
                 )
             loss = terms.total / accumulation
             self._check_loss(loss)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             reduce = collectives.all_reduce_sum if data_parallel else None
             fired = self.activity.update(out.features, reduce, counts=out.fire_counts)
-            tokens = out.features[..., 0, 0].numel() * (self.dist.world_size if data_parallel else 1)
+            tokens = out.reconstruction[..., 0, 0].numel() * (self.dist.world_size if data_parallel else 1)
             for name, value in terms.tensors().items():
                 _accumulate(sums, name, value.detach().double() / accumulation)
             _accumulate(sums, "fvu", self._fvu(out.reconstruction.float(), y) / accumulation)

@@ -155,6 +155,29 @@ def test_sparse_batchtopk_selects_and_updates_the_threshold_like_dense(scope):
     assert (sparse.batchtopk.threshold > 0).all()
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_sparse_features_output_equals_the_dense_one(activation):
+    """forward_normalized(dense_features=False): the same entries as a sparse COO tensor, the
+    same reconstruction and gradients, and fire counts equal to the nonzero count."""
+    model, _ = _sparse_and_dense(activation_fn=activation, topk=2)
+    x = torch.randn(9, L, D, generator=torch.Generator().manual_seed(11))
+    outs, grads = [], []
+    for dense_features in (True, False):
+        model.zero_grad()
+        out = model.forward_normalized(x, dense_features=dense_features)
+        out.reconstruction.square().sum().backward()
+        outs.append(out)
+        grads.append(_grads(model))
+    dense, sparse = outs
+    assert sparse.features.is_sparse and not dense.features.is_sparse
+    assert torch.equal(sparse.features.to_dense(), dense.features)
+    assert torch.equal(sparse.reconstruction, dense.reconstruction)
+    assert torch.equal(sparse.fire_counts, dense.fire_counts)
+    assert torch.equal(dense.fire_counts, (dense.features != 0).sum(0))
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
 @pytest.mark.parametrize("cross", [True, False], ids=["clt", "plt"])
 def test_sparse_decode_normalized_gradient_of_feature_values(cross):
     """decode_normalized on given features: same output, same gradients for W_dec and for the
