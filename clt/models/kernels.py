@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from clt.models import native
+
 
 class TriangularDecode(torch.autograd.Function):
     """Σ_{l ≤ l'} a_l W_dec[l→l'] accumulated in place: no per-source copies in either pass."""
@@ -107,14 +109,40 @@ class FeatureBags(NamedTuple):
         bag = layer * num_features + cols
         return FeatureBags(torch.argsort(bag, stable=True), torch.bincount(bag, minlength=num_layers * num_features))
 
-    def offsets(self) -> Tensor:
-        """Where each (layer, feature) group starts in `order`, [L·F]."""
-        return self.counts.cumsum(0) - self.counts
+    def starts(self) -> Tensor:
+        """Where each (layer, feature) group starts in `order`, and the end: [L·F + 1]."""
+        return _starts(self.counts)
 
     def layer(self, start: int, stop: int, index: int, num_features: int) -> tuple[Tensor, Tensor]:
-        """Order and offsets within one layer's segment start:stop of the entries."""
+        """Order and starts [F + 1] within one layer's segment start:stop of the entries."""
         counts = self.counts[index * num_features : (index + 1) * num_features]
-        return self.order[start:stop] - start, counts.cumsum(0) - counts
+        return self.order[start:stop] - start, _starts(counts)
+
+
+def _starts(counts: Tensor) -> Tensor:
+    """[0, c_0, c_0 + c_1, ..., Σc]: where consecutive groups of the given sizes start, and the end."""
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _bags(
+    out: Tensor,
+    table: Tensor,
+    starts: Tensor,
+    idx: Tensor,
+    weights: Tensor,
+    order: Tensor | None = None,
+    *,
+    accumulate: bool,
+) -> Tensor:
+    """Embedding bags of `table` rows written (or added) into `out`: row b gets Σ over k in
+    starts[b]:starts[b+1] of weights[e] · table[idx[e]], e = order[k] (or k). The compiled
+    `native.bag_sum` where it applies, else `embedding_bag`."""
+    if native.bag_sum(out, table, starts, idx, weights, order, accumulate=accumulate):
+        return out
+    if order is not None:
+        idx, weights = idx[order], weights[order]
+    part = nn.functional.embedding_bag(idx, table, starts[:-1], mode="sum", per_sample_weights=weights)
+    return out.add_(part) if accumulate else out.copy_(part)
 
 
 def _bag_weight_grad(
@@ -134,13 +162,8 @@ def _bag_weight_grad(
     if bags is None:
         bags = FeatureBags.of(layer, cols, num_layers, num_features)
     table = x.reshape(n * num_layers, d)  # row n·L + l is x[n, l]
-    out = nn.functional.embedding_bag(
-        (rows * num_layers + layer)[bags.order],
-        table,
-        bags.offsets(),
-        mode="sum",
-        per_sample_weights=values.to(x.dtype)[bags.order],
-    )
+    out = x.new_empty(num_layers * num_features, d)
+    _bags(out, table, bags.starts(), rows * num_layers + layer, values.to(x.dtype), bags.order, accumulate=False)
     return out.view(num_layers, num_features, d)
 
 
@@ -215,6 +238,12 @@ class EncodeActive(torch.autograd.Function):
             bags = FeatureBags(order, counts)
             grad_w = _bag_weight_grad(layer, rows, cols, active, x, num_features, bags).to(ctx.dtypes[1])
         return None, grad_w, grad_b, None
+
+
+def _value_grads(out: Tensor, grad: Tensor, weight: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor) -> None:
+    """out[e] = ⟨grad[rows[e]], weight[cols[e]]⟩: the gradient of each bag entry's weight."""
+    if not native.row_dots(out, grad, rows, weight, cols):
+        out.copy_(torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, weight, cols, offsets, rows, 0, -1))
 
 
 def _sparse_enough(nnz: int, numel: int) -> bool:
@@ -292,10 +321,9 @@ class _SparseDecode(torch.autograd.Function):
                 seg = slice(bounds[l], bounds[l + 1])
                 if seg.start == seg.stop:
                     continue
-                part = nn.functional.embedding_bag(
-                    cols[seg], w.reshape(w.shape[0], -1), offsets[l], mode="sum", per_sample_weights=values[seg]
-                )
-                out[:, l * d : (l + w.shape[1]) * d] += part
+                starts = torch.cat([offsets[l], offsets.new_tensor([seg.stop - seg.start])])
+                cols_out = out[:, l * d : (l + w.shape[1]) * d]
+                _bags(cols_out, w.reshape(w.shape[0], -1), starts, cols[seg], values[seg], accumulate=True)
         ctx.d, ctx.bounds = d, bounds
         ctx.save_for_backward(rows, cols, offsets, bags.order, bags.counts, values, *weights)
         return out
@@ -314,16 +342,12 @@ class _SparseDecode(torch.autograd.Function):
                 g = grad[:, l * d : (l + w.shape[1]) * d]
                 w2 = w.reshape(w.shape[0], -1)
                 if grad_values is not None and seg.start != seg.stop:
-                    grad_values[seg] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                        g, w2, cols[seg], offsets[l], rows[seg], 0, -1
-                    )
+                    _value_grads(grad_values[seg], g, w2, rows[seg], cols[seg], offsets[l])
                 if not ctx.needs_input_grad[7 + l]:
                     grad_weights.append(None)
                     continue
                 by_feature, starts = bags.layer(seg.start, seg.stop, l, w.shape[0])
-                grad_w = nn.functional.embedding_bag(
-                    rows[seg][by_feature], g, starts, mode="sum", per_sample_weights=values[seg][by_feature]
-                )
+                grad_w = _bags(g.new_empty(w2.shape), g, starts, rows[seg], values[seg], by_feature, accumulate=False)
                 grad_weights.append(grad_w.view_as(w))
         return None, None, None, None, None, None, grad_values, *grad_weights
 

@@ -25,8 +25,10 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -139,6 +141,38 @@ int clt_topk_rows_f32(const float* z, int64_t n, int64_t layers, int64_t f, int6
     free(maxima); free(v); free(keys); free(ix);
     return 0;
 }
+
+/* Embedding bags: out[b, :len] (+)= sum over k in [starts[b], starts[b+1]) of w[e] * table[idx[e], :len]
+   with e = order[k] (or k), for bags b in [b0, b1). Rows are `*_stride` floats apart. */
+void clt_bag_sum_f32(float* out, int64_t out_stride, const float* table, int64_t table_stride, int64_t len,
+                     const int64_t* starts, int64_t b0, int64_t b1, const int64_t* order, const int64_t* idx,
+                     const float* w, int accumulate) {
+    for (int64_t b = b0; b < b1; b++) {
+        float* o = out + b * out_stride;
+        if (!accumulate)
+            for (int64_t i = 0; i < len; i++) o[i] = 0.0f;
+        for (int64_t k = starts[b]; k < starts[b + 1]; k++) {
+            int64_t e = order ? order[k] : k;
+            const float* row = table + idx[e] * table_stride;
+            float we = w[e];
+#pragma omp simd
+            for (int64_t i = 0; i < len; i++) o[i] += we * row[i];
+        }
+    }
+}
+
+/* out[e] = <a[ia[e], :len], b[ib[e], :len]> for e in [e0, e1). */
+void clt_row_dots_f32(float* out, const float* a, int64_t a_stride, const int64_t* ia, const float* b,
+                      int64_t b_stride, const int64_t* ib, int64_t len, int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; e++) {
+        const float* x = a + ia[e] * a_stride;
+        const float* y = b + ib[e] * b_stride;
+        float acc = 0.0f;
+#pragma omp simd reduction(+:acc)
+        for (int64_t i = 0; i < len; i++) acc += x[i] * y[i];
+        out[e] = acc;
+    }
+}
 """
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99")
@@ -190,7 +224,7 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C compiler (cc, gcc, clang or $CC) found: TopK selection falls back to torch.topk")
+        log.warning("no C compiler (cc, gcc, clang or $CC) found: TopK selection and sparse bags fall back to torch")
         return None
     key = hashlib.sha256("\0".join([_SOURCE, compiler, " ".join(_FLAGS), _cpu_key()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"clt-kernels-{key}.so"
@@ -199,11 +233,15 @@ def library() -> ctypes.CDLL | None:
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("could not build the native kernels (%s): TopK selection falls back to torch.topk", err)
+        log.warning("could not build the native kernels (%s): TopK selection and sparse bags fall back to torch", err)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.clt_topk_rows_f32.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
     lib.clt_topk_rows_f32.restype = ctypes.c_int
+    lib.clt_bag_sum_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.clt_bag_sum_f32.restype = None
+    lib.clt_row_dots_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64]
+    lib.clt_row_dots_f32.restype = None
     return lib
 
 
@@ -223,18 +261,90 @@ def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
         return None
     values = torch.empty(num_layers, n, k, dtype=torch.float32)
     indices = torch.empty(num_layers, n, k, dtype=torch.int64)
-    rows = n * num_layers
-    workers = max(1, min(torch.get_num_threads(), rows // 64))
-    bounds = [rows * i // workers for i in range(workers + 1)]
     args = (z.data_ptr(), n, num_layers, num_features, k)
 
-    def run(i: int) -> int:
-        return lib.clt_topk_rows_f32(*args, bounds[i], bounds[i + 1], values.data_ptr(), indices.data_ptr())
+    def run(start: int, stop: int) -> int:
+        return lib.clt_topk_rows_f32(*args, start, stop, values.data_ptr(), indices.data_ptr())
 
-    failed = run(0) if workers == 1 else any(list(_pool(workers).map(run, range(workers))))
-    if failed:
+    if any(_in_parallel(n * num_layers, 64, run)):
         raise MemoryError("the native TopK kernel could not allocate its row buffers")
     return values, indices
 
 
-__all__ = ["cache_dir", "library", "topk_rows"]
+def _in_parallel(items: int, per_worker: int, run: Callable[[int, int], Any]) -> list:
+    """run(start, stop) over consecutive ranges of `items`, one per worker (up to
+    `torch.get_num_threads()`, at least `per_worker` items each): on this thread when there is
+    one, else on a pool (ctypes calls release the GIL). Returns the results."""
+    workers = max(1, min(torch.get_num_threads(), items // per_worker))
+    bounds = [items * i // workers for i in range(workers + 1)]
+    if workers == 1:
+        return [run(0, items)]
+    return list(_pool(workers).map(lambda i: run(bounds[i], bounds[i + 1]), range(workers)))
+
+
+def _check_range(index: Tensor, size: int, name: str) -> None:
+    """The kernels read memory at these indices: refuse any outside [0, size)."""
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+        raise IndexError(f"{name} holds indices outside [0, {size})")
+
+
+def _rows(t: Tensor) -> bool:
+    """A float32 CPU matrix whose rows are contiguous (any row stride)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.ndim == 2 and t.stride(1) == 1
+
+
+def _index(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.int64 and t.ndim == 1 and t.is_contiguous()
+
+
+def bag_sum(
+    out: Tensor,
+    table: Tensor,
+    starts: Tensor,
+    idx: Tensor,
+    weights: Tensor,
+    order: Tensor | None = None,
+    *,
+    accumulate: bool = False,
+) -> bool:
+    """Embedding bags written into `out` [B, len] (any row stride): row b (+)= Σ over k in
+    starts[b]:starts[b+1] of weights[e] · table[idx[e]], e = order[k] (or k). `starts` [B+1].
+    Returns False, touching nothing, where the kernel does not apply (then use
+    `torch.nn.functional.embedding_bag`)."""
+    if not (_rows(out) and _rows(table) and _index(starts) and _index(idx)) or (lib := library()) is None:
+        return False
+    if weights.dtype != torch.float32 or not weights.is_contiguous() or (order is not None and not _index(order)):
+        return False
+    if out.shape[1] != table.shape[1] or starts.numel() != out.shape[0] + 1 or weights.numel() != idx.numel():
+        raise ValueError(
+            f"bag_sum: out {list(out.shape)}, table {list(table.shape)}, starts [{starts.numel()}], "
+            f"idx [{idx.numel()}] and weights [{weights.numel()}] do not fit together"
+        )
+    _check_range(idx, table.shape[0], "idx")
+    _check_range(starts, idx.numel() + 1, "starts")
+    if order is not None:
+        _check_range(order, idx.numel(), "order")
+    bags = out.shape[0]
+    args = (out.data_ptr(), out.stride(0), table.data_ptr(), table.stride(0), out.shape[1], starts.data_ptr())
+    rest = (0 if order is None else order.data_ptr(), idx.data_ptr(), weights.data_ptr(), int(accumulate))
+    _in_parallel(bags, 16, lambda start, stop: lib.clt_bag_sum_f32(*args, start, stop, *rest))
+    return True
+
+
+def row_dots(out: Tensor, a: Tensor, ia: Tensor, b: Tensor, ib: Tensor) -> bool:
+    """out[e] = ⟨a[ia[e]], b[ib[e]]⟩ for the rows of two matrices (any row strides), into the
+    contiguous float32 vector `out`; False, touching nothing, where the kernel does not apply."""
+    if not (_rows(a) and _rows(b) and _index(ia) and _index(ib)) or (lib := library()) is None:
+        return False
+    if out.dtype != torch.float32 or not out.is_contiguous() or a.shape[1] != b.shape[1]:
+        return False
+    if not ia.numel() == ib.numel() == out.numel():
+        raise ValueError(f"row_dots: out [{out.numel()}], ia [{ia.numel()}] and ib [{ib.numel()}] differ in length")
+    _check_range(ia, a.shape[0], "ia")
+    _check_range(ib, b.shape[0], "ib")
+    args = (out.data_ptr(), a.data_ptr(), a.stride(0), ia.data_ptr(), b.data_ptr(), b.stride(0), ib.data_ptr())
+    _in_parallel(out.numel(), 1024, lambda start, stop: lib.clt_row_dots_f32(*args, a.shape[1], start, stop))
+    return True
+
+
+__all__ = ["bag_sum", "cache_dir", "library", "row_dots", "topk_rows"]

@@ -70,7 +70,7 @@ def test_topk_falls_back_to_torch_without_a_compiler(monkeypatch, fresh_library,
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with caplog.at_level(logging.WARNING, logger="clt.models.native"):
         assert native.library() is None
-    assert "falls back to torch.topk" in caplog.text
+    assert "fall back to torch" in caplog.text
     z = torch.randn(16, 3, 64, generator=torch.Generator().manual_seed(1))
     assert native.topk_rows(z, 4) is None
     layer, rows, cols, pre = topk_active(z, 4)
@@ -97,12 +97,14 @@ def test_topk_active_is_the_same_with_and_without_the_kernel(monkeypatch):
 
 
 @needs_library
-def test_training_on_the_kernel_matches_training_on_torch_topk(monkeypatch):
-    """Five TopK PLT steps: the same weights and activity whichever selection runs."""
+@pytest.mark.parametrize("cross", [False, True], ids=["plt", "clt"])
+def test_training_on_the_kernels_matches_training_on_torch(monkeypatch, cross):
+    """Five TopK PLT and CLT steps: the same weights and activity with the compiled kernels as
+    with torch's."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(256, 3, 16, generator=g), torch.randn(256, 3, 16, generator=g)
     store = ActivationStore.from_nnsight_activations({"inputs": x, "outputs": y}, batch_size=64)
-    cfg = CLTConfig(num_features=64, num_layers=3, d_model=16, activation_fn="topk", topk=4, cross_layer=False)
+    cfg = CLTConfig(num_features=64, num_layers=3, d_model=16, activation_fn="topk", topk=4, cross_layer=cross)
 
     def run() -> CLTTrainer:
         torch.manual_seed(0)
@@ -113,7 +115,7 @@ def test_training_on_the_kernel_matches_training_on_torch_topk(monkeypatch):
         return trainer
 
     fast = run()
-    monkeypatch.setattr(native, "topk_rows", lambda z, k: None)
+    monkeypatch.setattr(native, "library", lambda: None)  # torch.topk and embedding_bag
     slow = run()
     for (name, a), b in zip(fast.model.state_dict().items(), slow.model.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
@@ -129,3 +131,39 @@ def test_fire_counts_count_nonzero_entries_like_a_bool_sum():
     activity = FeatureActivity(3, 40)
     fired = activity.update(features)
     assert int(fired) == int((features != 0).sum()) and torch.equal(activity.fire_count, (features != 0).sum(0))
+
+
+@needs_library
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_bag_sum_equals_embedding_bag(ordered, accumulate):
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(30, 3 * 24, generator=g)
+    table = wide[:, 24:48]  # rows 72 floats apart
+    counts = torch.randint(0, 5, (11,), generator=g)
+    counts[3] = 0  # an empty bag
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    idx = torch.randint(0, 30, (int(counts.sum()),), generator=g)
+    weights = torch.randn(idx.numel(), generator=g)
+    order = torch.randperm(idx.numel(), generator=g) if ordered else None
+    out = torch.randn(11, 2 * 24, generator=g)[:, :24]  # strided rows
+    before = out.clone()
+    assert native.bag_sum(out, table, starts, idx, weights, order, accumulate=accumulate)
+    e = order if ordered else torch.arange(idx.numel())
+    expected = torch.nn.functional.embedding_bag(idx[e], table, starts[:-1], mode="sum", per_sample_weights=weights[e])
+    torch.testing.assert_close(out, expected + before if accumulate else expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_library
+def test_row_dots_equals_gathered_dot_products():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(40, 3 * 17, generator=g)[:, 17:34], torch.randn(25, 17, generator=g)
+    ia, ib = torch.randint(0, 40, (3000,), generator=g), torch.randint(0, 25, (3000,), generator=g)
+    out = torch.empty(3000)
+    assert native.row_dots(out, a, ia, b, ib)
+    torch.testing.assert_close(out, (a[ia] * b[ib]).sum(-1), rtol=1e-5, atol=1e-5)
+    assert not native.row_dots(out, a.double(), ia, b.double(), ib)  # declines; the caller falls back
+    with pytest.raises(IndexError, match="ib holds indices outside"):
+        native.row_dots(out, a, ia, b, ib + 1)
+    with pytest.raises(IndexError, match="idx holds indices outside"):
+        native.bag_sum(out.view(-1, 1)[:25], b[:, :1], torch.arange(26), torch.full((25,), 25), torch.ones(25))
