@@ -10,8 +10,10 @@ NaN counts as the largest value, as in `torch.topk`; which of several equal valu
 place is kept is unspecified, as there.
 
 The shared library is built once per source, compiler and CPU into ``$CLT_CACHE_DIR`` (default
-``~/.cache/clt``)/native; ``CLT_NATIVE=0`` turns the kernels off. Rows are split across
-`torch.get_num_threads()` threads (ctypes releases the GIL during the call).
+``~/.cache/clt``)/native; ``CLT_NATIVE=0`` turns the kernels off. They run on
+`torch.get_num_threads()` OpenMP threads: built with -fopenmp, the library links libgomp.so.1,
+which resolves to the one torch has loaded, so kernels and torch's ops share one thread pool (a
+separate pool would compete with torch's spinning workers for the same cores).
 """
 
 from __future__ import annotations
@@ -25,10 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,6 +38,17 @@ _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID omp_get_thread_num()
+#define THREADS omp_get_num_threads()
+#else
+#define THREAD_ID 0
+#define THREADS 1
+#endif
+
+/* [lo, hi): this thread's share of `items` consecutive items */
+#define SHARE(items) int64_t lo = (items) * THREAD_ID / THREADS, hi = (items) * (THREAD_ID + 1) / THREADS
 
 /* selection key: NaN ranks as the largest value, as in torch.topk */
 static inline float key_of(float x) { return isnan(x) ? INFINITY : x; }
@@ -173,9 +183,45 @@ void clt_row_dots_f32(float* out, const float* a, int64_t a_stride, const int64_
         out[e] = acc;
     }
 }
+
+/* The kernels above over all their items on `threads` OpenMP threads: torch's own pool when the
+   library links the libgomp that torch loaded (same soname), so no second set of threads spins. */
+int clt_topk_rows_f32_all(const float* z, int64_t n, int64_t layers, int64_t f, int64_t k, float* val,
+                          int64_t* idx, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        SHARE(n * layers);
+        failed |= clt_topk_rows_f32(z, n, layers, f, k, lo, hi, val, idx);
+    }
+    return failed;
+}
+
+void clt_bag_sum_f32_all(float* out, int64_t out_stride, const float* table, int64_t table_stride, int64_t len,
+                         const int64_t* starts, int64_t bags, const int64_t* order, const int64_t* idx,
+                         const float* w, int accumulate, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        SHARE(bags);
+        clt_bag_sum_f32(out, out_stride, table, table_stride, len, starts, lo, hi, order, idx, w, accumulate);
+    }
+}
+
+void clt_row_dots_f32_all(float* out, const float* a, int64_t a_stride, const int64_t* ia, const float* b,
+                          int64_t b_stride, const int64_t* ib, int64_t len, int64_t n, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        SHARE(n);
+        clt_row_dots_f32(out, a, a_stride, ia, b, b_stride, ib, len, lo, hi);
+    }
+}
 """
 
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+_FALLBACK_FLAGS = (  # without OpenMP (one thread), then without -march=native
+    ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99"),
+    ("-O3", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99"),
+)
 
 
 def _compiler() -> str | None:
@@ -207,7 +253,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source, built = Path(tmp) / "kernels.c", Path(tmp) / target.name
         source.write_text(_SOURCE)
-        for flags in (_FLAGS, tuple(f for f in _FLAGS if f != "-march=native")):
+        for flags in (_FLAGS, *_FALLBACK_FLAGS):
             result = subprocess.run(
                 [compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True, timeout=120
             )
@@ -235,19 +281,19 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("could not build the native kernels (%s): TopK selection and sparse bags fall back to torch", err)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.clt_topk_rows_f32.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
-    lib.clt_topk_rows_f32.restype = ctypes.c_int
-    lib.clt_bag_sum_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.clt_bag_sum_f32.restype = None
-    lib.clt_row_dots_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64]
-    lib.clt_row_dots_f32.restype = None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.clt_topk_rows_f32_all.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i32]
+    lib.clt_topk_rows_f32_all.restype = i32
+    lib.clt_bag_sum_f32_all.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
+    lib.clt_bag_sum_f32_all.restype = None
+    lib.clt_row_dots_f32_all.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i32]
+    lib.clt_row_dots_f32_all.restype = None
     return lib
 
 
-@functools.lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clt-native")
+def _threads(items: int, per_thread: int) -> int:
+    """Threads for `items` items of work: torch's count, at least `per_thread` items each."""
+    return max(1, min(torch.get_num_threads(), items // per_thread))
 
 
 def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
@@ -261,25 +307,12 @@ def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
         return None
     values = torch.empty(num_layers, n, k, dtype=torch.float32)
     indices = torch.empty(num_layers, n, k, dtype=torch.int64)
-    args = (z.data_ptr(), n, num_layers, num_features, k)
-
-    def run(start: int, stop: int) -> int:
-        return lib.clt_topk_rows_f32(*args, start, stop, values.data_ptr(), indices.data_ptr())
-
-    if any(_in_parallel(n * num_layers, 64, run)):
+    threads = _threads(n * num_layers, 64)
+    if lib.clt_topk_rows_f32_all(
+        z.data_ptr(), n, num_layers, num_features, k, values.data_ptr(), indices.data_ptr(), threads
+    ):
         raise MemoryError("the native TopK kernel could not allocate its row buffers")
     return values, indices
-
-
-def _in_parallel(items: int, per_worker: int, run: Callable[[int, int], Any]) -> list:
-    """run(start, stop) over consecutive ranges of `items`, one per worker (up to
-    `torch.get_num_threads()`, at least `per_worker` items each): on this thread when there is
-    one, else on a pool (ctypes calls release the GIL). Returns the results."""
-    workers = max(1, min(torch.get_num_threads(), items // per_worker))
-    bounds = [items * i // workers for i in range(workers + 1)]
-    if workers == 1:
-        return [run(0, items)]
-    return list(_pool(workers).map(lambda i: run(bounds[i], bounds[i + 1]), range(workers)))
 
 
 def _check_range(index: Tensor, size: int, name: str) -> None:
@@ -325,9 +358,9 @@ def bag_sum(
     if order is not None:
         _check_range(order, idx.numel(), "order")
     bags = out.shape[0]
-    args = (out.data_ptr(), out.stride(0), table.data_ptr(), table.stride(0), out.shape[1], starts.data_ptr())
+    args = (out.data_ptr(), out.stride(0), table.data_ptr(), table.stride(0), out.shape[1], starts.data_ptr(), bags)
     rest = (0 if order is None else order.data_ptr(), idx.data_ptr(), weights.data_ptr(), int(accumulate))
-    _in_parallel(bags, 16, lambda start, stop: lib.clt_bag_sum_f32(*args, start, stop, *rest))
+    lib.clt_bag_sum_f32_all(*args, *rest, _threads(bags, 16))
     return True
 
 
@@ -343,7 +376,7 @@ def row_dots(out: Tensor, a: Tensor, ia: Tensor, b: Tensor, ib: Tensor) -> bool:
     _check_range(ia, a.shape[0], "ia")
     _check_range(ib, b.shape[0], "ib")
     args = (out.data_ptr(), a.data_ptr(), a.stride(0), ia.data_ptr(), b.data_ptr(), b.stride(0), ib.data_ptr())
-    _in_parallel(out.numel(), 1024, lambda start, stop: lib.clt_row_dots_f32(*args, a.shape[1], start, stop))
+    lib.clt_row_dots_f32_all(*args, a.shape[1], out.numel(), _threads(out.numel(), 1024))
     return True
 
 
