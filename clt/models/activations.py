@@ -154,19 +154,23 @@ def batchtopk_active(z: Tensor, k: int, scope: str = "layer") -> ActiveEntries:
         return entries_at(z, layer, kept // num_features, kept % num_features)
     if scope != "all":
         raise ValueError(f"batchtopk scope must be 'layer' or 'all', got {scope!r}")
-    flat = z.detach().reshape(-1)  # (token, layer, feature) order
+    layer_major = z.transpose(0, 1).is_contiguous() and not z.is_contiguous()
+    flat = (z.transpose(0, 1) if layer_major else z).detach().reshape(-1)  # a view of z's storage
     kept = flat.topk(min(k * n * num_layers, flat.numel()), sorted=False).indices
-    rows, cols = kept // (num_layers * num_features), kept % num_features
-    layer = (kept // num_features) % num_layers
+    cols, rest = kept % num_features, kept // num_features
+    layer, rows = (rest // n, rest % n) if layer_major else (rest % num_layers, rest // num_layers)
     order = torch.argsort((layer * n + rows) * num_features + cols)
     return entries_at(z, layer[order], rows[order], cols[order])
 
 
 def entries_at(z: Tensor, layer: Tensor, rows: Tensor, cols: Tensor) -> ActiveEntries:
     """`ActiveEntries` of z [N, L, F] at the given (layer, token, feature) lists."""
-    num_layers, num_features = z.shape[1:]
-    flat_index = (rows * num_layers + layer) * num_features + cols
-    return ActiveEntries(layer, rows, cols, z.detach().reshape(-1).take(flat_index))
+    z = z.detach()
+    if z.is_contiguous() or z.transpose(0, 1).is_contiguous():  # one dense block: index its storage
+        flat_index = rows * z.stride(0) + layer * z.stride(1) + cols
+        block = z.as_strided((z.numel(),), (1,), z.storage_offset())
+        return ActiveEntries(layer, rows, cols, block.take(flat_index))
+    return ActiveEntries(layer, rows, cols, z[rows, layer, cols])
 
 
 def smallest_kept(features: Tensor) -> Tensor:

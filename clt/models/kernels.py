@@ -52,13 +52,18 @@ def compute_dtype(t: Tensor, param_dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else param_dtype
 
 
-def _encoder_forward(flat: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _encoder_forward(
+    flat: Tensor, weight: Tensor, bias: Tensor, layer_major: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """z [N, L, F] = x W_enc^T + b_enc, one GEMM per layer written in place; also returns x and
-    W_enc in the compute dtype (autocast's: the bias is then added in the parameter dtype)."""
+    W_enc in the compute dtype (autocast's: the bias is then added in the parameter dtype).
+    With `layer_major` z is stored as [L, N, F] (returned as its [N, L, F] transposed view), so
+    that each layer's GEMM writes a contiguous block instead of a strided one through a copy."""
     n, num_layers, _ = flat.shape
     dtype = compute_dtype(flat, weight.dtype)
     x, w = flat.to(dtype).contiguous(), weight.to(dtype)
-    z = x.new_empty(n, num_layers, weight.shape[1])
+    store = x.new_empty(num_layers, n, weight.shape[1]) if layer_major else x.new_empty(n, num_layers, weight.shape[1])
+    z = store.transpose(0, 1) if layer_major else store
     with torch.autocast(flat.device.type, enabled=False):
         for l in range(num_layers):
             if dtype == bias.dtype:
@@ -66,7 +71,8 @@ def _encoder_forward(flat: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor
             else:
                 torch.mm(x[:, l], w[l].T, out=z[:, l])
         if dtype != bias.dtype:
-            z = z.to(torch.promote_types(dtype, bias.dtype)) + bias
+            store = store.to(torch.promote_types(dtype, bias.dtype)) + (bias[:, None] if layer_major else bias)
+            z = store.transpose(0, 1) if layer_major else store
     return z, x, w
 
 
@@ -198,7 +204,7 @@ class EncodeActive(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat: Tensor, weight: Tensor, bias: Tensor, select: Callable) -> tuple:
-        z, x, w = _encoder_forward(flat, weight, bias)
+        z, x, w = _encoder_forward(flat, weight, bias, layer_major=True)
         layer, rows, cols, pre = select(z)
         values = pre.to(z.dtype).clamp_min(0)
         bags = FeatureBags.of(layer, cols, weight.shape[0], weight.shape[1])

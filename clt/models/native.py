@@ -106,8 +106,8 @@ static float smallest(const float* v, int64_t k) {
    one vertical pass; the k-th largest block maximum is at most the row's k-th largest value, so
    the top k lie among the entries >= it, in the blocks whose maximum reaches it (~k blocks,
    ~1.2k entries): those are collected and the top k selected. */
-int clt_topk_rows_f32(const float* z, int64_t n, int64_t layers, int64_t f, int64_t k,
-                      int64_t row_start, int64_t row_end, float* val, int64_t* idx) {
+int clt_topk_rows_f32(const float* z, int64_t n, int64_t layers, int64_t f, int64_t stride_t, int64_t stride_l,
+                      int64_t k, int64_t row_start, int64_t row_end, float* val, int64_t* idx) {
     int64_t nb = 4 * k < f ? 4 * k : f;
     float* maxima = malloc(nb * sizeof(float));
     float* v = malloc(f * sizeof(float));
@@ -116,7 +116,7 @@ int clt_topk_rows_f32(const float* z, int64_t n, int64_t layers, int64_t f, int6
     if (!maxima || !v || !keys || !ix) { free(maxima); free(v); free(keys); free(ix); return 1; }
     for (int64_t r = row_start; r < row_end; r++) {
         int64_t l = r / n, t = r % n;
-        const float* row = z + (t * layers + l) * f;
+        const float* row = z + t * stride_t + l * stride_l;
         const float* key = row;
         int nan = 0;
 #pragma omp simd reduction(|:nan)
@@ -186,13 +186,13 @@ void clt_row_dots_f32(float* out, const float* a, int64_t a_stride, const int64_
 
 /* The kernels above over all their items on `threads` OpenMP threads: torch's own pool when the
    library links the libgomp that torch loaded (same soname), so no second set of threads spins. */
-int clt_topk_rows_f32_all(const float* z, int64_t n, int64_t layers, int64_t f, int64_t k, float* val,
-                          int64_t* idx, int threads) {
+int clt_topk_rows_f32_all(const float* z, int64_t n, int64_t layers, int64_t f, int64_t stride_t,
+                          int64_t stride_l, int64_t k, float* val, int64_t* idx, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
         SHARE(n * layers);
-        failed |= clt_topk_rows_f32(z, n, layers, f, k, lo, hi, val, idx);
+        failed |= clt_topk_rows_f32(z, n, layers, f, stride_t, stride_l, k, lo, hi, val, idx);
     }
     return failed;
 }
@@ -282,7 +282,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("could not build the native kernels (%s): TopK selection and sparse bags fall back to torch", err)
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.clt_topk_rows_f32_all.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i32]
+    lib.clt_topk_rows_f32_all.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i32]
     lib.clt_topk_rows_f32_all.restype = i32
     lib.clt_bag_sum_f32_all.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
     lib.clt_bag_sum_f32_all.restype = None
@@ -298,9 +298,10 @@ def _threads(items: int, per_thread: int) -> int:
 
 def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """Values and indices [L, N, k] (unsorted within a row) of the k largest entries of each row
-    z[t, l, :] of z [N, L, F]; None where the kernel does not apply (not a contiguous float32 CPU
-    tensor, 0 < k ≤ F, or no compiled library) and the caller should use `torch.topk`."""
-    if z.device.type != "cpu" or z.dtype != torch.float32 or z.ndim != 3 or not z.is_contiguous():
+    z[t, l, :] of z [N, L, F] (rows contiguous, any token and layer strides); None where the kernel
+    does not apply (not a float32 CPU tensor, 0 < k ≤ F, or no compiled library) and the caller
+    should use `torch.topk`."""
+    if z.device.type != "cpu" or z.dtype != torch.float32 or z.ndim != 3 or z.stride(2) != 1:
         return None
     n, num_layers, num_features = z.shape
     if not 0 < k <= num_features or z.requires_grad or (lib := library()) is None:
@@ -308,9 +309,8 @@ def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     values = torch.empty(num_layers, n, k, dtype=torch.float32)
     indices = torch.empty(num_layers, n, k, dtype=torch.int64)
     threads = _threads(n * num_layers, 64)
-    if lib.clt_topk_rows_f32_all(
-        z.data_ptr(), n, num_layers, num_features, k, values.data_ptr(), indices.data_ptr(), threads
-    ):
+    shape = (n, num_layers, num_features, z.stride(0), z.stride(1), k)
+    if lib.clt_topk_rows_f32_all(z.data_ptr(), *shape, values.data_ptr(), indices.data_ptr(), threads):
         raise MemoryError("the native TopK kernel could not allocate its row buffers")
     return values, indices
 

@@ -65,7 +65,29 @@ def reconstruction_loss(reconstruction: Tensor, target: Tensor) -> Tensor:
     """Squared error summed over layers and dimensions, mean over tokens."""
     if reconstruction.shape != target.shape:
         raise ValueError(f"reconstruction {list(reconstruction.shape)} and target {list(target.shape)} differ in shape")
-    return _tokens_mean((reconstruction - target).square().sum(dim=(-2, -1)))
+    return _MeanSquaredError.apply(reconstruction, target)
+
+
+class _MeanSquaredError(torch.autograd.Function):
+    """Σ (ŷ − y)² / tokens in one pass over ŷ − y each way (autograd's square/sum/backward take
+    four): forward keeps e = ŷ − y, backward returns (2/tokens) g e."""
+
+    @staticmethod
+    def forward(ctx, reconstruction: Tensor, target: Tensor) -> Tensor:
+        err = reconstruction - target
+        tokens = max(err[..., 0, 0].numel(), 1) if err.ndim > 2 else 1
+        ctx.tokens = tokens
+        ctx.save_for_backward(err)
+        return torch.linalg.vector_norm(err).square() / tokens
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (err,) = ctx.saved_tensors
+        grad_err = err * (grad * (2 / ctx.tokens)).to(err.dtype)
+        return (
+            grad_err if ctx.needs_input_grad[0] else None,
+            -grad_err if ctx.needs_input_grad[1] else None,
+        )
 
 
 def fvu(reconstruction: Tensor, target: Tensor, *, per_layer: bool = True) -> Tensor:
@@ -75,11 +97,10 @@ def fvu(reconstruction: Tensor, target: Tensor, *, per_layer: bool = True) -> Te
     t = target.detach().reshape(-1, num_layers, d).to(dtype)
     err = reconstruction.detach().reshape(-1, num_layers, d).to(dtype) - t
     centered = t - t.mean(0)
-    # per-layer sums (cascade summation, in place of the squares), combined in float64
-    resid = err.square_().sum(dim=(0, 2)).double()
-    total = centered.square_().sum(dim=(0, 2)).double()
-    if not per_layer:
-        resid, total = resid.sum(), total.sum()
+    # sums of squares as norms (one pass, no squared copy), per layer or over all, then float64
+    dims = (0, 2) if per_layer else None
+    resid = torch.linalg.vector_norm(err, dim=dims).double().square()
+    total = torch.linalg.vector_norm(centered, dim=dims).double().square()
     return (resid / total.clamp_min(torch.finfo(torch.float64).tiny)).to(target.dtype)
 
 

@@ -10,7 +10,7 @@ import torch
 from clt.config.training import TrainingConfig
 from clt.config.transcoder import CLTConfig
 from clt.models import native
-from clt.models.activations import topk_active
+from clt.models.activations import batchtopk_active, entries_at, topk_active
 from clt.store import ActivationStore
 from clt.training.activity import FeatureActivity, fire_counts
 from clt.training.trainer import CLTTrainer
@@ -49,10 +49,30 @@ def test_native_topk_selects_what_torch_topk_selects(shape, k):
     _assert_same_selection(special, k)
 
 
+@needs_library
+def test_native_topk_reads_a_layer_major_view():
+    """The encoder writes z as [L, N, F] and hands on its [N, L, F] view: same selection."""
+    stored = torch.randn(3, 40, 300, generator=torch.Generator().manual_seed(7))
+    _assert_same_selection(stored.transpose(0, 1), 9)
+
+
+@pytest.mark.parametrize("scope", ["layer", "all"])
+def test_batchtopk_and_entries_read_either_layout(scope):
+    z = torch.randn(30, 3, 50, generator=torch.Generator().manual_seed(8))
+    layer_major = z.transpose(0, 1).contiguous().transpose(0, 1)
+    a, b = batchtopk_active(z, 4, scope), batchtopk_active(layer_major, 4, scope)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert torch.equal(a.preactivations, z[a.rows, a.layer, a.cols])
+    strided = torch.randn(30, 6, 50)[:, ::2]  # neither layout: indexed directly
+    e = entries_at(strided, a.layer, a.rows, a.cols)
+    assert torch.equal(e.preactivations, strided[a.rows, a.layer, a.cols])
+
+
 def test_native_topk_declines_what_it_does_not_handle():
     z = torch.randn(4, 2, 16)
     assert native.topk_rows(z.double(), 3) is None
-    assert native.topk_rows(z.transpose(0, 1), 3) is None  # not contiguous
+    assert native.topk_rows(z.transpose(1, 2), 3) is None  # rows not contiguous
     assert native.topk_rows(z, 0) is None and native.topk_rows(z, 17) is None
     assert native.topk_rows(z[0], 3) is None
 
