@@ -53,8 +53,9 @@ _SOURCE = r"""
 /* selection key: NaN ranks as the largest value, as in torch.topk */
 static inline float key_of(float x) { return isnan(x) ? INFINITY : x; }
 
-/* Rearrange v/ix[0..m) so that v[0..k) hold the k largest keys (quickselect, Hoare partition). */
-static void select_top(float* v, int64_t* ix, int64_t m, int64_t k) {
+/* Rearrange v[0..m) (and ix, when given) so that v[0..k) hold the k largest keys; returns the
+   k-th largest (quickselect, Hoare partition, median-of-three pivot). */
+static float select_top(float* v, int64_t* ix, int64_t m, int64_t k) {
     int64_t lo = 0, hi = m - 1, target = k - 1;
     while (lo < hi) {
         float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi];
@@ -65,39 +66,15 @@ static void select_top(float* v, int64_t* ix, int64_t m, int64_t k) {
             while (v[j] < pivot) j--;
             if (i <= j) {
                 float tv = v[i]; v[i] = v[j]; v[j] = tv;
-                int64_t ti = ix[i]; ix[i] = ix[j]; ix[j] = ti;
+                if (ix) { int64_t ti = ix[i]; ix[i] = ix[j]; ix[j] = ti; }
                 i++; j--;
             }
         }
         if (target <= j) hi = j;
         else if (target >= i) lo = i;
-        else return;
-    }
-}
-
-/* The k-th largest of v[0..m) (NaN-free; v is reordered): quickselect on values only. */
-static float kth_largest(float* v, int64_t m, int64_t k) {
-    int64_t lo = 0, hi = m - 1, target = k - 1;
-    while (lo < hi) {
-        float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi];
-        float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pivot) i++;
-            while (v[j] < pivot) j--;
-            if (i <= j) { float tv = v[i]; v[i] = v[j]; v[j] = tv; i++; j--; }
-        }
-        if (target <= j) hi = j;
-        else if (target >= i) lo = i;
-        else return v[target];
+        else break;
     }
     return v[target];
-}
-
-static float smallest(const float* v, int64_t k) {
-    float low = v[0];
-    for (int64_t j = 1; j < k; j++) low = v[j] < low ? v[j] : low;
-    return low;
 }
 
 /* Rows r in [row_start, row_end) in layer-major order r = l * n + t, read from z[t, l, :] of
@@ -133,7 +110,7 @@ int clt_topk_rows_f32(const float* z, int64_t n, int64_t layers, int64_t f, int6
             for (int64_t q = 0; q < width; q++) maxima[q] = chunk[q] > maxima[q] ? chunk[q] : maxima[q];
         }
         for (int64_t q = 0; q < nb; q++) v[q] = maxima[q];
-        float thr = kth_largest(v, nb, k);
+        float thr = select_top(v, NULL, nb, k);
         int64_t count = 0;
         for (int64_t q = 0; q < nb; q++) {
             if (!(maxima[q] >= thr)) continue;
