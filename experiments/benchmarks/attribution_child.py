@@ -124,7 +124,10 @@ def child_ours(spec: dict, out: Path) -> dict:
     settings = {k: v for k, v in spec["settings"].items() if v is not None or k == "max_feature_nodes"}
     ids = torch.tensor(spec["token_ids"])
     graph, record = _measure(
-        lambda: attribute(ids, model, transcoder, tokenizer=tokenizer, progress=False, **settings), load
+        lambda: attribute(
+            ids, model, transcoder, tokenizer=tokenizer, progress=spec.get("progress", False), **settings
+        ),
+        load,
     )
     result = {
         **record,

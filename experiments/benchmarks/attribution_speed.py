@@ -259,6 +259,9 @@ def main() -> int:
     parser.add_argument("--memory-limit-gb", type=float, default=21.0, help="kill a run above this resident memory")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="kill a run after this many seconds")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--progress", action="store_true", help="our runs show a progress bar (with its ETA) in their log files"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/clt-bench"))
     args = parser.parse_args()
     if isinstance(args.transcoders, str):
@@ -280,6 +283,7 @@ def main() -> int:
             sides["circuit-tracer"] = (args.ct_python, "ct", REPO)
         entry = {"setting": spec["transcoder_name"], "tokens": n, "model": args.model}
         spec["save_graph"] = len(sides) > 1
+        spec["progress"] = args.progress
         for side, (python, mode, source) in sides.items():
             side_spec = spec if side == "ours" else {**spec, "settings": _without_new(spec["settings"])}
             runs = []
