@@ -62,17 +62,18 @@ def _encoder_forward(
     n, num_layers, _ = flat.shape
     dtype = compute_dtype(flat, weight.dtype)
     x, w = flat.to(dtype).contiguous(), weight.to(dtype)
-    store = x.new_empty(num_layers, n, weight.shape[1]) if layer_major else x.new_empty(n, num_layers, weight.shape[1])
-    z = store.transpose(0, 1) if layer_major else store
+    if layer_major:
+        z = x.new_empty(num_layers, n, weight.shape[1]).transpose(0, 1)
+    else:
+        z = x.new_empty(n, num_layers, weight.shape[1])
     with torch.autocast(flat.device.type, enabled=False):
         for l in range(num_layers):
             if dtype == bias.dtype:
                 torch.addmm(bias[l], x[:, l], w[l].T, out=z[:, l])
             else:
                 torch.mm(x[:, l], w[l].T, out=z[:, l])
-        if dtype != bias.dtype:
-            store = store.to(torch.promote_types(dtype, bias.dtype)) + (bias[:, None] if layer_major else bias)
-            z = store.transpose(0, 1) if layer_major else store
+        if dtype != bias.dtype:  # element-wise ops keep z's layout
+            z = z.to(torch.promote_types(dtype, bias.dtype)) + bias
     return z, x, w
 
 
@@ -203,16 +204,18 @@ class EncodeActive(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, flat: Tensor, weight: Tensor, bias: Tensor, select: Callable) -> tuple:
+    def forward(ctx, flat: Tensor, weight: Tensor, bias: Tensor, select: Callable, group: bool) -> tuple:
+        """`group`: also return the entries' `FeatureBags` (order, counts), which only the
+        weight gradients read (else None, None)."""
         z, x, w = _encoder_forward(flat, weight, bias, layer_major=True)
         layer, rows, cols, pre = select(z)
-        values = pre.to(z.dtype).clamp_min(0)
-        bags = FeatureBags.of(layer, cols, weight.shape[0], weight.shape[1])
-        ctx.mark_non_differentiable(layer, rows, cols, bags.order, bags.counts)
+        values = pre.clamp_min(0)
+        order, counts = FeatureBags.of(layer, cols, weight.shape[0], weight.shape[1]) if group else (None, None)
+        ctx.mark_non_differentiable(*(t for t in (layer, rows, cols, order, counts) if t is not None))
         ctx.set_materialize_grads(False)
         ctx.dtypes = (flat.dtype, weight.dtype, bias.dtype)
-        ctx.save_for_backward(x, w, layer, rows, cols, values, bags.order, bags.counts)
-        return z, values, layer, rows, cols, bags.order, bags.counts
+        ctx.save_for_backward(x, w, layer, rows, cols, values, order, counts)
+        return z, values, layer, rows, cols, order, counts
 
     @staticmethod
     def backward(ctx, grad_z: Tensor | None, grad_values: Tensor | None, *_):
@@ -227,9 +230,9 @@ class EncodeActive(torch.autograd.Function):
             if active is not None:
                 grad = grad.index_put((rows, layer, cols), active, accumulate=True)
             sparse = grad_z is None or _sparse_enough(int(torch.count_nonzero(grad)), grad.numel())
-            return *_encoder_backward(ctx, grad, x, w, sparse), None
+            return *_encoder_backward(ctx, grad, x, w, sparse), None, None
         if active is None:
-            return None, None, None, None
+            return None, None, None, None, None
         b_dtype = ctx.dtypes[2]
         grad_b = None
         if ctx.needs_input_grad[2]:
@@ -241,9 +244,9 @@ class EncodeActive(torch.autograd.Function):
             )
         grad_w = None
         if ctx.needs_input_grad[1]:
-            bags = FeatureBags(order, counts)
+            bags = None if order is None else FeatureBags(order, counts)
             grad_w = _bag_weight_grad(layer, rows, cols, active, x, num_features, bags).to(ctx.dtypes[1])
-        return None, grad_w, grad_b, None
+        return None, grad_w, grad_b, None, None
 
 
 def _value_grads(out: Tensor, grad: Tensor, weight: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor) -> None:
@@ -292,10 +295,9 @@ def decode_entries(
 ) -> Tensor:
     """Σ over active entries (sorted by (layer, token); `values` [nnz] at (layer, token `rows`,
     feature `cols`)) of value · decoder row, for `n` tokens → [N, L·d] in the decoder's dtype.
-    `bags`: the entries grouped by feature, when the caller has them (else computed here)."""
+    `bags`: the entries grouped by feature, when the caller has them (else grouped in the
+    backward pass, if a decoder weight needs its gradient)."""
     offsets, bounds = _segments(layer, rows, n, len(weights))
-    if bags is None:
-        bags = FeatureBags.of(layer, cols, len(weights), weights[0].shape[0])
     return _SparseDecode.apply(d, rows, cols, offsets, bounds, bags, values.to(weights[0].dtype), *weights)
 
 
@@ -316,7 +318,7 @@ class _SparseDecode(torch.autograd.Function):
         cols: Tensor,
         offsets: Tensor,
         bounds: list[int],
-        bags: FeatureBags,
+        bags: FeatureBags | None,
         values: Tensor,
         *weights: Tensor,
     ) -> Tensor:
@@ -331,14 +333,18 @@ class _SparseDecode(torch.autograd.Function):
                 cols_out = out[:, l * d : (l + w.shape[1]) * d]
                 _bags(cols_out, w.reshape(w.shape[0], -1), starts, cols[seg], values[seg], accumulate=True)
         ctx.d, ctx.bounds = d, bounds
-        ctx.save_for_backward(rows, cols, offsets, bags.order, bags.counts, values, *weights)
+        ctx.save_for_backward(rows, cols, offsets, *(bags or (None, None)), values, *weights)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         rows, cols, offsets, order, counts, values, *weights = ctx.saved_tensors
         d, bounds = ctx.d, ctx.bounds
-        bags = FeatureBags(order, counts)
+        bags = None if order is None else FeatureBags(order, counts)
+        if bags is None and any(ctx.needs_input_grad[7:]):  # group the entries by feature now
+            sizes = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=cols.device)
+            layer = torch.repeat_interleave(torch.arange(len(weights), device=cols.device), sizes)
+            bags = FeatureBags.of(layer, cols, len(weights), weights[0].shape[0])
         grad_values = torch.zeros_like(values) if ctx.needs_input_grad[6] else None
         grad_weights = []
         with torch.autocast(grad.device.type, enabled=False):

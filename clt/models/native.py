@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler; each has a PyTorch
 fallback that gives the same result, so nothing depends on a compiler being present.
 
-`topk_rows`: the k largest entries of every row of z [N, L, F] (float32, contiguous), returned in
-(layer, token) order. `torch.topk` copies each row into a vector of (value, index) pairs and
+`topk_rows`: the k largest entries of every row of z [N, L, F] (float32, rows contiguous),
+returned in (layer, token) order. `torch.topk` copies each row into a vector of (value, index) pairs and
 partially sorts it (~10 µs per row of 2,048); the kernel takes the maxima of 4k strided blocks
 of the row in one vectorised pass, whose k-th largest bounds the row's k-th largest value from
 below, and selects the top k (quickselect) among the few entries of the blocks that reach it.

@@ -374,7 +374,10 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         L, F, d = self.cfg.num_layers, self.cfg.num_features, self.cfg.d_model
         flat = x_std.reshape(-1, L, d)
         n = flat.shape[0]
-        z, values, layer, rows, cols, *bags = EncodeActive.apply(flat, self.W_enc, self.b_enc, self._select_active)
+        group = torch.is_grad_enabled()  # the weight gradients read the entries grouped by feature
+        z, values, layer, rows, cols, order, counts = EncodeActive.apply(
+            flat, self.W_enc, self.b_enc, self._select_active, group
+        )
         if self.cfg.activation_fn == "batchtopk":
             self.batchtopk.update_threshold_active(values.detach(), layer)
         batch = x_std.shape[:-2]
@@ -383,7 +386,8 @@ class CrossLayerTranscoder(nn.Module, PretrainedIO):
         else:
             index = torch.stack([rows, layer, cols])
             features = torch.sparse_coo_tensor(index, values, (n, L, F), check_invariants=False)
-        out = decode_entries(d, layer, rows, cols, values, n, list(self.W_dec), FeatureBags(*bags))
+        bags = FeatureBags(order, counts) if group else None
+        out = decode_entries(d, layer, rows, cols, values, n, list(self.W_dec), bags)
         out = self._add_bias_and_skip(out.view(*batch, L, d), x_std)
         fire_counts = torch.bincount((layer * F + cols)[values.detach() != 0], minlength=L * F).view(L, F)
         return _ActiveOutput(features, z.view(*batch, L, F), out, fire_counts)

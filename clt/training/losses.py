@@ -14,6 +14,7 @@ the top k within the first m. The prefixes' FVUs come back in `LossTerms.metrics
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
@@ -75,7 +76,7 @@ class _MeanSquaredError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, reconstruction: Tensor, target: Tensor) -> Tensor:
         err = reconstruction - target
-        tokens = max(err[..., 0, 0].numel(), 1) if err.ndim > 2 else 1
+        tokens = max(math.prod(err.shape[:-2]), 1)
         ctx.tokens = tokens
         ctx.save_for_backward(err)
         return torch.linalg.vector_norm(err).square() / tokens
