@@ -12,8 +12,11 @@ Algorithm (as circuit-tracer, with the frozen model applied as linear maps):
    (`clt.attribution.rows`): by default the frozen model's linear maps, kept once
    (`clt.attribution.linear`), else one frozen forward of the prompt copied batch-size times.
 4. Rows stream into the graph's adjacency: dense for short prompts, sparse CSR when the dense matrix
-   would be large. A memory plan (`clt.attribution.memory`) chooses the batch size and whether
-   attention patterns are kept, and is logged before the work starts; a progress bar shows the ETA.
+   would be large. With `max_feature_nodes` the visited rows wait in a `RowStore` (float32 in
+   memory, or split between memory and a temporary file: `clt.attribution.rowstore`) until the
+   last feature is chosen; the graph keeps only the visited features' columns. A memory plan
+   (`clt.attribution.memory`) chooses the batch size, whether attention patterns are kept and
+   where the rows wait, and is logged before the work starts; a progress bar shows the ETA.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from clt.attribution.linear import Stopwatch, UnsupportedModelError
 from clt.attribution.memory import CHUNK_BYTES, MemoryPlan, plan_memory
 from clt.attribution.replacement import PromptState, ReplacementModel
 from clt.attribution.rows import AutogradRows, Edges, LinearRows, RowEngine, encoder_rows
+from clt.attribution.rowstore import RowStore
 from clt.attribution.topk import topk_for_attribution
 from clt.config.attribution import AttributionConfig
 from clt.models.transcoder import CrossLayerTranscoder
@@ -132,6 +136,7 @@ def _attribute(
             linear=linear,
             batch_size=max(1, min(cfg.batch_size, max(n_logits, n_visit))),
             max_memory_gb=cfg.max_memory_gb,
+            row_store=cfg.row_store,
         )
         logger.info(
             "attributing %d tokens: %d active features (%d visited), %d logits; %s",
@@ -175,7 +180,8 @@ def _attribute(
         bar.close()
         selected = torch.arange(K)
     else:
-        selected = _visit(rm, cfg, active, model_layer, logit_rows, logit_p, n_visit, batch, compute, graph, watch)
+        with RowStore(n_logits + n_visit, n_cols, split=plan.split_rows, chunk_bytes=CHUNK_BYTES) as store:
+            selected = _visit(rm, cfg, active, model_layer, logit_rows, logit_p, batch, compute, graph, store, watch)
         bar.close()
 
     adjacency = graph.build()
@@ -208,63 +214,57 @@ def _visit(
     model_layer: Tensor,
     logit_rows: list[Tensor],
     logit_p: Tensor,
-    n_visit: int,
     batch: int,
     compute: Any,
     graph: _GraphRows,
+    store: RowStore,
     watch: Stopwatch,
 ) -> Tensor:
-    """Visit `n_visit` features in order of estimated influence; add the graph's rows; the visited
-    features (sorted)."""
-    K, n_logits, n_cols = len(active), len(logit_p), graph.n_cols
-    n_rows = n_logits + n_visit
-    rows = torch.zeros(n_rows, n_cols)
+    """Visit features in order of estimated influence until `store` is full; add the graph's rows;
+    the visited features (sorted)."""
+    K, n_logits, n_rows, n_cols = len(active), len(logit_p), store.n_rows, store.n_cols
     row_node = torch.zeros(n_rows, dtype=torch.long)
-    done = 0
-    for out in logit_rows:
-        rows[done : done + len(out)] = out
-        done += len(out)
     row_node[:n_logits] = torch.arange(n_cols - n_logits, n_cols)
     sums = torch.zeros(n_rows)
-    sums[:n_logits] = rows[:n_logits].abs().sum(1)
+    for out in logit_rows:
+        sums[store.done : store.done + len(out)] = out.abs().sum(1)
+        store.commit(store.next_rows(len(out)).copy_(out))
     visited = torch.zeros(K, dtype=torch.bool)
-    while done < n_rows:
+    while store.done < n_rows:
         watch.lap("rows")
-        influence = _influence(rows[:done], sums[:done], row_node[:done], logit_p)
+        done = store.done
+        influence = _influence(store, sums[:done], row_node[:done], logit_p, K)
         watch.lap("ranking")
-        order = influence[:K].argsort(descending=True)
+        order = influence.argsort(descending=True)
         queue = order[~visited[order]][: min(cfg.update_interval * batch, n_rows - done)]
         queue = _by_position(queue, active, model_layer)
         for lo, hi in _batches(len(queue), batch):
-            chunk = _top_layer_first(queue[lo:hi], model_layer)
-            out = rows[done : done + len(chunk)]
+            chunk, done = _top_layer_first(queue[lo:hi], model_layer), store.done
+            out = store.next_rows(len(chunk))
             compute(model_layer[chunk], active[chunk, 1], encoder_rows(rm, active, chunk), out)
             sums[done : done + len(chunk)] = out.abs().sum(1)
             row_node[done : done + len(chunk)] = chunk
             visited[chunk] = True
-            done += len(chunk)
+            store.commit(out)
     watch.lap("rows")
     selected = visited.nonzero().squeeze(1)
     keep_cols = torch.cat([selected, torch.arange(K, n_cols)])
-    slot = torch.zeros(K, dtype=torch.long)
-    slot[row_node[n_logits:]] = torch.arange(n_logits, n_rows)
-    node_slots = torch.cat([slot[selected], torch.arange(n_logits)])  # graph rows in node order
-    node_rows = torch.cat([torch.arange(len(selected)), torch.arange(graph.n - n_logits, graph.n)])
-    for lo, hi in _batches(len(node_slots), _row_chunk(n_cols)):
-        graph.add(node_rows[lo:hi], rows[node_slots[lo:hi]][:, keep_cols])
+    node_row = torch.cat([torch.arange(graph.n - n_logits, graph.n), torch.searchsorted(selected, row_node[n_logits:])])
+    for lo, hi, values in store.exact(keep_cols):  # graph rows: the selected features, then the logits
+        graph.add(node_row[lo:hi], values)
     return selected
 
 
-def _influence(rows: Tensor, sums: Tensor, row_node: Tensor, logit_p: Tensor) -> Tensor:
-    """Influence of every column on the logits through the rows computed so far: y·Â with Â the
+def _influence(store: RowStore, sums: Tensor, row_node: Tensor, logit_p: Tensor, width: int) -> Tensor:
+    """Influence of the first `width` columns on the logits through the stored rows: y·Â with Â the
     row-normalised |rows| and y the logit weights plus the influence on each row's own node (found
     on the small matrix among row nodes), as `prune.influence` on the graph of these rows."""
     scale = sums.clamp_min(1e-10)
-    among = rows[:, row_node].abs() / scale[:, None]  # [rows, rows]: edges between row nodes
-    x = torch.zeros(len(rows))
+    among = store.columns(row_node).abs() / scale[:, None]  # [rows, rows]: edges between row nodes
+    x = torch.zeros(len(sums))
     x[: len(logit_p)] = logit_p.float()
     y = x.clone()
-    for _ in range(len(rows) + 1):
+    for _ in range(len(sums) + 1):
         x = x @ among
         if not x.any():
             break
@@ -272,9 +272,9 @@ def _influence(rows: Tensor, sums: Tensor, row_node: Tensor, logit_p: Tensor) ->
     else:
         raise RuntimeError("influence did not converge: the graph has a cycle")
     weight = y / scale
-    out = torch.zeros(rows.shape[1])
-    for lo, hi in _batches(len(rows), _row_chunk(rows.shape[1])):
-        out += weight[lo:hi] @ rows[lo:hi].abs()
+    out = torch.zeros(width)
+    for lo, hi, magnitudes in store.magnitudes(width):
+        out += weight[lo:hi] @ magnitudes
     return out
 
 
@@ -312,11 +312,6 @@ def _by_position(indices: Tensor, active: Tensor, model_layer: Tensor) -> Tensor
 def _top_layer_first(chunk: Tensor, model_layer: Tensor) -> Tensor:
     """A batch's features from the top layer down: the linear path skips each row above its layer."""
     return chunk[model_layer[chunk].argsort(descending=True, stable=True)]
-
-
-def _row_chunk(n_cols: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk when rows of `n_cols` floats are copied a chunk at a time."""
-    return max(1, chunk_bytes // (4 * n_cols))
 
 
 def _batches(total: int, size: int) -> list[tuple[int, int]]:

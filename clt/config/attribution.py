@@ -29,6 +29,12 @@ class AttributionConfig(ConfigBase):
     """Memory budget in GiB (the loaded model and transcoder included): the batch size and whether
     attention patterns are kept or rebuilt per batch are chosen to fit, and a prompt that cannot fit
     raises MemoryError. None: batch_size as given, patterns kept up to 1 GiB. The estimate is logged."""
+    row_store: str = "auto"
+    """Where the visited rows wait for the graph (with max_feature_nodes; `clt.attribution.rowstore`):
+    'memory' (float32), 'split' (their upper 16 bits in memory, which rank the features to visit, the
+    lower 16 bits in a temporary file under $TMPDIR; the graph's entries are joined back exactly: half
+    the memory) or 'auto' ('split' only where the memory plan needs it: the budget, or without one
+    the memory available)."""
     backward: str = "auto"
     """How rows are computed: 'linear' (frozen patterns and norm scales applied as linear maps, kept
     once, no batch copies; pre-norm decoders such as Llama and GPT-2), 'autograd' (the prompt copied
@@ -75,6 +81,10 @@ class AttributionConfig(ConfigBase):
         check(
             isinstance(self.calibration_tokens, int) and self.calibration_tokens >= 1,
             f"calibration_tokens must be a positive integer, got {self.calibration_tokens!r}",
+        )
+        check(
+            self.row_store in ("auto", "memory", "split"),
+            f"row_store must be 'auto', 'memory' or 'split', got {self.row_store!r}",
         )
         check(
             self.backward in ("auto", "linear", "autograd"),

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python experiments/benchmarks/attribution_speed.py \
         [--model smollm2-135m|tiny-llama] [--transcoders clt:64:8,clt:256:4] \
         [--tokens 64,256,1024,4096 | --prompt TEXT] [--max-feature-nodes 2048] [--batch-size 64] \
-        [--max-memory-gb 16] [--reference-src DIR] [--reference-tokens 64,256] \
+        [--max-memory-gb 16] [--row-store auto|memory|split] [--reference-src DIR] [--reference-tokens 64,256] \
         [--ct-python .venv-interop/circuit_tracer/bin/python] [--ct-tokens 64,256] [--memory-limit-gb 21] \
         [--timeout 14400] [--repeats 1] [--work-dir /tmp/clt-bench]
 
@@ -18,7 +18,7 @@ features and errors at position 0, which is our ``zero_bos=True`` (the default) 
 Each measured call runs in a fresh subprocess (so that peak memory is per run), ``--repeats`` times:
 
 (a) ours: `clt.attribution.attribute` of this checkout (max_n_logits, desired_logit_prob,
-    batch_size, max_feature_nodes as given, plus ``--max-memory-gb``);
+    batch_size, max_feature_nodes as given, plus ``--max-memory-gb`` and ``--row-store``);
 (b) the reference: the same child with ``PYTHONPATH=--reference-src``, a checkout of the code before
     the change (e.g. ``git worktree add /tmp/clt-ref <commit>``), same settings but the new ones;
 (c) circuit-tracer's ``attribute`` (``ReplacementModel.from_pretrained(<model folder>, <transcoder
@@ -56,7 +56,7 @@ GiB = 2**30
 CHILD_SCRIPT = Path(__file__).resolve().with_name("attribution_child.py")
 """Runs each measured call in a fresh process (ours, the reference's, or circuit-tracer's in its virtualenv)."""
 REPO = Path(__file__).resolve().parents[2]
-NEW_SETTINGS = ("max_memory_gb",)
+NEW_SETTINGS = ("max_memory_gb", "row_store")
 """Settings the reference code does not have."""
 
 
@@ -82,6 +82,7 @@ def prepare(args: argparse.Namespace) -> list[dict]:
         "batch_size": args.batch_size,
         "max_feature_nodes": args.max_feature_nodes,
         "max_memory_gb": args.max_memory_gb,
+        "row_store": args.row_store,
     }
     specs = []
     for kind, features, active in args.transcoders:
@@ -252,6 +253,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
     parser.add_argument("--max-feature-nodes", type=int, default=None)
     parser.add_argument("--max-memory-gb", type=float, default=None, help="ours only (AttributionConfig)")
+    parser.add_argument("--row-store", choices=("auto", "memory", "split"), default="auto", help="ours only")
     parser.add_argument("--reference-src", type=Path, default=None, help="checkout of the code before the change")
     parser.add_argument("--reference-tokens", type=_lengths, default=[64, 256])
     parser.add_argument("--ct-python", default=DEFAULT_CT_PYTHON, help="python of the virtualenv with circuit-tracer")

@@ -11,7 +11,7 @@ from helpers import random_transcoder
 from clt.attribution import Graph, ReplacementModel, attribute, graph_scores, node_influence, prune
 from clt.attribution.adjacency import csr_matrix, entries, to_dense
 from clt.attribution.linear import LinearReplacement, UnsupportedModelError
-from clt.attribution.memory import plan_memory
+from clt.attribution.memory import CHUNK_BYTES, plan_memory
 from clt.viz import graph_figure
 
 PROMPT = "The for statement iterates over the items of any sequence"
@@ -160,7 +160,7 @@ def test_the_memory_budget_chooses_batch_size_and_pattern_storage(tiny_llama, mo
     sizes = dict(n_active=400, decoder_writes=800, n_rows=60, n_cols=500, n_nodes=200, direct=False, linear=True)
 
     def plan(budget: float | None):
-        return plan_memory(rm, state, batch_size=64, max_memory_gb=budget, **sizes)
+        return plan_memory(rm, state, batch_size=64, max_memory_gb=budget, row_store="memory", **sizes)
 
     free = plan(None)
     assert free.batch_size == 64 and free.keep_patterns and free.block_size == 8
@@ -186,6 +186,84 @@ def test_the_memory_budget_chooses_batch_size_and_pattern_storage(tiny_llama, mo
     assert "estimated peak memory" in caplog.text and "attribution time by part" in caplog.text
     assert "batch 64," not in caplog.text and "rebuilt in blocks of 8" in caplog.text
     assert _relative(budgeted.adjacency, attribute(state.input_ids, rm, **options).adjacency) <= 1e-6
+
+
+def test_split_rows_give_the_graph_of_rows_in_memory(tiny_llama, one_thread):
+    """A split row store ranks on rounded halves but joins the graph's entries back bit for bit."""
+    model, tokenizer = tiny_llama
+    rm = ReplacementModel(model, random_transcoder(model), tokenizer)
+    options = {"max_feature_nodes": 20, "batch_size": 4, "update_interval": 1, "progress": False}
+    in_memory = attribute(PROMPT, rm, row_store="memory", **options)
+    split = attribute(PROMPT, rm, row_store="split", **options)
+    assert len(split.features) == 20 and torch.equal(split.features, in_memory.features)
+    assert torch.equal(to_dense(split.adjacency), to_dense(in_memory.adjacency))
+
+
+def test_ranking_from_split_rows_is_within_rounding(one_thread):
+    from clt.attribution.attribute import _influence
+    from clt.attribution.rowstore import RowStore
+
+    torch.manual_seed(0)
+    rows = torch.randn(30, 400) * torch.rand(30, 1) * 1e3
+    rows[:, 390:] = 0  # the logit columns
+    row_node = torch.cat([torch.arange(390, 400), torch.randperm(390)[:20]])
+    for i in range(30):
+        rows[i, row_node[: i + 1]] = 0  # edges only from later rows' nodes: no cycles
+    logit_p = torch.softmax(torch.randn(10), 0)
+    influence = {}
+    for split in (False, True):
+        with RowStore(30, 400, split=split, chunk_bytes=4 * 400 * 7) as store:
+            for lo in range(0, 30, 8):
+                store.commit(store.next_rows(min(8, 30 - lo)).copy_(rows[lo : lo + 8]))
+            influence[split] = _influence(store, rows.abs().sum(1), row_node, logit_p, 390)
+    expected = _influence_oracle(rows, row_node, logit_p)[:390]
+    torch.testing.assert_close(influence[False], expected, rtol=1e-5, atol=0)
+    ratio = influence[True] / expected
+    assert 1 - 2**-6 < float(ratio.min()) <= float(ratio.max()) <= 1 and float(ratio.min()) < 1
+
+
+def _influence_oracle(rows: torch.Tensor, row_node: torch.Tensor, logit_p: torch.Tensor) -> torch.Tensor:
+    """Influence on a square graph of the rows' nodes and every column, by the matrix inverse."""
+    n_cols = rows.shape[1]
+    normalised = torch.zeros(n_cols, n_cols, dtype=torch.float64)
+    normalised[row_node] = (rows.abs() / rows.abs().sum(1, keepdim=True)).double()
+    weights = torch.zeros(n_cols, dtype=torch.float64)
+    weights[row_node[: len(logit_p)]] = logit_p.double()
+    total = weights @ torch.linalg.inv(torch.eye(n_cols, dtype=torch.float64) - normalised)
+    return (total - weights).float()
+
+
+def test_the_memory_plan_splits_rows_that_do_not_fit(tiny_llama, monkeypatch, one_thread):
+    from clt.config.attribution import AttributionConfig
+
+    model, tokenizer = tiny_llama
+    rm = ReplacementModel(model, random_transcoder(model), tokenizer)
+    monkeypatch.setattr("clt.attribution.memory._resident_bytes", lambda rm, state: 10 * 2**20)
+    state = rm.prepare(torch.arange(5, 45))
+    sizes = dict(n_active=400, decoder_writes=800, n_rows=600, n_cols=100_000, n_nodes=2000, direct=False, linear=True)
+
+    def plan(budget: float | None, row_store: str = "auto"):
+        return plan_memory(rm, state, batch_size=8, max_memory_gb=budget, row_store=row_store, **sizes)
+
+    monkeypatch.setattr("clt.attribution.memory._available_bytes", lambda: 2**40)
+    in_memory = plan(None)
+    assert not in_memory.split_rows and in_memory.disk == 0 and "split" not in in_memory.describe()
+    monkeypatch.setattr("clt.attribution.memory._available_bytes", lambda: in_memory.total - 10 * 2**20 - 1)
+    split = plan(None)
+    assert split.split_rows and split.keep_patterns and split.batch_size == 8 and split.disk == 600 * 100_000 * 2
+    chunks = 2 * CHUNK_BYTES  # the influence's chunk buffers
+    assert split.parts["rows"] - chunks == 600 * 100_000 * 2 and in_memory.parts["rows"] - chunks == 600 * 100_000 * 4
+    assert "on disk" in split.describe()
+    assert plan(split.total / 2**30).split_rows and not plan(in_memory.total / 2**30).split_rows
+    assert not plan(None, "memory").split_rows and plan(None, "split").split_rows
+    with pytest.raises(MemoryError, match="row_store='split'"):
+        plan(split.total / 2**30, "memory")
+    monkeypatch.setattr("clt.attribution.memory.shutil.disk_usage", lambda folder: type("U", (), {"free": 10})())
+    with pytest.raises(OSError, match="TMPDIR"):
+        plan(None, "split")
+    assert not plan(None, "memory").split_rows
+    with pytest.raises(ValueError, match="row_store"):
+        AttributionConfig(row_store="disk")
 
 
 @pytest.mark.slow
