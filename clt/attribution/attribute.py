@@ -271,11 +271,7 @@ def _influence(store: RowStore, sums: Tensor, row_node: Tensor, logit_p: Tensor,
         y += x
     else:
         raise RuntimeError("influence did not converge: the graph has a cycle")
-    weight = y / scale
-    out = torch.zeros(width)
-    for lo, hi, magnitudes in store.magnitudes(width):
-        out += weight[lo:hi] @ magnitudes
-    return out
+    return store.abs_weighted_sum(y / scale, width)
 
 
 def _engine(

@@ -16,6 +16,7 @@ order).
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -23,6 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clt.models import native
+
+_UPPER = 1 if sys.byteorder == "little" else 0
+"""Which 16-bit half of a float32 in memory holds its sign, exponent and top 7 mantissa bits."""
 SPLIT_BYTES_PER_ENTRY = 2
 """Bytes of memory per stored entry in a split store (as many again on disk)."""
 
@@ -37,32 +42,45 @@ class RowStore:
         if split:
             self.upper = torch.empty(n_rows, n_cols, dtype=torch.int16)
             self.file = tempfile.TemporaryFile(prefix="clt-rows-")  # noqa: SIM115 (closed by close())
+            self.lower = torch.empty(0, dtype=torch.int16)
+            self.buffer = torch.empty(0, n_cols)
         else:
             self.rows = torch.zeros(n_rows, n_cols)
 
     def next_rows(self, count: int) -> Tensor:
-        """A zeroed float32 buffer [count, n_cols] for the next `count` rows; `commit` stores it."""
+        """A zeroed float32 buffer [count, n_cols] for the next `count` rows, valid until `commit` stores it."""
         if not self.split:
             return self.rows[self.done : self.done + count]
-        return torch.zeros(count, self.n_cols)
+        if len(self.buffer) < count:  # reused: a batch is committed before the next one is asked for
+            self.buffer = torch.empty(count, self.n_cols)
+        return self.buffer[:count].zero_()
 
     def commit(self, rows: Tensor) -> None:
         """Store the rows of the buffer `next_rows` gave."""
         if self.split:
-            bits = rows.view(torch.int32)
-            self.upper[self.done : self.done + len(rows)] = bits >> 16
-            self.file.write((bits & 0xFFFF).to(torch.uint16).numpy().tobytes())
+            halves = rows.view(torch.int16).unflatten(1, (-1, 2))  # a float32's two 16-bit halves
+            self.upper[self.done : self.done + len(rows)] = halves[..., _UPPER]
+            if len(self.lower) < rows.numel():  # one buffer for every batch's lower halves
+                self.lower = torch.empty(rows.numel(), dtype=torch.int16)
+            lower = self.lower[: rows.numel()].view(rows.shape)
+            lower.copy_(halves[..., 1 - _UPPER])
+            self.file.write(lower.numpy())
         self.done += len(rows)
 
-    def magnitudes(self, width: int) -> Iterator[tuple[int, int, Tensor]]:
-        """(first row, end row, |rows[first:end, :width]| as float32) over the stored rows, a chunk at a time."""
+    def abs_weighted_sum(self, weights: Tensor, width: int) -> Tensor:
+        """Σ_r weights[r] · |rows[r, :width]| over the stored rows (float32; a split store reads the
+        upper halves: each term rounded toward zero, under 2⁻⁷ relative)."""
+        out = torch.zeros(width)
+        stored = self.upper[: self.done] if self.split else self.rows[: self.done]
+        weights = weights.float().contiguous()
+        if native.abs_weighted_sum(out, stored, weights):
+            return out
         step = max(1, self.chunk_bytes // (4 * max(width, 1)))
         for lo in range(0, self.done, step):
-            hi = min(lo + step, self.done)
-            if self.split:
-                yield lo, hi, self.upper[lo:hi, :width].view(torch.bfloat16).float().abs_()
-            else:
-                yield lo, hi, self.rows[lo:hi, :width].abs()
+            chunk = stored[lo : lo + step, :width]
+            magnitudes = chunk.view(torch.bfloat16).float().abs_() if self.split else chunk.abs()
+            out += weights[lo : lo + step] @ magnitudes
+        return out
 
     def columns(self, cols: Tensor) -> Tensor:
         """The stored rows' entries in `cols` (float32; rounded toward zero in a split store)."""
@@ -81,12 +99,13 @@ class RowStore:
                 yield lo, hi, self.rows[lo:hi][:, cols]
                 continue
             self.file.seek(lo * self.n_cols * 2)
-            lower = np.fromfile(self.file, dtype=np.uint16, count=(hi - lo) * self.n_cols)
+            lower = np.fromfile(self.file, dtype=np.int16, count=(hi - lo) * self.n_cols)
             if len(lower) != (hi - lo) * self.n_cols:
                 raise OSError(f"the temporary row file is short: {self.file.name} lost rows {lo}..{hi}")
-            lower = torch.from_numpy(lower.reshape(hi - lo, self.n_cols))[:, cols].to(torch.int32)
-            bits = (self.upper[lo:hi, cols].to(torch.int32) << 16) | lower
-            yield lo, hi, bits.view(torch.float32)
+            halves = torch.empty(hi - lo, len(cols), 2, dtype=torch.int16)
+            halves[..., 1 - _UPPER] = torch.from_numpy(lower.reshape(hi - lo, self.n_cols))[:, cols]
+            halves[..., _UPPER] = self.upper[lo:hi, cols]
+            yield lo, hi, halves.view(torch.float32).squeeze(-1)
 
     def __enter__(self) -> RowStore:
         return self
@@ -98,7 +117,8 @@ class RowStore:
         """Free the rows (and delete the temporary file)."""
         if self.split:
             self.file.close()
-            self.upper = torch.empty(0, dtype=torch.int16)
+            self.upper = self.lower = torch.empty(0, dtype=torch.int16)
+            self.buffer = torch.empty(0)
         else:
             self.rows = torch.empty(0)
 

@@ -7,7 +7,10 @@ partially sorts it (~10 µs per row of 2,048); the kernel takes the maxima of 4k
 of the row in one vectorised pass, whose k-th largest bounds the row's k-th largest value from
 below, and selects the top k (quickselect) among the few entries of the blocks that reach it.
 NaN counts as the largest value, as in `torch.topk`; which of several equal values at the k-th
-place is kept is unspecified, as there.
+place is kept is unspecified, as there. `bag_sum` and `row_dots`: the embedding bags and row dot
+products of the sparse decoder and its gradients. `abs_weighted_sum`: Σ_r w_r·|rows[r]| over
+float32 rows or their upper halves (the influence that ranks features in `attribute`), in one
+memory pass summed in float64, where torch would first copy |rows| and its bfloat16 → float32.
 
 The shared library is built once per source, compiler and CPU into ``$CLT_CACHE_DIR`` (default
 ``~/.cache/clt``)/native; ``CLT_NATIVE=0`` turns the kernels off. They run on
@@ -161,6 +164,36 @@ void clt_row_dots_f32(float* out, const float* a, int64_t a_stride, const int64_
     }
 }
 
+/* out[c] += sum over rows r of w[r] * |x[r, c]| for c in [c0, c1), accumulated in double a block
+   of columns at a time; rows are float32, or (upper) the upper 16 bits of float32 values as int16:
+   bfloat16 rounded toward zero. */
+#define ABS_BLOCK 1024
+static void abs_weighted_sum(float* out, const void* rows, int64_t stride, const float* w, int64_t n_rows,
+                             int64_t c0, int64_t c1, int upper) {
+    double acc[ABS_BLOCK];
+    for (int64_t b0 = c0; b0 < c1; b0 += ABS_BLOCK) {
+        int64_t m = c1 - b0 < ABS_BLOCK ? c1 - b0 : ABS_BLOCK;
+        for (int64_t i = 0; i < m; i++) acc[i] = out[b0 + i];
+        for (int64_t r = 0; r < n_rows; r++) {
+            double wr = w[r];
+            if (upper) {
+                const uint16_t* x = (const uint16_t*)rows + r * stride + b0;
+#pragma omp simd
+                for (int64_t i = 0; i < m; i++) {
+                    union { uint32_t u; float f; } v;
+                    v.u = (uint32_t)(x[i] & 0x7FFF) << 16;
+                    acc[i] += wr * v.f;
+                }
+            } else {
+                const float* x = (const float*)rows + r * stride + b0;
+#pragma omp simd
+                for (int64_t i = 0; i < m; i++) acc[i] += wr * fabsf(x[i]);
+            }
+        }
+        for (int64_t i = 0; i < m; i++) out[b0 + i] = (float)acc[i];
+    }
+}
+
 /* The kernels above over all their items on `threads` OpenMP threads: torch's own pool when the
    library links the libgomp that torch loaded (same soname), so no second set of threads spins. */
 int clt_topk_rows_f32_all(const float* z, int64_t n, int64_t layers, int64_t f, int64_t stride_t,
@@ -181,6 +214,15 @@ void clt_bag_sum_f32_all(float* out, int64_t out_stride, const float* table, int
     {
         SHARE(bags);
         clt_bag_sum_f32(out, out_stride, table, table_stride, len, starts, lo, hi, order, idx, w, accumulate);
+    }
+}
+
+void clt_abs_weighted_sum_all(float* out, const void* rows, int64_t stride, const float* w, int64_t n_rows,
+                              int64_t width, int upper, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        SHARE(width);
+        abs_weighted_sum(out, rows, stride, w, n_rows, lo, hi, upper);
     }
 }
 
@@ -265,6 +307,8 @@ def library() -> ctypes.CDLL | None:
     lib.clt_bag_sum_f32_all.restype = None
     lib.clt_row_dots_f32_all.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i32]
     lib.clt_row_dots_f32_all.restype = None
+    lib.clt_abs_weighted_sum_all.argtypes = [ptr, ptr, i64, ptr, i64, i64, i32, i32]
+    lib.clt_abs_weighted_sum_all.restype = None
     return lib
 
 
@@ -357,4 +401,34 @@ def row_dots(out: Tensor, a: Tensor, ia: Tensor, b: Tensor, ib: Tensor) -> bool:
     return True
 
 
-__all__ = ["bag_sum", "cache_dir", "library", "row_dots", "topk_rows"]
+def abs_weighted_sum(out: Tensor, rows: Tensor, weights: Tensor) -> bool:
+    """out[c] += Σ_r weights[r] · |rows[r, c]| for the columns c of `out` [width] (the first width
+    columns of `rows` [R, ≥ width], rows contiguous, any row stride), summed in float64. `rows` is
+    float32, or int16 holding the upper 16 bits of float32 values (bfloat16 rounded toward zero).
+    Returns False, touching nothing, where the kernel does not apply (then sum with torch)."""
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.int16) or rows.ndim != 2:
+        return False
+    if rows.stride(1) != 1 or out.dtype != torch.float32 or not out.is_contiguous() or (lib := library()) is None:
+        return False
+    if weights.dtype != torch.float32 or not weights.is_contiguous():
+        return False
+    if out.ndim != 1 or len(out) > rows.shape[1] or weights.shape != (rows.shape[0],):
+        raise ValueError(
+            f"abs_weighted_sum: out {list(out.shape)}, rows {list(rows.shape)} and weights {list(weights.shape)} "
+            "do not fit together"
+        )
+    upper = int(rows.dtype == torch.int16)
+    lib.clt_abs_weighted_sum_all(
+        out.data_ptr(),
+        rows.data_ptr(),
+        rows.stride(0),
+        weights.data_ptr(),
+        rows.shape[0],
+        len(out),
+        upper,
+        _threads(len(out), 4096),
+    )
+    return True
+
+
+__all__ = ["abs_weighted_sum", "bag_sum", "cache_dir", "library", "row_dots", "topk_rows"]

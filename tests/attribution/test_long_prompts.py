@@ -199,9 +199,13 @@ def test_split_rows_give_the_graph_of_rows_in_memory(tiny_llama, one_thread):
     assert torch.equal(to_dense(split.adjacency), to_dense(in_memory.adjacency))
 
 
-def test_ranking_from_split_rows_is_within_rounding(one_thread):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_ranking_from_split_rows_is_within_rounding(kernel, monkeypatch, one_thread):
     from clt.attribution.attribute import _influence
     from clt.attribution.rowstore import RowStore
+
+    if not kernel:
+        monkeypatch.setattr("clt.models.native.abs_weighted_sum", lambda *args: False)
 
     torch.manual_seed(0)
     rows = torch.randn(30, 400) * torch.rand(30, 1) * 1e3

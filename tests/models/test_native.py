@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -187,3 +188,26 @@ def test_row_dots_equals_gathered_dot_products():
         native.row_dots(out, a, ia, b, ib + 1)
     with pytest.raises(IndexError, match="idx holds indices outside"):
         native.bag_sum(out.view(-1, 1)[:25], b[:, :1], torch.arange(26), torch.full((25,), 25), torch.ones(25))
+
+
+@needs_library
+def test_abs_weighted_sum_equals_torch_on_float32_rows_and_their_upper_halves():
+    torch.manual_seed(0)
+    wide = torch.randn(37, 5000) * torch.logspace(-20, 20, 5000)
+    wide[3, 7] = float("inf")
+    rows = wide[::2]  # a row stride other than the width
+    weights = torch.rand(len(rows)) * 3
+    for width in (4999, 1, 1500):
+        out = torch.full((width,), 0.5)
+        assert native.abs_weighted_sum(out, rows, weights)
+        expected = 0.5 + weights.double() @ rows[:, :width].abs().double()
+        torch.testing.assert_close(out, expected.float(), rtol=1e-6, atol=0)
+    high = 1 if sys.byteorder == "little" else 0
+    upper = wide.view(torch.int16).unflatten(1, (-1, 2))[..., high].contiguous()[::2]
+    out = torch.zeros(4000)
+    assert native.abs_weighted_sum(out, upper, weights)
+    rounded = upper[:, :4000].view(torch.bfloat16).double().abs()
+    torch.testing.assert_close(out, (weights.double() @ rounded).float(), rtol=1e-6, atol=0)
+    assert not native.abs_weighted_sum(torch.zeros(3), rows.double(), weights)  # declined: float64 rows
+    with pytest.raises(ValueError, match="do not fit"):
+        native.abs_weighted_sum(torch.zeros(3), rows, weights[1:])
