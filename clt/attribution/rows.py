@@ -7,8 +7,9 @@ columns of `attribute` (features, errors, tokens, logits) is
 
 - an error node (m, p): e_m[p] · g_m[p];
 - a feature (l, p, f): a · Σ_j W_dec[l→l+j][f]·σ_out · g_{l+j}[p], computed for each target layer
-  with batched matmuls over positions, the decoder rows of the features active at each position
-  gathered (padded) from a table of that layer's rows;
+  by a compiled kernel that dots each active feature's decoder row with the batch's gradients at
+  its position in place (`clt.models.native.feature_edges`; without it, batched matmuls over
+  positions with the decoder rows gathered, padded, from a table of that layer's rows);
 - a token embedding p: emb[p] · g_emb[p].
 
 Two engines give the gradients: `LinearRows` (`clt.attribution.linear`: the frozen model's linear
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from clt.attribution.linear import LinearReplacement, Stopwatch
 from clt.attribution.replacement import PromptState, ReplacementModel
+from clt.models import native
 
 
 class RowEngine(Protocol):
@@ -78,6 +80,10 @@ class Edges:
         out[:, col : col + n1] = torch.einsum("bnd,nd->bn", g, self.errors[m, :n1])
         writes = self.writes.get(m)
         if writes is None or int(writes.ptr[n1]) == 0:
+            return
+        e1 = int(writes.ptr[n1])  # the writes at the first n1 positions
+        entries = (writes.positions[:e1], writes.rows[:e1], writes.cols[:e1], writes.activations[:e1])
+        if native.feature_edges(out, g, writes.table, *entries):
             return
         step = max(1, self.chunk_bytes // (writes.widest * g.shape[2] * 4))
         g_pos = g.transpose(0, 1)  # [n', b, d]

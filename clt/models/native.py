@@ -8,7 +8,8 @@ of the row in one vectorised pass, whose k-th largest bounds the row's k-th larg
 below, and selects the top k (quickselect) among the few entries of the blocks that reach it.
 NaN counts as the largest value, as in `torch.topk`; which of several equal values at the k-th
 place is kept is unspecified, as there. `bag_sum` and `row_dots`: the embedding bags and row dot
-products of the sparse decoder and its gradients. `abs_weighted_sum`: Σ_r w_r·|rows[r]| over
+products of the sparse decoder and its gradients. `feature_edges`: the feature columns of attribution
+rows, each decoder row dotted with a batch of gradients in place. `abs_weighted_sum`: Σ_r w_r·|rows[r]| over
 float32 rows or their upper halves (the influence that ranks features in `attribute`), in one
 memory pass summed in float64, where torch would first copy |rows| and its bfloat16 → float32.
 
@@ -194,6 +195,45 @@ static void abs_weighted_sum(float* out, const void* rows, int64_t stride, const
     }
 }
 
+/* Feature edges of a batch of gradients g [nb, positions, len] (rows of len contiguous): for e in
+   [e0, e1), b < nb: out[b, col[e]] += act[e] * <g[b, pos[e]], table[row[e]]>; four batch rows per
+   pass over a table row. Each col[e] appears once, so threads never write the same entry. */
+void clt_feature_edges_f32(float* out, int64_t out_stride, const float* g, int64_t g_stride_b, int64_t g_stride_p,
+                           const float* table, int64_t table_stride, int64_t len, const int32_t* pos,
+                           const int32_t* row, const int32_t* col, const float* act, int64_t nb, int64_t e0,
+                           int64_t e1) {
+    for (int64_t e = e0; e < e1; e++) {
+        const float* t = table + row[e] * table_stride;
+        const float* gp = g + pos[e] * g_stride_p;
+        float* o = out + col[e];
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4) {
+            const float* g0 = gp + b * g_stride_b;
+            const float *g1 = g0 + g_stride_b, *g2 = g1 + g_stride_b, *g3 = g2 + g_stride_b;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+:a0, a1, a2, a3)
+            for (int64_t i = 0; i < len; i++) {
+                float ti = t[i];
+                a0 += g0[i] * ti;
+                a1 += g1[i] * ti;
+                a2 += g2[i] * ti;
+                a3 += g3[i] * ti;
+            }
+            o[b * out_stride] += act[e] * a0;
+            o[(b + 1) * out_stride] += act[e] * a1;
+            o[(b + 2) * out_stride] += act[e] * a2;
+            o[(b + 3) * out_stride] += act[e] * a3;
+        }
+        for (; b < nb; b++) {
+            const float* g0 = gp + b * g_stride_b;
+            float a0 = 0.0f;
+#pragma omp simd reduction(+:a0)
+            for (int64_t i = 0; i < len; i++) a0 += g0[i] * t[i];
+            o[b * out_stride] += act[e] * a0;
+        }
+    }
+}
+
 /* The kernels above over all their items on `threads` OpenMP threads: torch's own pool when the
    library links the libgomp that torch loaded (same soname), so no second set of threads spins. */
 int clt_topk_rows_f32_all(const float* z, int64_t n, int64_t layers, int64_t f, int64_t stride_t,
@@ -223,6 +263,18 @@ void clt_abs_weighted_sum_all(float* out, const void* rows, int64_t stride, cons
     {
         SHARE(width);
         abs_weighted_sum(out, rows, stride, w, n_rows, lo, hi, upper);
+    }
+}
+
+void clt_feature_edges_f32_all(float* out, int64_t out_stride, const float* g, int64_t g_stride_b,
+                               int64_t g_stride_p, const float* table, int64_t table_stride, int64_t len,
+                               const int32_t* pos, const int32_t* row, const int32_t* col, const float* act,
+                               int64_t nb, int64_t n, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        SHARE(n);
+        clt_feature_edges_f32(out, out_stride, g, g_stride_b, g_stride_p, table, table_stride, len, pos, row, col,
+                              act, nb, lo, hi);
     }
 }
 
@@ -309,6 +361,8 @@ def library() -> ctypes.CDLL | None:
     lib.clt_row_dots_f32_all.restype = None
     lib.clt_abs_weighted_sum_all.argtypes = [ptr, ptr, i64, ptr, i64, i64, i32, i32]
     lib.clt_abs_weighted_sum_all.restype = None
+    lib.clt_feature_edges_f32_all.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i32]
+    lib.clt_feature_edges_f32_all.restype = None
     return lib
 
 
@@ -401,6 +455,35 @@ def row_dots(out: Tensor, a: Tensor, ia: Tensor, b: Tensor, ib: Tensor) -> bool:
     return True
 
 
+def feature_edges(
+    out: Tensor, g: Tensor, table: Tensor, positions: Tensor, rows: Tensor, cols: Tensor, activations: Tensor
+) -> bool:
+    """out[b, cols[e]] += activations[e] · ⟨g[b, positions[e]], table[rows[e]]⟩ for every entry e and
+    batch row b of g [B, n, d] (float32, d contiguous; out [B, ≥ max col + 1], rows contiguous):
+    the feature edges of a batch of gradients, reading each decoder row of `table` [T, d] in place
+    (no gathered copy). `cols` must not repeat. Index arrays are int32. Returns False, touching
+    nothing, where the kernel does not apply (then use torch)."""
+    if g.ndim != 3 or g.stride(2) != 1 or not _rows(out) or not _rows(table) or (lib := library()) is None:
+        return False
+    if g.dtype != torch.float32 or activations.dtype != torch.float32 or not activations.is_contiguous():
+        return False
+    if any(t.dtype != torch.int32 or not t.is_contiguous() or t.ndim != 1 for t in (positions, rows, cols)):
+        return False
+    n = len(positions)
+    if not (len(rows) == len(cols) == len(activations) == n) or g.shape[2] != table.shape[1] or len(out) < len(g):
+        raise ValueError(
+            f"feature_edges: out {list(out.shape)}, g {list(g.shape)}, table {list(table.shape)} and entries "
+            f"{[len(t) for t in (positions, rows, cols, activations)]} do not fit together"
+        )
+    _check_range(positions, g.shape[1], "positions")
+    _check_range(rows, table.shape[0], "rows")
+    _check_range(cols, out.shape[1], "cols")
+    args = (out.data_ptr(), out.stride(0), g.data_ptr(), g.stride(0), g.stride(1), table.data_ptr(), table.stride(0))
+    entries = (positions.data_ptr(), rows.data_ptr(), cols.data_ptr(), activations.data_ptr())
+    lib.clt_feature_edges_f32_all(*args, g.shape[2], *entries, len(g), n, _threads(n, 256))
+    return True
+
+
 def abs_weighted_sum(out: Tensor, rows: Tensor, weights: Tensor) -> bool:
     """out[c] += Σ_r weights[r] · |rows[r, c]| for the columns c of `out` [width] (the first width
     columns of `rows` [R, ≥ width], rows contiguous, any row stride), summed in float64. `rows` is
@@ -431,4 +514,4 @@ def abs_weighted_sum(out: Tensor, rows: Tensor, weights: Tensor) -> bool:
     return True
 
 
-__all__ = ["abs_weighted_sum", "bag_sum", "cache_dir", "library", "row_dots", "topk_rows"]
+__all__ = ["abs_weighted_sum", "bag_sum", "feature_edges", "cache_dir", "library", "row_dots", "topk_rows"]

@@ -188,6 +188,18 @@ def test_the_memory_budget_chooses_batch_size_and_pattern_storage(tiny_llama, mo
     assert _relative(budgeted.adjacency, attribute(state.input_ids, rm, **options).adjacency) <= 1e-6
 
 
+@pytest.mark.parametrize("case", ["clt-relu", "plt-jumprelu"])
+def test_feature_edges_kernel_gives_the_torch_rows(tiny, case, monkeypatch, one_thread):
+    name, model, tokenizer = tiny
+    rm = ReplacementModel(model, random_transcoder(model, **CASES[case]), tokenizer)
+    options = {"max_feature_nodes": 12, "batch_size": 5, "progress": False}
+    kernel = attribute(PROMPT, rm, **options)
+    monkeypatch.setattr("clt.models.native.feature_edges", lambda *args: False)
+    torch_rows = attribute(PROMPT, rm, **options)
+    assert torch.equal(kernel.features, torch_rows.features)
+    assert _relative(kernel.adjacency, torch_rows.adjacency) <= 1e-6
+
+
 def test_split_rows_give_the_graph_of_rows_in_memory(tiny_llama, one_thread):
     """A split row store ranks on rounded halves but joins the graph's entries back bit for bit."""
     model, tokenizer = tiny_llama

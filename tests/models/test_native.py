@@ -211,3 +211,25 @@ def test_abs_weighted_sum_equals_torch_on_float32_rows_and_their_upper_halves():
     assert not native.abs_weighted_sum(torch.zeros(3), rows.double(), weights)  # declined: float64 rows
     with pytest.raises(ValueError, match="do not fit"):
         native.abs_weighted_sum(torch.zeros(3), rows, weights[1:])
+
+
+@needs_library
+def test_feature_edges_equal_gathered_dot_products():
+    g = torch.Generator().manual_seed(7)
+    grads = torch.randn(6, 50, 33, generator=g)  # [batch, positions, d]
+    table = torch.randn(2 * 40, 33, generator=g)[::2]  # a row stride other than d
+    n = 300
+    positions = torch.randint(0, 50, (n,), generator=g).sort().values.int()
+    rows = torch.randint(0, 40, (n,), generator=g).int()
+    cols = torch.randperm(1000, generator=g)[:n].int()
+    activations = torch.rand(n, generator=g)
+    for batch in (6, 3, 1):  # 4-row blocks and the rest
+        out = torch.randn(batch, 1000, generator=g)
+        expected = out.clone()
+        dots = (grads[:batch, positions.long()] * table[rows.long()]).sum(-1)  # [batch, n]
+        expected[:, cols.long()] += dots * activations
+        assert native.feature_edges(out, grads[:batch], table, positions, rows, cols, activations)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not native.feature_edges(out, grads[:1], table, positions.long(), rows, cols, activations)  # declined
+    with pytest.raises(IndexError, match="positions holds indices outside"):
+        native.feature_edges(out, grads[:1, :10], table, positions, rows, cols, activations)
