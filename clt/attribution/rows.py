@@ -79,9 +79,9 @@ class Edges:
         n1, col = g.shape[1], self.K + m * self.n
         out[:, col : col + n1] = torch.einsum("bnd,nd->bn", g, self.errors[m, :n1])
         writes = self.writes.get(m)
-        if writes is None or int(writes.ptr[n1]) == 0:
+        e1 = 0 if writes is None else int(writes.ptr[n1])  # the writes at the first n1 positions
+        if e1 == 0:
             return
-        e1 = int(writes.ptr[n1])  # the writes at the first n1 positions
         entries = (writes.positions[:e1], writes.rows[:e1], writes.cols[:e1], writes.activations[:e1])
         if native.feature_edges(out, g, writes.table, *entries):
             return

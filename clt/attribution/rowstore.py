@@ -98,7 +98,7 @@ class RowStore:
             if not self.split:
                 yield lo, hi, self.rows[lo:hi][:, cols]
                 continue
-            self.file.seek(lo * self.n_cols * 2)
+            self.file.seek(lo * self.n_cols * SPLIT_BYTES_PER_ENTRY)
             lower = np.fromfile(self.file, dtype=np.int16, count=(hi - lo) * self.n_cols)
             if len(lower) != (hi - lo) * self.n_cols:
                 raise OSError(f"the temporary row file is short: {self.file.name} lost rows {lo}..{hi}")

@@ -341,7 +341,7 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C compiler (cc, gcc, clang or $CC) found: TopK selection and sparse bags fall back to torch")
+        log.warning("no C compiler (cc, gcc, clang or $CC) found: the native kernels fall back to torch")
         return None
     key = hashlib.sha256("\0".join([_SOURCE, compiler, " ".join(_FLAGS), _cpu_key()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"clt-kernels-{key}.so"
@@ -350,7 +350,7 @@ def library() -> ctypes.CDLL | None:
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("could not build the native kernels (%s): TopK selection and sparse bags fall back to torch", err)
+        log.warning("could not build the native kernels (%s): they fall back to torch", err)
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.clt_topk_rows_f32_all.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i32]
